@@ -1,0 +1,37 @@
+"""filterkit: turn an unlabelled image collection into a trustworthy image filter.
+
+    from filterkit import Encoder, EmbeddingCache, embed_folder
+    enc = Encoder.load("models/my-encoder")
+    vecs = enc.embed(["a.jpg", "b.jpg"])       # float32 [N, D], unit rows
+
+Names are imported lazily so that ``import filterkit`` (and ``filterkit --help``) does not
+pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Encoder": "encoder",
+    "ModelConfig": "encoder",
+    "PRESETS": "encoder",
+    "EmbeddingCache": "cache",
+    "embed_folder": "pipeline",
+    "EmbeddedFolder": "pipeline",
+    "build_index": "index",
+    "search": "index",
+    "discover_images": "images",
+    "load_image": "images",
+    "FilterkitError": "errors",
+    "ImageError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'filterkit' has no attribute {name!r}")

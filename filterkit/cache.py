@@ -1,0 +1,235 @@
+"""The embedding cache: one SQLite file (WAL) of float32 vectors keyed by (model id, sha256).
+
+Two tables do the work:
+
+- ``embeddings(model_id, sha256, dim, vector)``: a vector per model and file *content*, so
+  renamed, moved or copied files are never embedded twice;
+- ``files(path, size, mtime_ns, sha256)``: remembers each path's hash so unchanged files
+  are not re-read;
+- ``failures(sha256, decoder, reason)``: contents that did not decode, so they are not
+  retried on every run (they are retried when the decoder changes, e.g. a new Pillow).
+
+Every write is one transaction, so a process killed at any moment leaves the cache as it
+was after its last committed batch; the next run picks up from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FilterkitError
+from .fsutil import default_cache_path
+from .images import sha256_file
+
+SCHEMA_VERSION = "1"
+_CHUNK = 500  # keys per IN (...) query, well under SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS embeddings (
+    model_id TEXT NOT NULL, sha256 TEXT NOT NULL, dim INTEGER NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (model_id, sha256)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    sha256 TEXT PRIMARY KEY, decoder TEXT NOT NULL, reason TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _path_key(path: Path) -> bytes:
+    # Bytes, not text: file names need not be valid UTF-8.
+    return os.fsencode(os.path.abspath(path))
+
+
+def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class EmbeddingCache:
+    """Persistent vectors keyed by (model id, content hash). Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we open transactions explicitly, one per batch.
+            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+            with self._transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise FilterkitError(f"cannot open the embedding cache {self.path}: {e}") from None
+        if version != SCHEMA_VERSION:
+            raise FilterkitError(
+                f"embedding cache {self.path} has schema {version}, this filterkit expects "
+                f"{SCHEMA_VERSION}; point --cache at a new file"
+            )
+
+    def _transaction(self):
+        db = self._db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, *_):
+                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+        return _Tx()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    # -- content hashes -----------------------------------------------------------------
+    def content_hashes(
+        self,
+        paths: Sequence[Path],
+        threads: int = 4,
+        on_hashed: Callable[[int], None] | None = None,
+    ) -> tuple[list[str | None], dict[int, str]]:
+        """sha256 of each path, re-reading only files whose size or mtime changed.
+
+        Returns (hashes, errors): ``hashes[i]`` is None where the file could not be read,
+        and ``errors[i]`` says why.
+        """
+        stats: list[os.stat_result | None] = []
+        errors: dict[int, str] = {}
+        for i, p in enumerate(paths):
+            try:
+                stats.append(os.stat(p))
+            except OSError as e:
+                stats.append(None)
+                errors[i] = f"cannot read file: {e.strerror or e}"
+        keys = [_path_key(p) for p in paths]
+        known: dict[bytes, tuple[int, int, str]] = {}
+        for chunk in _chunks(keys):
+            rows = self._db.execute(
+                f"SELECT path, size, mtime_ns, sha256 FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            known.update((row[0], row[1:]) for row in rows)
+        hashes: list[str | None] = [None] * len(paths)
+        todo = []
+        for i, (key, st) in enumerate(zip(keys, stats)):
+            if st is None:
+                continue
+            row = known.get(key)
+            if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+                hashes[i] = row[2]
+            else:
+                todo.append(i)
+        if on_hashed and len(paths) - len(todo):
+            on_hashed(len(paths) - len(todo))
+
+        def hash_one(i: int) -> tuple[int, str | None, str | None]:
+            try:
+                return i, sha256_file(paths[i]), None
+            except OSError as e:
+                return i, None, f"cannot read file: {e.strerror or e}"
+
+        fresh = []
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for i, digest, error in pool.map(hash_one, todo):
+                if digest is None:
+                    errors[i] = error
+                else:
+                    hashes[i] = digest
+                    fresh.append((keys[i], stats[i].st_size, stats[i].st_mtime_ns, digest))
+                if on_hashed:
+                    on_hashed(1)
+        for chunk in _chunks(fresh, 5000):
+            with self._transaction():
+                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", chunk)
+        return hashes, errors
+
+    # -- vectors ------------------------------------------------------------------------
+    def missing(self, model_id: str, hashes: Iterable[str]) -> list[str]:
+        """The distinct hashes (in first-seen order) with no vector for ``model_id`` yet."""
+        wanted = list(dict.fromkeys(hashes))
+        have: set[str] = set()
+        for chunk in _chunks(wanted):
+            rows = self._db.execute(
+                f"SELECT sha256 FROM embeddings WHERE model_id=? AND sha256 IN ({','.join('?' * len(chunk))})",
+                [model_id, *chunk],
+            )
+            have.update(r[0] for r in rows)
+        return [h for h in wanted if h not in have]
+
+    def put(self, model_id: str, hashes: Sequence[str], vectors: np.ndarray) -> None:
+        """Store vectors [N, D] for ``hashes`` in one transaction."""
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if vectors.ndim != 2 or len(vectors) != len(hashes):
+            raise ValueError(f"expected {len(hashes)} vectors, got shape {vectors.shape}")
+        dim = vectors.shape[1]
+        rows = [(model_id, h, dim, v.tobytes()) for h, v in zip(hashes, vectors)]
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", rows)
+
+    def get(self, model_id: str, hashes: Sequence[str]) -> np.ndarray:
+        """Vectors [len(hashes), D] float32 in the order given; KeyError if one is missing."""
+        found: dict[str, np.ndarray] = {}
+        dims = set()
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            rows = self._db.execute(
+                f"SELECT sha256, dim, vector FROM embeddings WHERE model_id=? AND sha256 IN ({','.join('?' * len(chunk))})",
+                [model_id, *chunk],
+            )
+            for digest, dim, blob in rows:
+                if len(blob) != 4 * dim:
+                    raise FilterkitError(f"embedding cache {self.path} holds a damaged vector for {digest}")
+                found[digest] = np.frombuffer(blob, dtype="<f4")
+                dims.add(dim)
+        missing = [h for h in hashes if h not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} hashes have no vector for model {model_id}, e.g. {missing[0]}")
+        if len(dims) > 1:
+            raise FilterkitError(f"embedding cache {self.path} mixes dimensions {sorted(dims)} for model {model_id}")
+        if not hashes:
+            return np.empty((0, 0), dtype=np.float32)
+        return np.stack([found[h] for h in hashes]).astype(np.float32, copy=False)
+
+    def put_failures(self, decoder: str, reasons: dict[str, str]) -> None:
+        """Remember contents that ``decoder`` could not decode, with the reason."""
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)",
+                                 [(h, decoder, r) for h, r in reasons.items()])
+
+    def failures(self, decoder: str, hashes: Iterable[str]) -> dict[str, str]:
+        """Known decode failures under this ``decoder`` among ``hashes``: {sha256: reason}."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            rows = self._db.execute(
+                f"SELECT sha256, reason FROM failures WHERE decoder=? AND sha256 IN ({','.join('?' * len(chunk))})",
+                [decoder, *chunk],
+            )
+            found.update(rows)
+        return found
+
+    def count(self, model_id: str | None = None) -> int:
+        if model_id is None:
+            return self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM embeddings WHERE model_id=?", (model_id,)).fetchone()[0]
+
+    def integrity_check(self) -> str:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -1,0 +1,218 @@
+"""The ``filterkit`` command line: parses, calls the library, prints. No logic of its own.
+
+Heavy imports (torch, timm, faiss) happen inside the commands so ``filterkit --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from .errors import FilterkitError
+
+app = typer.Typer(
+    name="filterkit",
+    help="Turn an unlabelled image collection into a trustworthy image filter.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model directory.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(
+    "--cache", help="Embedding cache file [default: $FILTERKIT_CACHE or ~/.cache/filterkit/embeddings.sqlite].")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, help="Decode processes [default: cores - 1; 0 = decode in-process].")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+def _echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _load_encoder(model: Optional[Path], device: str = "auto"):
+    from .encoder import Encoder
+
+    if model is None:
+        raise FilterkitError(
+            "no --model given and no default model ships yet; create one with "
+            "`filterkit model init --preset vit-tiny-16-224 --out DIR` (random weights) "
+            "or `filterkit pretrain`"
+        )
+    return Encoder.load(model, device=device)
+
+
+def _print_skips(skipped, quiet: bool) -> None:
+    if quiet or not skipped:
+        return
+    _echo_err(f"skipped {len(skipped)} file(s):")
+    for s in skipped[:20]:
+        _echo_err(f"  {s.path}: {s.reason}")
+    if len(skipped) > 20:
+        _echo_err(f"  ... and {len(skipped) - 20} more (use --json for all)")
+
+
+@app.command()
+def embed(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image in FOLDER into the cache (only what is new or changed)."""
+    from .cache import EmbeddingCache
+    from .pipeline import embed_folder
+
+    encoder = _load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
+                              progress=not quiet)
+        cache_path = store.path
+    if as_json:
+        typer.echo(json.dumps({
+            "images": len(result.paths) + len(result.skipped),
+            "embedded": result.n_embedded,
+            "cached": result.n_cached,
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in result.skipped],
+            "model_id": encoder.model_id,
+            "cache": str(cache_path),
+        }, indent=2))
+        return
+    _print_skips(result.skipped, quiet)
+    typer.echo(
+        f"{len(result.paths)} images have vectors: {result.n_embedded} embedded now, "
+        f"{result.n_cached} from the cache, {len(result.skipped)} skipped (cache: {cache_path})"
+    )
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
+    folder: Annotated[Path, typer.Option("--in", help="Folder to search in.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the K images in --in most similar to each query image (cosine similarity)."""
+    for q in queries:
+        if not q.is_file():
+            raise FilterkitError(f"query image not found: {q}")
+    from .cache import EmbeddingCache
+    from .index import build_index
+    from .index import search as knn_search
+    from .pipeline import embed_folder
+
+    encoder = _load_encoder(model, device)
+    query_vectors = encoder.embed(queries, batch_size=batch_size, workers=0)
+    with EmbeddingCache(cache) as store:
+        result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
+                              progress=not quiet)
+    if not result.paths:
+        raise FilterkitError(f"none of the images in {folder} could be decoded")
+    found = knn_search(build_index(result.vectors), query_vectors, k)
+    answers = [
+        {"query": str(q), "results": [{"path": str(result.paths[j]), "score": round(float(s), 6)}
+                                      for s, j in zip(scores, ids) if j >= 0]}
+        for q, scores, ids in zip(queries, found.scores, found.ids)
+    ]
+    if as_json:
+        typer.echo(json.dumps(answers, indent=2))
+        return
+    _print_skips(result.skipped, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for answer in answers:
+        table = Table(title=f"nearest to {answer['query']}", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("path")
+        for rank, r in enumerate(answer["results"], 1):
+            table.add_row(str(rank), f"{r['score']:.4f}", r["path"])
+        console.print(table)
+
+
+@model_app.command("init")
+def model_init(
+    out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],
+    preset: Annotated[str, typer.Option("--preset", help="vit-tiny-4-32 | vit-tiny-8-64 | vit-tiny-16-224 | vit-small-16-224.")] = "vit-tiny-16-224",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
+) -> None:
+    """Write a randomly initialised model directory (a baseline, and handy in tests)."""
+    from .encoder import PRESETS, Encoder
+
+    if preset not in PRESETS:
+        raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    Encoder.random(preset, seed=seed).save(out, overwrite=force)
+    typer.echo(f"wrote randomly initialised {preset} to {out}")
+
+
+@model_app.command("info")
+def model_info(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a model directory's configuration."""
+    from .encoder import Encoder
+
+    encoder = Encoder.load(model_dir, device="cpu")
+    info = {
+        "path": str(model_dir),
+        "model_id": encoder.model_id,
+        "embedding_dim": encoder.dim,
+        "architecture": encoder.config.to_dict(),
+        "timm": {"model_name": encoder.config.timm_name, "kwargs": encoder.config.timm_kwargs},
+        "parameters": sum(p.numel() for p in encoder.backbone.parameters()),
+        **encoder.meta,
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:>15}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
+    try:
+        app(args=argv, prog_name="filterkit", standalone_mode=False)
+    except FilterkitError as e:
+        _echo_err(f"error: {e}")
+        return 1
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        return 130
+    except KeyboardInterrupt:
+        _echo_err("interrupted")
+        return 130
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

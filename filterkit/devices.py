@@ -1,0 +1,56 @@
+"""The one place that picks a device and a compute precision."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import FilterkitError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` prefers cuda, then mps, then cpu; an explicit device must exist."""
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise FilterkitError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FilterkitError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise FilterkitError("--device mps was asked for but MPS is not available")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is fp32 on CPU: on the AVX2 machine we develop on, bf16 autocast made
+    ViT-Tiny/16 inference 7x slower (34.6 vs 4.9 img/s, batch 32), because the CPU has
+    no native bf16 instructions. On CUDA it is bf16 where supported, else fp16.
+    """
+    if precision not in PRECISIONS:
+        raise FilterkitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype``, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

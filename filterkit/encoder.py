@@ -1,0 +1,359 @@
+"""ViT encoders built through timm, named presets, and the model directory format.
+
+A model directory holds ``config.json`` (architecture, normalisation, metadata),
+``model.safetensors`` (the backbone's state dict, loadable with ``strict=True`` into the
+plain timm model named in ``config.json["timm"]``) and ``MODEL_CARD.md``.
+
+    >>> enc = Encoder.load("models/my-encoder")
+    >>> vecs = enc.embed(["a.jpg", "b.jpg"])      # float32 [2, D], rows L2-normalised
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .devices import autocast, autocast_dtype, pick_device
+from .errors import FilterkitError, ImageError
+from .fsutil import atomic_write_bytes, atomic_write_text
+
+FORMAT = "filterkit-model/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "MODEL_CARD.md"
+
+# arch name -> (timm model whose defaults we start from, width, depth, heads)
+ARCHS: dict[str, tuple[str, int, int, int]] = {
+    "vit-tiny": ("vit_tiny_patch16_224", 192, 12, 3),
+    "vit-small": ("vit_small_patch16_224", 384, 12, 6),
+}
+# preset name -> (arch, patch size, image size)
+PRESETS: dict[str, tuple[str, int, int]] = {
+    "vit-tiny-4-32": ("vit-tiny", 4, 32),
+    "vit-tiny-8-64": ("vit-tiny", 8, 64),
+    "vit-tiny-16-224": ("vit-tiny", 16, 224),
+    "vit-small-16-224": ("vit-small", 16, 224),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the backbone and feed it pixels."""
+
+    arch: str
+    patch_size: int
+    img_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> FilterkitError:
+            return FilterkitError(f"invalid model config: {msg}")
+
+        if self.arch not in ARCHS:
+            raise bad(f"unknown arch {self.arch!r} (known: {', '.join(ARCHS)})")
+        ints = dict(patch_size=(1, 64), img_size=(8, 1024), embed_dim=(16, 4096), depth=(1, 48),
+                    num_heads=(1, 64))
+        for name, (lo, hi) in ints.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise bad(f"{name}={value!r} is outside {lo}..{hi}")
+        if self.img_size % self.patch_size:
+            raise bad(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.embed_dim % 4 or self.embed_dim % self.num_heads:
+            raise bad(f"embed_dim {self.embed_dim} must divide by 4 and by num_heads {self.num_heads}")
+        if not 0.5 <= float(self.mlp_ratio) <= 16:
+            raise bad(f"mlp_ratio={self.mlp_ratio!r} is outside 0.5..16")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise bad(f"{name} must be three numbers")
+        if min(self.std) <= 0:
+            raise bad("std must be positive")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise FilterkitError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        arch, patch, size = PRESETS[name]
+        _, dim, depth, heads = ARCHS[arch]
+        cfg = cls(arch=arch, patch_size=patch, img_size=size, embed_dim=dim, depth=depth,
+                  num_heads=heads, preset=name)
+        return replace(cfg, **overrides) if overrides else cfg
+
+    @property
+    def timm_name(self) -> str:
+        return ARCHS[self.arch][0]
+
+    @property
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword overrides that turn ``timm.create_model(timm_name)`` into this backbone."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    num_classes=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise FilterkitError(f"invalid model config: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        for name in ("mean", "std"):
+            if name in d:
+                d[name] = tuple(d[name])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise FilterkitError(f"invalid model config: {e}") from None
+
+
+def sincos_pos_embed(cfg: ModelConfig) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding [1, 1 + N, D]; the class token's row is zero
+    (as in MoCo v3)."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    grid = cfg.img_size // cfg.patch_size
+    patches = build_sincos2d_pos_embed([grid, grid], dim=cfg.embed_dim)
+    return torch.cat([torch.zeros(1, cfg.embed_dim), patches], dim=0).unsqueeze(0)
+
+
+def build_backbone(cfg: ModelConfig) -> torch.nn.Module:
+    """A timm VisionTransformer whose forward returns the final-norm CLS token [B, D]."""
+    import timm
+
+    model = timm.create_model(cfg.timm_name, pretrained=False, **cfg.timm_kwargs)
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_pos_embed(cfg))
+    model.pos_embed.requires_grad_(False)
+    return model
+
+
+def _model_id(weights_sha256: str, cfg: ModelConfig) -> str:
+    blob = weights_sha256 + json.dumps(cfg.to_dict(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_model_card(cfg: ModelConfig, meta: dict[str, Any]) -> str:
+    trained = meta.get("training")
+    lines = [
+        f"# filterkit encoder ({cfg.preset or cfg.arch})",
+        "",
+        f"- Architecture: {cfg.arch}, patch {cfg.patch_size}, input {cfg.img_size} px, "
+        f"width {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}; "
+        "fixed 2D sin-cos position embedding; feature = final-norm CLS token.",
+        f"- Load in timm: `timm.create_model({cfg.timm_name!r}, pretrained=False, "
+        f"**config['timm']['kwargs']).load_state_dict(safetensors.torch.load_file("
+        f"'{WEIGHTS_FILE}'), strict=True)`",
+    ]
+    if trained:
+        lines.append(f"- Training: {json.dumps(trained, sort_keys=True)}")
+    else:
+        lines.append("- Weights: random initialisation (a baseline; not trained).")
+    if meta.get("data"):
+        lines.append(f"- Data: {meta['data']}")
+    return "\n".join(lines) + "\n"
+
+
+class Encoder:
+    """A backbone plus its config: turns images into L2-normalised float32 vectors."""
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        config: ModelConfig,
+        meta: dict[str, Any] | None = None,
+        model_id: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> None:
+        self.config = config
+        self.meta = dict(meta or {})
+        self.device = pick_device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.backbone = backbone.to(self.device).eval()
+        self._model_id = model_id
+        self.transform = eval_transform(config.img_size, config.mean, config.std)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def random(cls, preset: str = "vit-tiny-16-224", seed: int = 0, **overrides: Any) -> Encoder:
+        """A randomly initialised encoder (the baseline every quality figure is compared to)."""
+        cfg = ModelConfig.from_preset(preset, **overrides)
+        torch.manual_seed(seed)
+        return cls(build_backbone(cfg), cfg, meta={"init": {"seed": seed}}, device="cpu")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Encoder:
+        """Load a model directory. Never unpickles: weights are safetensors."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise FilterkitError(f"model directory not found: {path}")
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FilterkitError(f"not a filterkit model directory: {p.name} missing in {path}")
+        try:
+            doc = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FilterkitError(f"malformed {config_path}: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise FilterkitError(f"malformed {config_path}: expected \"format\": \"{FORMAT}\"")
+        if not isinstance(doc.get("architecture"), dict):
+            raise FilterkitError(f"malformed {config_path}: no \"architecture\" object")
+        cfg = ModelConfig.from_dict(doc["architecture"])
+        blob = weights_path.read_bytes()
+        weights_sha256 = hashlib.sha256(blob).hexdigest()
+        if doc.get("weights_sha256") not in (None, weights_sha256):
+            raise FilterkitError(
+                f"{weights_path} does not match config.json (sha256 differs): the directory "
+                "was modified or only partly written"
+            )
+        try:
+            state = load_safetensors(blob)
+        except SafetensorError as e:
+            raise FilterkitError(f"malformed {weights_path}: {e}") from None
+        backbone = build_backbone(cfg)
+        # Weights may be stored in fp16 to save space; the model always runs in fp32.
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise FilterkitError(f"{weights_path} does not fit config.json: {detail}") from None
+        meta = {k: doc.get(k) for k in ("training", "thresholds", "data", "quality") if k in doc}
+        return cls(backbone, cfg, meta=meta, model_id=_model_id(weights_sha256, cfg),
+                   device=device, precision=precision)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
+        """Write the model directory; each file is replaced atomically, weights first."""
+        from safetensors.torch import save as save_safetensors
+
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FilterkitError(f"{path} exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            is_model = (path / CONFIG_FILE).is_file()
+            hint = "pass --force to replace it" if is_model else "choose an empty or new folder"
+            raise FilterkitError(f"{path} is not empty; {hint}")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        blob = save_safetensors(state, metadata={"format": FORMAT})
+        weights_sha256 = hashlib.sha256(blob).hexdigest()
+        doc = {
+            "format": FORMAT,
+            "model_id": _model_id(weights_sha256, self.config),
+            "architecture": self.config.to_dict(),
+            "embedding_dim": self.config.embed_dim,
+            "timm": {"model_name": self.config.timm_name, "kwargs": self.config.timm_kwargs},
+            "weights_sha256": weights_sha256,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "training": self.meta.get("training"),
+            "thresholds": self.meta.get("thresholds") or {},
+            "data": self.meta.get("data"),
+            "quality": self.meta.get("quality"),
+        }
+        atomic_write_bytes(path / WEIGHTS_FILE, blob)
+        atomic_write_text(path / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(path / CARD_FILE, card or default_model_card(self.config, self.meta))
+        self._model_id = doc["model_id"]
+        return path
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def model_id(self) -> str:
+        """Identifies weights + preprocessing; the embedding cache is keyed by it."""
+        if self._model_id is None:
+            from safetensors.torch import save as save_safetensors
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+            self._model_id = _model_id(hashlib.sha256(save_safetensors(state)).hexdigest(), self.config)
+        return self._model_id
+
+    # -- embedding ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels [B, 3, S, S] -> L2-normalised float32 features [B, D] on CPU."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            features = self.backbone(pixels)
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    def embed(
+        self,
+        items: Sequence[str | os.PathLike | Image.Image] | torch.Tensor,
+        batch_size: int = 64,
+        workers: int | None = None,
+    ) -> np.ndarray:
+        """Embed image paths, PIL images, or a preprocessed tensor [N, 3, S, S].
+
+        Returns float32 [N, D] with unit-norm rows, in input order. A path that cannot be
+        decoded raises ImageError naming it (folder-level commands skip such files instead).
+        """
+        if isinstance(items, torch.Tensor):
+            pixels = items.unsqueeze(0) if items.dim() == 3 else items
+            expected = (3, self.config.img_size, self.config.img_size)
+            if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
+                raise FilterkitError(f"expected a tensor [N, {', '.join(map(str, expected))}], "
+                                     f"got {list(items.shape)}")
+            chunks = [self.embed_batch(pixels[i:i + batch_size])
+                      for i in range(0, len(pixels), batch_size)]
+            return _stack(chunks, self.dim)
+        items = list(items)
+        if all(isinstance(x, Image.Image) for x in items):
+            chunks = [
+                self.embed_batch(torch.stack([self.transform(x.convert("RGB")) for x in items[i:i + batch_size]]))
+                for i in range(0, len(items), batch_size)
+            ]
+            return _stack(chunks, self.dim)
+        if not all(isinstance(x, (str, os.PathLike)) for x in items):
+            raise FilterkitError("embed() takes a list of paths, a list of PIL images, or a tensor")
+        from .loader import iter_batches
+
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        for batch in iter_batches([Path(p) for p in items], self.transform, self.config.img_size,
+                                  batch_size=batch_size, workers=workers):
+            if batch.failures:
+                index, reason = batch.failures[0]
+                raise ImageError(f"{items[index]}: {reason}")
+            out[batch.indices] = self.embed_batch(batch.pixels).numpy()
+        return out
+
+
+def _stack(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.empty((0, dim), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32, copy=False)

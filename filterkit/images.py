@@ -1,0 +1,171 @@
+"""Finding image files, decoding them robustly to RGB, and hashing their bytes.
+
+Every way an image can fail to decode becomes an :class:`~filterkit.errors.ImageError`
+whose message is the reason recorded for the skip; callers that process folders catch it
+and carry on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import FilterkitError, ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+# Same default as Pillow's own guard (~89 Mpx, a 0.25 GiB RGB buffer); checked after JPEG
+# draft scaling, so a huge JPEG that decodes cheaply at 1/8 scale still passes.
+MAX_PIXELS = 89_478_485
+
+# We run our own bomb check with a clear reason; Pillow's warning would only be noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Truncated files are skipped with a reason, never silently half-decoded.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_heif_state: bool | None = None
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input that was not processed, and why."""
+
+    path: Path
+    reason: str
+
+
+def _heif_available() -> bool:
+    global _heif_state
+    if _heif_state is None:
+        try:
+            import pillow_heif  # optional extra
+
+            pillow_heif.register_heif_opener()
+            _heif_state = True
+        except ImportError:
+            _heif_state = False
+    return _heif_state
+
+
+def decoder_version() -> str:
+    """Names what decides whether a file decodes; cached failures are retried when it changes."""
+    import PIL
+
+    return f"pillow {PIL.__version__}; heif {'yes' if _heif_available() else 'no'}"
+
+
+def is_image_path(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in HEIF_EXTENSIONS
+
+
+def discover_images(root: str | os.PathLike, follow_symlinks: bool = False) -> list[Path]:
+    """All image files under ``root`` (any depth), by extension, case-insensitive, sorted.
+
+    HEIC/HEIF files are included so that, without the ``heif`` extra, they are reported
+    as skips instead of being silently ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FilterkitError(f"folder not found: {root}")
+    if not root.is_dir():
+        raise FilterkitError(f"not a folder: {root}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        dirnames.sort()
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_image_path(path):
+                found.append(path)
+    return sorted(found)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of the file's bytes (streamed; hashlib releases the GIL, so threads help)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's own convert clips these to 0..255; rescale the real range instead.
+        arr = np.asarray(im, dtype=np.float32)
+        if im.mode.startswith("I;16"):
+            peak = 65535.0
+        else:
+            peak = float(arr.max()) if arr.size and arr.max() > 255 else 255.0
+        arr = np.clip(arr / max(peak, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode == "P" and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` to an upright RGB image.
+
+    ``draft_size``: let JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as
+    both sides stay >= ``draft_size``; on camera photos this is most of the decode cost.
+    Raises ImageError with the reason on any failure.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in HEIF_EXTENSIONS and not _heif_available():
+        raise ImageError(
+            "HEIC/HEIF needs the optional pillow-heif package: pip install 'filterkit[heif]'"
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            if draft_size:
+                im.draft(None, (draft_size, draft_size))
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(
+                    f"{w}x{h} = {w * h:,} pixels exceeds the {MAX_PIXELS:,}-pixel limit "
+                    "(decompression-bomb guard)"
+                )
+            if w < 1 or h < 1:
+                raise ImageError(f"image has no pixels ({w}x{h})")
+            im.load()
+            try:
+                upright = ImageOps.exif_transpose(im)
+            except Exception:  # corrupt EXIF: keep the pixels as stored
+                upright = im
+            return to_rgb(upright)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised or corrupt header)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression-bomb guard: {e}") from None
+    except PermissionError as e:
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    except OSError as e:
+        raise ImageError(f"truncated or corrupt image data: {e}") from None
+    except MemoryError:
+        raise ImageError("image too large to decode in memory") from None
+    except Exception as e:  # Pillow raises many types on hostile data; never stop the run
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None

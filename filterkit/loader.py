@@ -1,0 +1,76 @@
+"""The one image loader: decode + transform in DataLoader worker processes, in batches.
+
+Failures travel with the batch as (index, reason) pairs instead of raising, so one bad file
+never stops a run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import ImageError
+from .images import load_image
+
+
+def default_workers() -> int:
+    """Decode workers: one per core beyond the one the forward pass uses (at most 8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) - 1))
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # positions in the input list of the images in ``pixels``
+    pixels: torch.Tensor  # [B, 3, S, S], B may be 0
+    failures: list[tuple[int, str]]  # (position, reason) of images that did not decode
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int | None):
+        self.paths, self.transform, self.draft_size = paths, transform, draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_image(self.paths[i], self.draft_size)), None
+        except ImageError as e:
+            return i, None, str(e)
+        except Exception as e:  # a transform failure must not kill the worker either
+            return i, None, f"cannot process image: {type(e).__name__}: {e}"
+
+
+def _collate(items) -> Batch:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
+    return Batch([i for i, _ in good], pixels, [(i, r) for i, x, r in items if x is None])
+
+
+def iter_batches(
+    paths: Sequence[Path],
+    transform: Callable,
+    draft_size: int | None,
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> Iterator[Batch]:
+    """Yield decoded batches in input order. ``workers=None``: in-process for a single
+    batch (no start-up cost), else :func:`default_workers` processes."""
+    if workers is None:
+        workers = 0 if len(paths) <= batch_size else default_workers()
+    loader = DataLoader(
+        _DecodeDataset(list(paths), transform, draft_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    yield from loader

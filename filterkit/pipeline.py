@@ -1,0 +1,106 @@
+"""Folder -> vectors: discover, hash, look up the cache, decode + embed what is missing.
+
+    >>> with EmbeddingCache() as cache:
+    ...     result = embed_folder("./photos", Encoder.load("models/x"), cache)
+    >>> result.vectors.shape, len(result.skipped)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .encoder import Encoder
+from .errors import FilterkitError
+from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images
+from .loader import iter_batches
+from .progress import progress_bar
+
+
+@dataclass
+class EmbeddedFolder:
+    """The images of a folder that have a vector, and the ones skipped with their reasons."""
+
+    paths: list[Path]
+    hashes: list[str]
+    vectors: np.ndarray  # [len(paths), D] float32, unit rows
+    skipped: list[Skip] = field(default_factory=list)
+    n_embedded: int = 0  # distinct contents embedded by this run
+    n_cached: int = 0  # distinct contents found in the cache
+
+
+def embed_folder(
+    root: str | os.PathLike,
+    encoder: Encoder,
+    cache: EmbeddingCache,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+    follow_symlinks: bool = False,
+) -> EmbeddedFolder:
+    """Embed every image under ``root`` that the cache does not already hold."""
+    paths = discover_images(root, follow_symlinks=follow_symlinks)
+    if not paths:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise FilterkitError(f"no images found in {root} (looked for {exts})")
+    return embed_paths(paths, encoder, cache, batch_size, workers, progress)
+
+
+def embed_paths(
+    paths: list[Path],
+    encoder: Encoder,
+    cache: EmbeddingCache,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> EmbeddedFolder:
+    model_id = encoder.model_id
+    with progress_bar("hashing", len(paths), progress) as advance:
+        hashes, read_errors = cache.content_hashes(paths, on_hashed=advance)
+    decoder = decoder_version()
+    todo = cache.missing(model_id, [h for h in hashes if h is not None])
+    # Contents that failed to decode before (with this decoder) are reported, not retried.
+    decode_errors = cache.failures(decoder, todo)
+    todo = [h for h in todo if h not in decode_errors]
+    n_cached = len({h for h in hashes if h is not None}) - len(todo) - len(decode_errors)
+    first_path = {}
+    for p, h in zip(paths, hashes):
+        if h is not None:
+            first_path.setdefault(h, p)
+    n_embedded = 0
+    if todo:
+        todo_paths = [first_path[h] for h in todo]
+        with progress_bar("embedding", len(todo), progress) as advance:
+            for batch in iter_batches(todo_paths, encoder.transform, encoder.config.img_size,
+                                      batch_size=batch_size, workers=workers):
+                if batch.indices:
+                    vectors = encoder.embed_batch(batch.pixels).numpy()
+                    cache.put(model_id, [todo[i] for i in batch.indices], vectors)
+                    n_embedded += len(batch.indices)
+                if batch.failures:
+                    new_errors = {todo[i]: reason for i, reason in batch.failures}
+                    cache.put_failures(decoder, new_errors)
+                    decode_errors.update(new_errors)
+                advance(len(batch.indices) + len(batch.failures))
+    skipped, good = [], []
+    for i, (p, h) in enumerate(zip(paths, hashes)):
+        if h is None:
+            skipped.append(Skip(p, read_errors[i]))
+        elif h in decode_errors:
+            skipped.append(Skip(p, decode_errors[h]))
+        else:
+            good.append(i)
+    good_hashes = [hashes[i] for i in good]
+    vectors = cache.get(model_id, good_hashes) if good else np.empty((0, encoder.dim), np.float32)
+    return EmbeddedFolder(
+        paths=[paths[i] for i in good],
+        hashes=good_hashes,
+        vectors=vectors,
+        skipped=skipped,
+        n_embedded=n_embedded,
+        n_cached=n_cached,
+    )
