@@ -1,0 +1,57 @@
+"""Shared fixtures: real sample photos shipped by scikit-image, tiny random encoders, and a
+private cache location so tests never touch ~/.cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Colour photos shipped inside scikit-image (no download).
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
+               "motorcycle_left", "immunohistochemistry")
+
+
+def sample_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    if name == "motorcycle_left":
+        arr = skimage.data.stereo_motorcycle()[0]
+    else:
+        arr = getattr(skimage.data, name)()
+    return Image.fromarray(np.asarray(arr)).convert("RGB")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "embeddings.sqlite"
+    monkeypatch.setenv("FILTERKIT_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """Eight distinct real photos as JPEGs (longer side 256 px)."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in PHOTO_NAMES:
+        im = sample_photo(name)
+        im.thumbnail((256, 256))
+        im.save(root / f"{name}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_encoder():
+    """A fast random-init encoder (64 px, patch 8, 2 blocks) for pipeline tests."""
+    from filterkit import Encoder
+
+    return Encoder.random("vit-tiny-8-64", seed=0, depth=2)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, small_encoder) -> Path:
+    path = tmp_path_factory.mktemp("models") / "small"
+    small_encoder.save(path)
+    return path

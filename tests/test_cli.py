@@ -1,0 +1,125 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from filterkit.cli import main
+
+from conftest import sample_photo
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_init_and_info(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "model", "init", "--preset", "vit-tiny-4-32", "--out", tmp_path / "m")
+    assert code == 0 and "vit-tiny-4-32" in out
+    code, out, _ = run_cli(capsys, "model", "info", tmp_path / "m", "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["embedding_dim"] == 192 and info["architecture"]["img_size"] == 32
+    assert info["timm"]["model_name"] == "vit_tiny_patch16_224"
+
+
+def test_embed_then_search_json(tmp_path, capsys, photos_dir, small_model_dir):
+    code, out, _ = run_cli(capsys, "embed", photos_dir, "--model", small_model_dir, "--json", "-q")
+    summary = json.loads(out)
+    assert code == 0 and summary["embedded"] == 8 and summary["skipped"] == []
+    code, out, _ = run_cli(capsys, "embed", photos_dir, "--model", small_model_dir, "--json", "-q")
+    assert json.loads(out)["embedded"] == 0 and json.loads(out)["cached"] == 8
+
+    query = photos_dir / "chelsea.jpg"
+    code, out, _ = run_cli(capsys, "search", query, "--in", photos_dir, "-k", "3",
+                           "--model", small_model_dir, "--json", "-q")
+    answers = json.loads(out)
+    assert code == 0 and len(answers) == 1
+    assert answers[0]["query"] == str(query)
+    assert [r["path"] for r in answers[0]["results"]][0] == str(query)
+    assert len(answers[0]["results"]) == 3
+    scores = [r["score"] for r in answers[0]["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
+    code, out, _ = run_cli(capsys, "search", photos_dir / "coffee.jpg", "--in", photos_dir, "-k", "2",
+                           "--model", small_model_dir, "-q")
+    assert code == 0 and "coffee.jpg" in out and "score" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["embed", "{tmp}/nope", "--model", "{model}"], "folder not found"),
+        (["embed", "{tmp}/empty", "--model", "{model}"], "no images found"),
+        (["embed", "{tmp}/empty"], "no --model given"),
+        (["embed", "{tmp}/empty", "--model", "{tmp}/no_model"], "model directory not found"),
+        (["embed", "{tmp}/empty", "--model", "{tmp}/empty"], "config.json missing"),
+        (["search", "{tmp}/missing.jpg", "--in", "{tmp}/empty", "--model", "{model}"], "query image not found"),
+        (["model", "init", "--preset", "vit-giant", "--out", "{tmp}/m"], "unknown preset"),
+        (["model", "info", "{tmp}/broken"], "malformed"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
+    args = [a.format(tmp=tmp_path, model=small_model_dir) for a in args]
+    code, out, err = run_cli(capsys, *args)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from filterkit.cli import app; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kill_9_mid_embed_then_rerun_gives_a_complete_valid_cache(tmp_path, small_model_dir):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    photo = sample_photo("rocket")
+    n = 240
+    for i in range(n):
+        photo.crop((i, i // 2, i + 200, i // 2 + 150)).save(folder / f"{i:03d}.jpg", quality=80)
+    cache = tmp_path / "kill.sqlite"
+    cmd = [sys.executable, "-m", "filterkit", "embed", str(folder), "--model", str(small_model_dir),
+           "--cache", str(cache), "--batch-size", "4", "--workers", "0", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_at_kill = 0
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if cache.exists():
+                try:
+                    with sqlite3.connect(cache, timeout=1) as db:
+                        done_at_kill = db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+                except sqlite3.OperationalError:
+                    pass  # schema not created yet
+            if done_at_kill >= 20:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "embed finished before it could be killed"
+    assert 0 < done_at_kill < n
+
+    rerun = subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True)
+    summary = json.loads(rerun.stdout)
+    assert summary["embedded"] + summary["cached"] == n
+    assert summary["cached"] >= done_at_kill
+    with sqlite3.connect(cache) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == n
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone()[0] == n

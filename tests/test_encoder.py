@@ -1,0 +1,122 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from filterkit import Encoder, FilterkitError, ModelConfig, PRESETS
+from filterkit.encoder import CONFIG_FILE, WEIGHTS_FILE, build_backbone
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build_and_embed_to_unit_vectors(preset):
+    enc = Encoder.random(preset, depth=1)
+    size = enc.config.img_size
+    vecs = enc.embed(torch.randn(2, 3, size, size))
+    assert vecs.shape == (2, enc.dim) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_position_embedding_is_fixed_sincos_with_zero_class_row():
+    model = build_backbone(ModelConfig.from_preset("vit-tiny-8-64", depth=1))
+    pos = model.pos_embed
+    assert not pos.requires_grad
+    assert pos.shape == (1, 1 + 8 * 8, 192)
+    assert torch.all(pos[0, 0] == 0)
+    assert pos[0, 1:].abs().max() <= 1.0 and pos[0, 1:].std() > 0.3  # sin/cos values
+
+
+def test_model_directory_round_trip(tmp_path, small_encoder, photos_dir):
+    small_encoder.save(tmp_path / "m")
+    loaded = Encoder.load(tmp_path / "m", device="cpu")
+    assert loaded.model_id == small_encoder.model_id
+    assert loaded.config == small_encoder.config
+    paths = sorted(photos_dir.glob("*.jpg"))[:3]
+    np.testing.assert_allclose(loaded.embed(paths), small_encoder.embed(paths), atol=1e-6)
+    assert (tmp_path / "m" / "MODEL_CARD.md").read_text().startswith("# filterkit encoder")
+
+
+def test_weights_load_into_plain_timm_with_strict(tmp_path, small_encoder):
+    import timm
+    from safetensors.torch import load_file
+
+    small_encoder.save(tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    plain = timm.create_model(doc["timm"]["model_name"], pretrained=False, **doc["timm"]["kwargs"])
+    plain.load_state_dict(load_file(tmp_path / "m" / WEIGHTS_FILE), strict=True)
+    plain.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(plain(x), dim=-1).numpy()
+    np.testing.assert_allclose(ours, small_encoder.embed(x), atol=1e-5)
+
+
+def test_embed_accepts_paths_pil_images_and_tensors_alike(photos_dir, small_encoder):
+    from PIL import Image
+
+    paths = sorted(photos_dir.glob("*.jpg"))[:2]
+    from_paths = small_encoder.embed(paths)
+    images = [Image.open(p) for p in paths]
+    from_pil = small_encoder.embed(images)
+    from_tensor = small_encoder.embed(torch.stack([small_encoder.transform(im.convert("RGB")) for im in images]))
+    # Paths decode through JPEG draft mode, so allow a small difference from a full decode.
+    assert np.all(np.sum(from_paths * from_pil, axis=1) > 0.99)
+    np.testing.assert_allclose(from_pil, from_tensor, atol=1e-6)
+
+
+def test_embed_rejects_a_tensor_of_the_wrong_size(small_encoder):
+    with pytest.raises(FilterkitError, match="expected a tensor"):
+        small_encoder.embed(torch.randn(1, 3, 32, 32))
+
+
+def test_bf16_embeddings_stay_within_1e_2_cosine_of_fp32(small_encoder):
+    bf16 = Encoder(small_encoder.backbone, small_encoder.config, device="cpu", precision="bf16")
+    x = torch.randn(4, 3, 64, 64)
+    cosine = np.sum(bf16.embed(x) * small_encoder.embed(x), axis=1)
+    assert np.all(cosine > 1 - 1e-2)
+
+
+def test_save_refuses_to_overwrite_without_permission(tmp_path, small_encoder):
+    small_encoder.save(tmp_path / "m")
+    with pytest.raises(FilterkitError, match="--force"):
+        small_encoder.save(tmp_path / "m")
+    small_encoder.save(tmp_path / "m", overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FilterkitError, match="not empty"):
+        small_encoder.save(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_load_explains_a_broken_model_directory(tmp_path, small_encoder):
+    with pytest.raises(FilterkitError, match="not found"):
+        Encoder.load(tmp_path / "missing")
+    small_encoder.save(tmp_path / "m")
+    config = tmp_path / "m" / CONFIG_FILE
+    doc = json.loads(config.read_text())
+
+    config.write_text("{not json")
+    with pytest.raises(FilterkitError, match="malformed"):
+        Encoder.load(tmp_path / "m")
+
+    bad = dict(doc, architecture=dict(doc["architecture"], depth=100000))
+    config.write_text(json.dumps(bad))
+    with pytest.raises(FilterkitError, match="depth"):
+        Encoder.load(tmp_path / "m")
+
+    # Config says 3 blocks, weights hold 2: a mismatch, reported as such.
+    wrong = dict(doc, architecture=dict(doc["architecture"], depth=3), weights_sha256=None)
+    config.write_text(json.dumps(wrong))
+    with pytest.raises(FilterkitError, match="does not fit config.json"):
+        Encoder.load(tmp_path / "m")
+
+    config.write_text(json.dumps(doc))
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(FilterkitError, match="sha256 differs"):
+        Encoder.load(tmp_path / "m")
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(FilterkitError, match="unknown preset"):
+        ModelConfig.from_preset("vit-huge-1-1")
