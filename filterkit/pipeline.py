@@ -41,13 +41,17 @@ def embed_folder(
     workers: int | None = None,
     progress: bool = True,
     follow_symlinks: bool = False,
+    draft: bool = True,
 ) -> EmbeddedFolder:
-    """Embed every image under ``root`` that the cache does not already hold."""
+    """Embed every image under ``root`` that the cache does not already hold.
+
+    ``draft=False`` decodes JPEGs at full size first (slower; for comparison only).
+    """
     paths = discover_images(root, follow_symlinks=follow_symlinks)
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise FilterkitError(f"no images found in {root} (looked for {exts})")
-    return embed_paths(paths, encoder, cache, batch_size, workers, progress)
+    return embed_paths(paths, encoder, cache, batch_size, workers, progress, draft)
 
 
 def embed_paths(
@@ -57,7 +61,9 @@ def embed_paths(
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    draft: bool = True,
 ) -> EmbeddedFolder:
+    """Like :func:`embed_folder`, for an explicit list of image paths."""
     model_id = encoder.model_id
     with progress_bar("hashing", len(paths), progress) as advance:
         hashes, read_errors = cache.content_hashes(paths, on_hashed=advance)
@@ -75,7 +81,8 @@ def embed_paths(
     if todo:
         todo_paths = [first_path[h] for h in todo]
         with progress_bar("embedding", len(todo), progress) as advance:
-            for batch in iter_batches(todo_paths, encoder.transform, encoder.config.img_size,
+            draft_size = encoder.config.img_size if draft else None
+            for batch in iter_batches(todo_paths, encoder.transform, draft_size,
                                       batch_size=batch_size, workers=workers):
                 if batch.indices:
                     vectors = encoder.embed_batch(batch.pixels).numpy()

@@ -1,0 +1,116 @@
+"""Throughput of the whole embed pipeline against forward-only, side by side in one run.
+
+    python benchmarks/embed_speed.py --imagenette ~/.cache/filterkit-data/imagenette/train
+
+For each image set the script times, alternating, over ``--rounds`` rounds:
+  forward   the encoder's forward pass on already-decoded tensors (same model, same batch);
+  pipeline  ``embed_paths`` on a fresh cache: hash + decode (JPEG draft mode) + resize +
+            forward + cache writes, decode in DataLoader workers;
+  no-draft  the same pipeline with full-size JPEG decoding;
+and reports images/s and the ratios pipeline/forward. Sets: (a) Imagenette photos
+(224 px JPEGs), (b) camera-size JPEGs (4000x3000, made by upscaling Imagenette photos and
+saving at quality 90). Finally it times a second ``embed`` of an already-cached folder
+against the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from filterkit import EmbeddingCache, Encoder
+from filterkit.images import discover_images, load_image
+from filterkit.loader import default_workers
+from filterkit.pipeline import embed_paths
+
+
+def pick(paths: list[Path], n: int) -> list[Path]:
+    step = max(1, len(paths) // n)
+    return paths[::step][:n]
+
+
+def time_forward(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        encoder.embed_batch(pixels[i:i + batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def time_pipeline(encoder: Encoder, paths: list[Path], batch_size: int, workers: int, draft: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddingCache(Path(tmp) / "c.sqlite") as cache:
+        start = time.perf_counter()
+        result = embed_paths(paths, encoder, cache, batch_size=batch_size, workers=workers,
+                             progress=False, draft=draft)
+        elapsed = time.perf_counter() - start
+    assert result.n_embedded == len(paths), result.skipped[:3]
+    return len(paths) / elapsed
+
+
+def measure(name: str, encoder: Encoder, paths: list[Path], args) -> None:
+    size = encoder.config.img_size
+    # Forward-only input: the very tensors the pipeline would make, decoded up front.
+    pixels = torch.stack([encoder.transform(load_image(p, size)) for p in paths])
+    encoder.embed_batch(pixels[: args.batch_size])  # warm-up
+    rates: dict[str, list[float]] = {"forward": [], "pipeline": [], "no-draft": []}
+    for _ in range(args.rounds):
+        rates["forward"].append(time_forward(encoder, pixels, args.batch_size))
+        rates["pipeline"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, True))
+        rates["no-draft"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, False))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\n[{name}] {len(paths)} images, batch {args.batch_size}, workers {args.workers}, "
+          f"{args.rounds} alternating rounds (median img/s; all rounds in brackets)")
+    for k, v in rates.items():
+        print(f"  {k:9s} {med[k]:7.1f} img/s  [{', '.join(f'{x:.1f}' for x in v)}]")
+    print(f"  pipeline/forward          = {med['pipeline'] / med['forward']:.2f}")
+    print(f"  pipeline/forward no draft = {med['no-draft'] / med['forward']:.2f}")
+
+
+def make_camera_jpegs(sources: list[Path], folder: Path) -> list[Path]:
+    out = []
+    for i, src in enumerate(sources):
+        target = folder / f"camera_{i:03d}.jpg"
+        Image.open(src).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(target, quality=90)
+        out.append(target)
+    return out
+
+
+def second_run_ratio(encoder: Encoder, paths: list[Path], args) -> None:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddingCache(Path(tmp) / "c.sqlite") as cache:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            embed_paths(paths, encoder, cache, batch_size=args.batch_size, workers=args.workers, progress=False)
+            times.append(time.perf_counter() - start)
+    print(f"\n[re-embed] {len(paths)} images: first {times[0]:.2f} s, second {times[1]:.3f} s "
+          f"= {100 * times[1] / times[0]:.1f} % of the first")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--imagenette", type=Path, required=True, help="imagenette/train folder")
+    parser.add_argument("--preset", default="vit-tiny-16-224")
+    parser.add_argument("--n", type=int, default=512, help="Imagenette images to embed")
+    parser.add_argument("--camera-n", type=int, default=64, help="camera-size JPEGs to make and embed")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} (random init)")
+    encoder = Encoder.random(args.preset)
+    photos = pick(discover_images(args.imagenette), args.n)
+    measure("a: Imagenette 224-px JPEGs", encoder, photos, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        camera = make_camera_jpegs(pick(photos, args.camera_n), Path(tmp))
+        measure("b: camera-size 4000x3000 JPEGs", encoder, camera, args)
+    second_run_ratio(encoder, photos, args)
+
+
+if __name__ == "__main__":
+    main()
