@@ -152,6 +152,89 @@ def search(
         console.print(table)
 
 
+@app.command()
+def pretrain(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (any depth, no labels needed).")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    preset: Annotated[str, typer.Option("--preset", help="Architecture preset; its recipe fills unset options.")] = "vit-tiny-4-32",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR [default: 1.5e-4 x batch / 256].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature [default: 0.2].")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0 [default: 0.99].")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Override the preset's number of blocks.")] = None,
+    no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
+    freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = "auto",
+    workers: WorkersOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/training/checkpoint.pt.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints [default: 500].")] = None,
+    knn_train: Annotated[Optional[Path], typer.Option("--knn-train", help="Labelled folder for the online kNN monitor.")] = None,
+    knn_test: Annotated[Optional[Path], typer.Option("--knn-test", help="Labelled folder for the online kNN monitor.")] = None,
+    json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines [default: OUT/training/log.jsonl].")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain a ViT on FOLDER with MoCo v3 and write a model directory to --out."""
+    if (knn_train is None) != (knn_test is None):
+        raise FilterkitError("--knn-train and --knn-test go together")
+    from .encoder import PRESETS
+    from .train import TrainOptions
+    from .train import pretrain as run_pretrain
+
+    if preset not in PRESETS:
+        raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    given = dict(preset=preset, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, temperature=temperature, momentum=momentum,
+                 warmup_epochs=warmup_epochs, depth=depth, seed=seed, checkpoint_every=checkpoint_every)
+    options = TrainOptions(**{k: v for k, v in given.items() if v is not None},
+                           predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed)
+    try:
+        result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
+                              workers=workers, knn_train=knn_train, knn_test=knn_test, json_log=json_log,
+                              progress=not quiet)
+    except KeyboardInterrupt:
+        _echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")
+        raise
+    _print_skips(result.skipped, quiet)
+    knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
+    typer.echo(f"trained {result.steps} steps (final loss {result.final_loss:.4f}{knn}); model written to {out}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory.")],
+    train: Annotated[Path, typer.Option("--train", help="Labelled folder: one sub-folder per class.")],
+    test: Annotated[Path, typer.Option("--test", help="Labelled folder with the same classes.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours.")] = 20,
+    temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(sim / T).")] = 0.07,
+    max_per_class: Annotated[Optional[int], typer.Option("--max-per-class", min=1, help="Use the first N images of each class.")] = None,
+    batch_size: BatchOpt = 128,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Weighted kNN accuracy of --model, with the random-init and raw-pixel baselines."""
+    from .evaluate import evaluate
+
+    encoder = _load_encoder(model, device)
+    report = evaluate(encoder, train, test, k=k, temperature=temperature, max_per_class=max_per_class,
+                      batch_size=batch_size, workers=workers, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    typer.echo(f"weighted kNN (k={k}, T={temperature}) on {report.n_test} test images, "
+               f"{report.n_train} train, {len(report.classes)} classes:")
+    typer.echo(f"  {'model':>12}: {report.knn_top1:.4f}")
+    for name, value in report.baselines.items():
+        typer.echo(f"  {name:>12}: {value:.4f}")
+
+
 @model_app.command("init")
 def model_init(
     out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],

@@ -36,11 +36,13 @@ CARD_FILE = "MODEL_CARD.md"
 
 # arch name -> (timm model whose defaults we start from, width, depth, heads)
 ARCHS: dict[str, tuple[str, int, int, int]] = {
+    "vit-mini": ("vit_tiny_patch16_224", 192, 6, 3),  # ViT-Tiny at half depth, for CPUs
     "vit-tiny": ("vit_tiny_patch16_224", 192, 12, 3),
     "vit-small": ("vit_small_patch16_224", 384, 12, 6),
 }
 # preset name -> (arch, patch size, image size)
 PRESETS: dict[str, tuple[str, int, int]] = {
+    "vit-mini-8-32": ("vit-mini", 8, 32),
     "vit-tiny-4-32": ("vit-tiny", 4, 32),
     "vit-tiny-8-64": ("vit-tiny", 8, 64),
     "vit-tiny-16-224": ("vit-tiny", 16, 224),

@@ -23,10 +23,11 @@ class _RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True,
-                 unit: str = "img") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows description, bar, done/total, rate, elapsed, ETA."""
+                 unit: str = "img") -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, description=None)``; shows description, bar, done/total, rate,
+    elapsed, ETA."""
     if not enabled:
-        yield lambda n=1: None
+        yield lambda n=1, description=None: None
         return
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -34,4 +35,11 @@ def progress_bar(description: str, total: int | None, enabled: bool = True,
         console=Console(stderr=True), transient=False,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            if description is None:
+                bar.advance(task, n)
+            else:
+                bar.update(task, advance=n, description=description)
+
+        yield advance

@@ -1,0 +1,460 @@
+"""The MoCo v3 pretraining loop: data, AdamW with warmup + half-cosine LR, momentum schedule,
+mixed precision, checkpoints and resume, monitors, and DDP under ``torchrun``.
+
+Batch and LR under DDP: ``batch_size`` is the *global* batch; each of the W ranks takes
+batch_size / W images of every global batch, and lr = base_lr · batch_size / 256 (Goyal et
+al.'s linear scaling, as in MoCo v3). The global batches are the same for any W, so a run
+on 2 processes sees the same data as a run on 1.
+
+    >>> result = pretrain("./images", "models/mine", TrainOptions(preset="vit-tiny-4-32", epochs=10))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import TwoViews
+from .devices import autocast, autocast_dtype, pick_device
+from .encoder import CONFIG_FILE, Encoder, ModelConfig, build_backbone
+from .errors import FilterkitError, ImageError
+from .fsutil import atomic_write_bytes
+from .images import Skip, discover_images, load_image
+from .loader import default_workers
+from .moco import MoCo, momentum_at
+from .progress import progress_bar
+
+CHECKPOINT = Path("training") / "checkpoint.pt"
+LOG = Path("training") / "log.jsonl"
+
+# Recipes per preset and device kind. CPU recipes are small enough to move in minutes to an
+# hour on a laptop; GPU recipes follow the paper's ViT recipe scaled to the preset.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # 32-px inputs: crops from 20 % of the area up (an 8 % crop of a 32-px image is 9x9 pixels).
+    "vit-mini-8-32": {
+        "cpu": dict(batch_size=256, base_lr=5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024,
+                    epochs=6, min_crop_scale=0.2),
+        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096,
+                    epochs=200, min_crop_scale=0.2),
+    },
+    "vit-tiny-4-32": {
+        "cpu": dict(batch_size=128, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=10),
+        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096, epochs=200),
+    },
+    "vit-tiny-8-64": {
+        "cpu": dict(batch_size=128, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=10),
+        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096, epochs=200),
+    },
+    "vit-tiny-16-224": {
+        "cpu": dict(batch_size=64, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=5),
+        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=20, proj_hidden=4096, pred_hidden=4096, epochs=100),
+    },
+    "vit-small-16-224": {
+        "cpu": dict(batch_size=64, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=3),
+        "gpu": dict(batch_size=1024, base_lr=1.5e-4, warmup_epochs=40, proj_hidden=4096, pred_hidden=4096, epochs=100),
+    },
+}
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a pretraining run. ``None`` fields come from the preset's recipe."""
+
+    preset: str = "vit-tiny-4-32"
+    epochs: int | None = None
+    max_steps: int | None = None  # the schedules' horizon: min(epochs x steps/epoch, max_steps)
+    batch_size: int | None = None  # global batch
+    lr: float | None = None  # None: base_lr * batch_size / 256
+    base_lr: float | None = None
+    weight_decay: float = 0.1
+    temperature: float = 0.2
+    momentum: float = 0.99
+    warmup_epochs: float | None = None
+    out_dim: int = 256
+    proj_hidden: int | None = None
+    pred_hidden: int | None = None
+    predictor: bool = True
+    freeze_patch_embed: bool = False
+    min_crop_scale: float | None = None  # recipe's, else 0.08 (the BYOL recipe)
+    depth: int | None = None  # override the preset's depth (smaller CPU models)
+    seed: int = 0
+    checkpoint_every: int = 500  # steps
+
+    def resolved(self, device_kind: str) -> TrainOptions:
+        recipe = RECIPES.get(self.preset, RECIPES["vit-tiny-4-32"])["gpu" if device_kind == "cuda" else "cpu"]
+        values = asdict(self)
+        for key, value in recipe.items():
+            if values.get(key) is None:
+                values[key] = value
+        if values["min_crop_scale"] is None:
+            values["min_crop_scale"] = 0.08
+        if values["lr"] is None:
+            values["lr"] = values["base_lr"] * values["batch_size"] / 256
+        return TrainOptions(**values)
+
+
+# Options that change what a resumed run computes: they must match the checkpoint.
+_SCHEDULE_KEYS = ("preset", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "temperature",
+                  "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
+                  "freeze_patch_embed", "min_crop_scale", "depth", "seed")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    images_per_s: float
+    knn_top1: list[tuple[int, float]]  # (epoch, accuracy) of the online monitor
+    skipped: list[Skip]
+
+
+class TrainingStopped(FilterkitError):
+    """Training stopped on a health check (NaN/inf loss, collapsed features)."""
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then half-cosine to 0 at the end."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -- data --------------------------------------------------------------------------------------
+class _TwoViewDataset(Dataset):
+    """Items are (index, seed): the seed fixes the sample's augmentations, so a resumed run or
+    any number of workers sees exactly the same views. A file that fails to decode is
+    replaced by the next one and reported."""
+
+    def __init__(self, paths: list[Path], views: TwoViews, draft_size: int) -> None:
+        self.paths, self.views, self.draft_size = paths, views, draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        failures = []
+        for attempt in range(len(self.paths)):
+            i = (index + attempt) % len(self.paths)
+            try:
+                image = load_image(self.paths[i], self.draft_size)
+            except ImageError as e:
+                failures.append((i, str(e)))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x1, x2 = self.views(image)
+            return x1, x2, failures
+        raise FilterkitError("no training image could be decoded")
+
+
+def _collate(items):
+    x1 = torch.stack([it[0] for it in items])
+    x2 = torch.stack([it[1] for it in items])
+    return x1, x2, [f for it in items for f in it[2]]
+
+
+class _EpochSampler(Sampler):
+    """This rank's share of each global batch of one epoch, from ``start_batch`` on."""
+
+    def __init__(self, n: int, global_batch: int, steps: int, epoch: int, seed: int,
+                 start_batch: int, rank: int, world: int) -> None:
+        self.n, self.global_batch, self.steps, self.epoch = n, global_batch, steps, epoch
+        self.seed, self.start_batch, self.rank, self.world = seed, start_batch, rank, world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.global_batch // self.world
+        for b in range(self.start_batch, self.steps):
+            lo = b * self.global_batch + self.rank * per_rank
+            for j in range(lo, lo + per_rank):
+                # The sample seed depends on (run seed, epoch, position), not on the worker.
+                yield order[j], (self.seed * 1_000_003 + self.epoch) * 10_000_019 + j
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_batch) * (self.global_batch // self.world)
+
+
+# -- distributed -------------------------------------------------------------------------------
+def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl on GPUs, gloo on CPU. A single process never needs torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, options: TrainOptions,
+                     cfg: ModelConfig) -> None:
+    import io
+
+    state = {
+        "model": moco.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "options": json.dumps(asdict(options)),
+        "model_config": json.dumps(cfg.to_dict()),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (out_dir / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded without unpickling code (``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refusals and corrupt files alike
+        raise FilterkitError(f"cannot load training checkpoint {path}: {str(e).splitlines()[0]}") from None
+    state["options"] = json.loads(state["options"])
+    state["model_config"] = json.loads(state["model_config"])
+    return state
+
+
+def _export(out_dir: Path, moco: MoCo, cfg: ModelConfig, options: TrainOptions, step: int,
+            total: int, data_dir: Path, n_images: int) -> None:
+    """Write the base backbone as a model directory (loads into plain timm)."""
+    meta = {
+        "training": {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options)},
+        "data": {"folder": str(data_dir), "images": n_images},
+    }
+    Encoder(copy.deepcopy(moco.base.backbone), cfg, meta=meta, device="cpu").save(out_dir, overwrite=True)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def pretrain(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    knn_train: str | os.PathLike | None = None,
+    knn_test: str | os.PathLike | None = None,
+    knn_max_per_class: int | None = None,
+    json_log: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    collapse_patience: int = 5,
+) -> TrainResult:
+    """Pretrain a ViT with MoCo v3 on the images under ``data_dir``; write ``out_dir``.
+
+    ``stop_at_step`` stops after that many steps as an interruption would, leaving a
+    checkpoint that ``resume=True`` continues from.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    rank, world, dev = _dist_setup(device)
+    is_main = rank == 0
+    options = (options or TrainOptions())
+
+    checkpoint = None
+    if resume:
+        if not (out_dir / CHECKPOINT).is_file():
+            raise FilterkitError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
+        checkpoint = load_checkpoint(out_dir / CHECKPOINT)
+        options = _merge_resume_options(options, checkpoint["options"])
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise FilterkitError(f"{out_dir} already holds files: pass --resume to continue its training, "
+                             "or choose a new --out folder")
+    options = options.resolved(dev.type)
+    if options.batch_size % world:
+        raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
+
+    paths = discover_images(data_dir)
+    if len(paths) < 2:
+        raise FilterkitError(f"{data_dir} has {len(paths)} images; pretraining needs at least 2")
+    global_batch = min(options.batch_size, len(paths) // world * world)
+    steps_per_epoch = len(paths) // global_batch
+    total = steps_per_epoch * options.epochs
+    if options.max_steps:
+        total = min(total, options.max_steps)
+    warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
+
+    overrides = {"depth": options.depth} if options.depth else {}
+    cfg = ModelConfig.from_preset(options.preset, **overrides)
+    torch.manual_seed(options.seed)
+    backbone = build_backbone(cfg)
+    if options.freeze_patch_embed:  # MoCo v3's stability trick: a fixed random patch projection
+        backbone.patch_embed.requires_grad_(False)
+    moco = MoCo(backbone, cfg.embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden,
+                options.temperature, options.predictor).to(dev)
+    amp_dtype = autocast_dtype(dev, precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    params = [p for p in moco.parameters() if p.requires_grad]
+    fused = dev.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay,
+                                  fused=fused, foreach=None if fused else True)
+    start = 0
+    if checkpoint is not None:
+        moco.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if checkpoint["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        start = int(checkpoint["step"])
+
+    model: torch.nn.Module = moco
+    if world > 1:
+        if dev.type == "cuda":  # SyncBatchNorm needs a GPU backend; gloo runs keep per-rank BN
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    views = TwoViews(cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std)
+    dataset = _TwoViewDataset(paths, views, cfg.img_size)
+    workers = default_workers() if workers is None else workers
+    log_path = Path(json_log) if json_log else out_dir / LOG
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a", encoding="utf-8") if is_main else None
+
+    knn_sets = None
+    if knn_train and knn_test and is_main:
+        from .evaluate import labelled_images
+
+        knn_sets = (labelled_images(knn_train, knn_max_per_class), labelled_images(knn_test, knn_max_per_class))
+    knn_history: list[tuple[int, float]] = []
+    skipped: dict[int, str] = {}
+    low_std_checks = 0
+    loss_value = float("nan")
+    images_done, t_start = 0, time.perf_counter()
+    dim = cfg.embed_dim
+
+    def save(step: int) -> None:
+        if is_main:
+            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg)
+            _export(out_dir, moco, cfg, options, step, total, data_dir, len(paths))
+
+    step = start
+    try:
+        with progress_bar("pretrain", (total - start) * global_batch, progress and is_main) as advance:
+            while step < total:
+                epoch = step // steps_per_epoch
+                sampler = _EpochSampler(len(paths), global_batch, steps_per_epoch, epoch, options.seed,
+                                        step - epoch * steps_per_epoch, rank, world)
+                loader = DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
+                                    num_workers=workers, collate_fn=_collate, drop_last=True,
+                                    pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+                t_last = time.perf_counter()
+                for x1, x2, failures in loader:
+                    skipped.update(failures)
+                    lr = lr_at(step, total, warmup_steps, options.lr)
+                    m = momentum_at(step, total, options.momentum)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    x1 = x1.to(dev, non_blocking=True)
+                    x2 = x2.to(dev, non_blocking=True)
+                    with autocast(dev, amp_dtype):
+                        loss, feats = model(x1, x2)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingStopped(
+                            f"loss became {loss_value} at step {step}: stopping. Lower --lr, try "
+                            "--freeze-patch-embed, or --resume from the last checkpoint")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    moco.momentum_update(m)
+                    step += 1
+                    feature_std = float(F.normalize(feats.float(), dim=1).std(dim=0).mean())
+                    # Collapse: every image maps to one point. Judged after warmup only, since a
+                    # random-init ViT already maps images close together.
+                    if step > warmup_steps and feature_std < 0.1 / math.sqrt(dim):
+                        low_std_checks += 1
+                        if low_std_checks >= collapse_patience:
+                            raise TrainingStopped(
+                                f"features collapsed at step {step}: std {feature_std:.2e} < 0.1/sqrt({dim}) "
+                                f"for {low_std_checks} steps. Lower --lr or raise --temperature")
+                    else:
+                        low_std_checks = 0
+                    images_done += global_batch
+                    now = time.perf_counter()
+                    rate = global_batch / max(now - t_last, 1e-9)  # data wait included
+                    t_last = now
+                    if log:
+                        log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                              "momentum": m, "images_per_s": rate,
+                                              "feature_std": feature_std,
+                                              "feature_std_healthy": 1 / math.sqrt(dim)}) + "\n")
+                        log.flush()
+                    advance(global_batch, description=f"epoch {epoch + 1}/{math.ceil(total / steps_per_epoch)} "
+                                                      f"loss {loss_value:.3f}")
+                    if step % options.checkpoint_every == 0 and step < total:
+                        save(step)
+                    if step % steps_per_epoch == 0 and knn_sets:
+                        acc = _knn_monitor(moco, cfg, knn_sets, workers)
+                        knn_history.append((step // steps_per_epoch, acc))
+                        if log:
+                            log.write(json.dumps({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc}) + "\n")
+                            log.flush()
+                    if step >= total or (stop_at_step is not None and step >= stop_at_step):
+                        break
+                if stop_at_step is not None and step >= stop_at_step:
+                    break
+    except KeyboardInterrupt:
+        save(step)
+        raise
+    finally:
+        if log:
+            log.close()
+    save(step)
+    elapsed = time.perf_counter() - t_start
+    return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,
+                       [Skip(paths[i], r) for i, r in sorted(skipped.items())])
+
+
+def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:
+    from .evaluate import encoder_knn_top1
+
+    backbone = copy.deepcopy(moco.base.backbone)
+    encoder = Encoder(backbone, cfg, device=str(next(backbone.parameters()).device))
+    return encoder_knn_top1(encoder, *knn_sets, workers=workers)
+
+
+def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:
+    """The checkpoint's options, except where the caller set a value explicitly; a value that
+    would change the schedule must match."""
+    defaults = TrainOptions()
+    merged = dict(saved)
+    conflicts = []
+    for f in fields(TrainOptions):
+        value = getattr(given, f.name)
+        if value == getattr(defaults, f.name):
+            continue  # not set by the caller
+        if f.name in _SCHEDULE_KEYS and saved.get(f.name) is not None and saved[f.name] != value:
+            conflicts.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {value!r})")
+        merged[f.name] = value
+    if conflicts:
+        raise FilterkitError("--resume with options that differ from the checkpoint: " + ", ".join(conflicts))
+    return TrainOptions(**merged)
