@@ -118,6 +118,7 @@ class TrainResult:
     images_per_s: float
     knn_top1: list[tuple[int, float]]  # (epoch, accuracy) of the online monitor
     skipped: list[Skip]
+    model: MoCo  # the trained base + momentum encoders and heads
 
 
 class TrainingStopped(FilterkitError):
@@ -130,6 +131,37 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(model: torch.nn.Module, moco: MoCo, optimizer: torch.optim.Optimizer, scaler,
+               x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
+               amp_dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
+    """One MoCo v3 step: loss on both views, backward, AdamW, then the momentum update.
+
+    ``model`` is ``moco`` or its DDP wrapper. Returns (loss, detached backbone features); a
+    non-finite loss returns before the weights are touched.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(x1.device, amp_dtype):
+        loss, features = model(x1, x2)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        return loss_value, features
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    moco.momentum_update(m)
+    return loss_value, features
+
+
+def make_optimizer(moco: MoCo, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: fused kernels on CUDA, multi-tensor (foreach) on CPU."""
+    params = [p for p in moco.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused,
+                             foreach=None if fused else True)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -309,10 +341,7 @@ def pretrain(
                 options.temperature, options.predictor).to(dev)
     amp_dtype = autocast_dtype(dev, precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    params = [p for p in moco.parameters() if p.requires_grad]
-    fused = dev.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay,
-                                  fused=fused, foreach=None if fused else True)
+    optimizer = make_optimizer(moco, options.lr, options.weight_decay, dev)
     start = 0
     if checkpoint is not None:
         moco.load_state_dict(checkpoint["model"])
@@ -370,22 +399,12 @@ def pretrain(
                     skipped.update(failures)
                     lr = lr_at(step, total, warmup_steps, options.lr)
                     m = momentum_at(step, total, options.momentum)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    x1 = x1.to(dev, non_blocking=True)
-                    x2 = x2.to(dev, non_blocking=True)
-                    with autocast(dev, amp_dtype):
-                        loss, feats = model(x1, x2)
-                    loss_value = float(loss.detach())
+                    loss_value, feats = train_step(model, moco, optimizer, scaler, x1.to(dev, non_blocking=True),
+                                                   x2.to(dev, non_blocking=True), lr, m, amp_dtype)
                     if not math.isfinite(loss_value):
                         raise TrainingStopped(
                             f"loss became {loss_value} at step {step}: stopping. Lower --lr, try "
                             "--freeze-patch-embed, or --resume from the last checkpoint")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    moco.momentum_update(m)
                     step += 1
                     feature_std = float(F.normalize(feats.float(), dim=1).std(dim=0).mean())
                     # Collapse: every image maps to one point. Judged after warmup only, since a
@@ -431,7 +450,7 @@ def pretrain(
     save(step)
     elapsed = time.perf_counter() - t_start
     return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,
-                       [Skip(paths[i], r) for i, r in sorted(skipped.items())])
+                       [Skip(paths[i], r) for i, r in sorted(skipped.items())], moco)
 
 
 def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:

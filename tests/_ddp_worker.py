@@ -1,0 +1,28 @@
+"""Run by test_train.py in two spawned processes: a gloo DDP pretraining run."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def run(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from filterkit.moco import contrastive_loss, gather_keys
+    from filterkit.train import TrainOptions, pretrain
+
+    options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=3, epochs=10,
+                           proj_hidden=32, pred_hidden=32, out_dim=16, checkpoint_every=100)
+    result = pretrain(data, out, options, device="cpu", workers=0, progress=False)
+    # The logits of each rank cover the global batch: keys from both ranks, labels offset.
+    torch.manual_seed(123)
+    q_all, k_all = torch.randn(2 * 4, 16), torch.randn(2 * 4, 16)
+    q, k = q_all[rank * 4:(rank + 1) * 4], k_all[rank * 4:(rank + 1) * 4]
+    gathered, offset = gather_keys(k)
+    loss = contrastive_loss(q, k, 0.2)
+    dist.all_reduce(loss)
+    torch.save({"state": result.model.state_dict(), "gathered_rows": gathered.shape[0], "offset": offset,
+                "mean_loss": loss / world, "q_all": q_all, "k_all": k_all}, f"{dump}/rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,207 @@
+import json
+import socket
+
+import pytest
+import torch
+from PIL import Image
+
+from filterkit import FilterkitError
+from filterkit.cli import main
+from filterkit.encoder import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, build_backbone
+from filterkit.train import CHECKPOINT, TrainingStopped, TrainOptions, load_checkpoint, pretrain
+
+from conftest import sample_photo
+
+TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
+            checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    photo = sample_photo("astronaut")
+    for i in range(24):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
+    return root
+
+
+def params(state):
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def test_resume_continues_exactly(tmp_path, train_dir):
+    opts = TrainOptions(max_steps=6, epochs=10, **TINY)
+    straight = pretrain(train_dir, tmp_path / "a", opts, device="cpu", workers=0, progress=False)
+    first = pretrain(train_dir, tmp_path / "b", opts, device="cpu", workers=0, progress=False, stop_at_step=3)
+    assert first.steps == 3 and load_checkpoint(tmp_path / "b" / CHECKPOINT)["step"] == 3
+    resumed = pretrain(train_dir, tmp_path / "b", TrainOptions(), resume=True, device="cpu", workers=1, progress=False)
+    assert resumed.steps == 6
+    a, b = params(straight.model.state_dict()), params(resumed.model.state_dict())
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # and the training really moved the weights
+    assert not torch.equal(a["base.backbone.blocks.0.attn.qkv.weight"],
+                           first.model.state_dict()["base.backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_output_is_a_model_directory_that_loads_into_plain_timm(tmp_path, train_dir):
+    import timm
+    from safetensors.torch import load_file
+
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=2, epochs=10, **TINY),
+                      device="cpu", workers=0, progress=False)
+    doc = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    assert doc["training"]["method"] == "MoCo v3" and doc["training"]["steps"] == 2
+    plain = timm.create_model(doc["timm"]["model_name"], pretrained=False, **doc["timm"]["kwargs"])
+    state = load_file(tmp_path / "m" / WEIGHTS_FILE)
+    plain.load_state_dict(state, strict=True)
+    for key, value in result.model.base.backbone.state_dict().items():
+        assert torch.equal(state[key], value)
+    log = [json.loads(line) for line in (tmp_path / "m" / "training" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert {"loss", "lr", "momentum", "images_per_s", "feature_std"} <= set(log[0])
+
+
+def test_freeze_patch_embed_keeps_the_random_projection(tmp_path, train_dir):
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=3, epochs=10, freeze_patch_embed=True, **TINY),
+                      device="cpu", workers=0, progress=False)
+    torch.manual_seed(0)
+    initial = build_backbone(ModelConfig.from_preset("vit-mini-8-32", depth=1))
+    trained = result.model.base.backbone
+    assert torch.equal(trained.patch_embed.proj.weight, initial.patch_embed.proj.weight)
+    assert not torch.equal(trained.blocks[0].mlp.fc1.weight, initial.blocks[0].mlp.fc1.weight)
+
+
+def test_default_trains_the_patch_projection(tmp_path, train_dir):
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=3, epochs=10, **TINY),
+                      device="cpu", workers=0, progress=False)
+    torch.manual_seed(0)
+    initial = build_backbone(ModelConfig.from_preset("vit-mini-8-32", depth=1))
+    assert not torch.equal(result.model.base.backbone.patch_embed.proj.weight, initial.patch_embed.proj.weight)
+
+
+def test_no_predictor_trains_without_one(tmp_path, train_dir):
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=2, epochs=10, predictor=False, **TINY),
+                      device="cpu", workers=0, progress=False)
+    assert isinstance(result.model.predictor, torch.nn.Identity)
+
+
+def test_nan_loss_stops_the_run_with_a_message(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.moco as moco
+
+    real = moco.contrastive_loss
+    monkeypatch.setattr(moco, "contrastive_loss", lambda q, k, t: real(q, k, t) * float("nan"))
+    with pytest.raises(TrainingStopped, match="loss became nan at step 0"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=3, epochs=10, **TINY),
+                 device="cpu", workers=0, progress=False)
+    code = main(["pretrain", str(train_dir), "--out", str(tmp_path / "cli"), "--preset", "vit-mini-8-32",
+                 "--depth", "1", "--batch-size", "8", "--max-steps", "2", "--workers", "0", "-q"])
+    assert code == 1 and "error: loss became nan" in capsys.readouterr().err
+
+
+def test_collapsed_features_stop_the_run(tmp_path, train_dir, monkeypatch):
+    import filterkit.moco as moco
+
+    real = moco.MoCo.forward
+
+    def collapsed(self, x1, x2):
+        loss, features = real(self, x1, x2)
+        return loss, torch.ones_like(features)  # every image at one point: std 0
+
+    monkeypatch.setattr(moco.MoCo, "forward", collapsed)
+    with pytest.raises(TrainingStopped, match="features collapsed at step 3"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=10, epochs=10, warmup_epochs=0, **TINY),
+                 device="cpu", workers=0, progress=False, collapse_patience=3)
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path, train_dir, monkeypatch):
+    import filterkit.train as train
+
+    real = train.momentum_at
+
+    def interrupt_at_step_2(step, total, base):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, total, base)
+
+    monkeypatch.setattr(train, "momentum_at", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=5, epochs=10, **TINY),
+                 device="cpu", workers=0, progress=False)
+    assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 2
+    monkeypatch.setattr(train, "momentum_at", real)
+    assert pretrain(train_dir, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0,
+                    progress=False).steps == 5
+
+
+def test_existing_output_and_mismatched_resume_are_clear_errors(tmp_path, train_dir):
+    pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu",
+             workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="already holds files"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu", workers=0,
+                 progress=False)
+    with pytest.raises(FilterkitError, match="differ from the checkpoint: batch_size"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(batch_size=4), resume=True, device="cpu",
+                 workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="nothing to resume"):
+        pretrain(train_dir, tmp_path / "new", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(FilterkitError, match="cannot load training checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical_and_gathers_the_global_batch(tmp_path, train_dir):
+    import torch.multiprocessing as mp
+
+    import _ddp_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker.run, args=(2, port, str(train_dir), str(tmp_path / "m"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # Parameters (both encoders, heads) are identical; BatchNorm running statistics are
+    # per-rank on gloo (no SyncBatchNorm there) and are not weights.
+    weights = [k for k in params(r0["state"]) if "running_" not in k]
+    assert any("momentum.backbone" in k for k in weights) and any("predictor" in k for k in weights)
+    for key in weights:
+        torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0, msg=key)
+    assert (r0["gathered_rows"], r0["offset"], r1["offset"]) == (8, 0, 4)
+    from filterkit.moco import contrastive_loss
+
+    single = contrastive_loss(r0["q_all"], r0["k_all"], 0.2)  # one process, the whole global batch
+    torch.testing.assert_close(r0["mean_loss"], single, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "m" / CONFIG_FILE).is_file()
+
+
+def test_eval_cli_reports_the_model_and_both_baselines(tmp_path, capsys, small_model_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, (64, 64, 3))
+                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    code = main(["eval", "--model", str(small_model_dir), "--train", str(tmp_path / "train"),
+                 "--test", str(tmp_path / "test"), "--json", "-q", "--workers", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["baselines"]["raw_pixels"]["knn_top1"] == 1.0  # colour alone separates them
+    assert 0.0 <= report["baselines"]["random_init"]["knn_top1"] <= 1.0
+    assert 0.0 <= report["knn_top1"] <= 1.0
+    assert report["protocol"]["n_test"] == 12 and report["protocol"]["k"] == 20
