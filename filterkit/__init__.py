@@ -25,6 +25,10 @@ _EXPORTS = {
     "search": "index",
     "discover_images": "images",
     "load_image": "images",
+    "pretrain": "train",
+    "TrainOptions": "train",
+    "evaluate": "evaluate",
+    "MoCo": "moco",
     "FilterkitError": "errors",
     "ImageError": "errors",
 }
