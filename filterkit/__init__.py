@@ -27,7 +27,7 @@ _EXPORTS = {
     "load_image": "images",
     "pretrain": "train",
     "TrainOptions": "train",
-    "evaluate": "evaluate",
+    "evaluate_encoder": ("evaluate", "evaluate"),
     "MoCo": "moco",
     "FilterkitError": "errors",
     "ImageError": "errors",
@@ -36,6 +36,9 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    # Exported names never equal a submodule's name: importing a submodule binds that name
+    # on the package and would shadow the export.
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'filterkit' has no attribute {name!r}")
