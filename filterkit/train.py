@@ -365,6 +365,8 @@ def pretrain(
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+    if is_main and start and log_path.is_file():
+        _truncate_log(log_path, start)
     log = open(log_path, "a", encoding="utf-8") if is_main else None
 
     knn_sets = None
@@ -459,6 +461,18 @@ def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:
     backbone = copy.deepcopy(moco.base.backbone)
     encoder = Encoder(backbone, cfg, device=str(next(backbone.parameters()).device))
     return encoder_knn_top1(encoder, *knn_sets, workers=workers)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from (they will be run again)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))
 
 
 def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:

@@ -133,8 +133,13 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path, train_dir, monkeypat
                  device="cpu", workers=0, progress=False)
     assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 2
     monkeypatch.setattr(train, "momentum_at", real)
+    log_path = tmp_path / "m" / "training" / "log.jsonl"
+    with open(log_path, "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')  # logged after the checkpoint, then killed
     assert pretrain(train_dir, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0,
                     progress=False).steps == 5
+    steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_existing_output_and_mismatched_resume_are_clear_errors(tmp_path, train_dir):
