@@ -152,6 +152,71 @@ def search(
         console.print(table)
 
 
+@app.command("filter")
+def filter_command(
+    incoming: Annotated[Path, typer.Argument(help="Folder of images to sort.")],
+    keep_like: Annotated[Path, typer.Option("--keep-like", help="Folder of exemplars to keep images like.")],
+    reject_like: Annotated[Optional[Path], typer.Option("--reject-like", help="Folder of exemplars to reject images like.")] = None,
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
+    prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
+    target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep or reject each image in INCOMING by its similarity to the exemplars, with reasons."""
+    if threshold != "auto":
+        try:
+            threshold_value: float | str = float(threshold)
+        except ValueError:
+            raise FilterkitError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
+    else:
+        threshold_value = "auto"
+    from .cache import EmbeddingCache
+    from .filtering import ImageFilter
+
+    encoder = _load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
+                                   batch_size=batch_size, workers=workers, progress=not quiet)
+        image_filter.keep_like(keep_like)
+        if reject_like is not None:
+            image_filter.reject_like(reject_like)
+        result = image_filter.run(incoming)
+    t = result.threshold
+    summary = {**result.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
+               "est_recall": t.est_recall, "est_precision": t.est_precision,
+               "exemplars": result.exemplars, "negatives": result.negatives, "prototypes": result.prototypes,
+               "skipped_exemplars": [{"path": str(s.path), "reason": s.reason} for s in result.skipped_exemplars]}
+    if as_json:
+        typer.echo(json.dumps({"images": [d.to_dict() for d in result.decisions], "summary": summary}, indent=2))
+        return
+    _print_skips(result.skipped_exemplars, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"filter {incoming}", title_justify="left")
+    for column in ("decision", "score", "path", "reason"):
+        table.add_column(column, overflow="fold")
+    shown = sorted(result.decisions, key=lambda d: (d.decision != "keep", -(d.score or -9)))
+    for d in shown[:50]:
+        colour = {"keep": "green", "reject": "red", "error": "yellow"}[d.decision]
+        table.add_row(f"[{colour}]{d.decision}[/]", "" if d.score is None else f"{d.score:.3f}", str(d.path), d.reason)
+    Console().print(table)
+    if len(shown) > 50:
+        typer.echo(f"... {len(shown) - 50} more rows (use --json for all)")
+    estimate = ""
+    if t.est_recall is not None:
+        estimate = f" (calibrated on the exemplars: est. recall {t.est_recall:.2f}"
+        estimate += f", est. precision {t.est_precision:.2f} at equal prevalence)" if t.est_precision is not None else ")"
+    typer.echo(f"kept {summary['keep']}, rejected {summary['reject']}, errors {summary['error']}; "
+               f"threshold {t.value:.3f} {t.source}{estimate}")
+
+
 @app.command()
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (any depth, no labels needed).")],
