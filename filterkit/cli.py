@@ -160,6 +160,9 @@ def filter_command(
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
     prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -176,6 +179,12 @@ def filter_command(
             raise FilterkitError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
     else:
         threshold_value = "auto"
+    from .actions import ACTIONS
+
+    if action not in ACTIONS:
+        raise FilterkitError(f"--action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if action != "report" and out is None:
+        raise FilterkitError(f"--action {action} needs --out DIR")
     from .cache import EmbeddingCache
     from .filtering import ImageFilter
 
@@ -187,13 +196,15 @@ def filter_command(
         if reject_like is not None:
             image_filter.reject_like(reject_like)
         result = image_filter.run(incoming)
+    plan, done = _file_actions(result.categories(), incoming, out, action, dry_run)
     t = result.threshold
     summary = {**result.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
                "est_recall": t.est_recall, "est_precision": t.est_precision,
                "exemplars": result.exemplars, "negatives": result.negatives, "prototypes": result.prototypes,
                "skipped_exemplars": [{"path": str(s.path), "reason": s.reason} for s in result.skipped_exemplars]}
     if as_json:
-        typer.echo(json.dumps({"images": [d.to_dict() for d in result.decisions], "summary": summary}, indent=2))
+        typer.echo(json.dumps({"images": [d.to_dict() for d in result.decisions], "summary": summary,
+                               "actions": [p.to_dict() for p in plan], "dry_run": dry_run}, indent=2))
         return
     _print_skips(result.skipped_exemplars, quiet)
     from rich.console import Console
@@ -215,6 +226,30 @@ def filter_command(
         estimate += f", est. precision {t.est_precision:.2f} at equal prevalence)" if t.est_precision is not None else ")"
     typer.echo(f"kept {summary['keep']}, rejected {summary['reject']}, errors {summary['error']}; "
                f"threshold {t.value:.3f} {t.source}{estimate}")
+    _print_actions(plan, done, dry_run)
+
+
+def _file_actions(items, root: Path, out: Optional[Path], action: str, dry_run: bool):
+    """(plan, done) of a --action; nothing happens for report or a dry run."""
+    if action == "report":
+        return [], []
+    from .actions import apply_actions, plan_actions
+
+    plan = plan_actions(items, root, out, action)
+    return plan, [] if dry_run else apply_actions(plan, out)
+
+
+def _print_actions(plan, done, dry_run: bool) -> None:
+    if not plan:
+        return
+    if dry_run:
+        typer.echo(f"dry run: would {plan[0].action} {len(plan)} file(s):")
+        for p in plan[:50]:
+            typer.echo(f"  {p.source} -> {p.destination}")
+        if len(plan) > 50:
+            typer.echo(f"  ... and {len(plan) - 50} more (use --json for all)")
+    else:
+        typer.echo(f"{plan[0].action}: {len(done)} of {len(plan)} file(s) done")
 
 
 @app.command()

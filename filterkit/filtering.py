@@ -79,6 +79,11 @@ class FilterResult:
     prototypes: int | None = None
     skipped_exemplars: list = field(default_factory=list)
 
+    def categories(self) -> list[tuple[Path, str]]:
+        """(image, "kept" | "rejected") for file actions; images that failed stay where they are."""
+        return [(d.path, "kept" if d.decision == "keep" else "rejected")
+                for d in self.decisions if d.decision != "error"]
+
     def counts(self) -> dict[str, int]:
         out = {"keep": 0, "reject": 0, "error": 0}
         for d in self.decisions:

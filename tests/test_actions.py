@@ -1,0 +1,121 @@
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from filterkit import FilterkitError
+from filterkit.actions import JOURNAL, apply_actions, finish_interrupted_moves, plan_actions
+from filterkit.cli import main
+
+from test_filtering import _photo_folders
+
+
+def tree_hashes(root: Path) -> Counter:
+    return Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")
+                   if p.is_file() and not p.is_symlink() and p.name != JOURNAL)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    for rel in ("a.jpg", "b.jpg", "sub/a.jpg"):
+        (root / rel).write_bytes(rel.encode() * 10)
+    return root
+
+
+def items(root):
+    return [(root / "a.jpg", "kept"), (root / "b.jpg", "rejected"), (root / "sub" / "a.jpg", "kept")]
+
+
+def test_copy_keeps_relative_paths_and_never_overwrites(tmp_path, sources):
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    (out / "kept" / "a.jpg").write_bytes(b"already here")
+    done = apply_actions(plan_actions(items(sources), sources, out, "copy"), out)
+    assert len(done) == 3
+    assert (out / "kept" / "a.jpg").read_bytes() == b"already here"
+    assert (out / "kept" / "a-1.jpg").read_bytes() == (sources / "a.jpg").read_bytes()
+    assert (out / "kept" / "sub" / "a.jpg").is_file() and (out / "rejected" / "b.jpg").is_file()
+    assert tree_hashes(sources) == Counter({hashlib.sha256(r.encode() * 10).hexdigest(): 1
+                                            for r in ("a.jpg", "b.jpg", "sub/a.jpg")})
+
+
+def test_link_points_at_the_sources(tmp_path, sources):
+    out = tmp_path / "out"
+    apply_actions(plan_actions(items(sources), sources, out, "link"), out)
+    link = out / "kept" / "sub" / "a.jpg"
+    assert link.is_symlink() and link.resolve() == (sources / "sub" / "a.jpg").resolve()
+
+
+def test_move_loses_and_duplicates_nothing(tmp_path, sources):
+    before = tree_hashes(sources)
+    out = tmp_path / "out"
+    apply_actions(plan_actions(items(sources), sources, out, "move"), out)
+    assert tree_hashes(sources) == Counter()
+    assert tree_hashes(out) == before
+
+
+def test_an_interrupted_move_is_finished_by_the_next_run(tmp_path, sources):
+    before = tree_hashes(sources)
+    out = tmp_path / "out"
+    plan = plan_actions(items(sources), sources, out, "move")
+    # Simulate kills: move 1 copied across file systems but its source was not yet removed;
+    # move 2 was journaled and then killed before anything moved.
+    first, second = plan[0], plan[1]
+    for p in (first, second):
+        p.destination.parent.mkdir(parents=True, exist_ok=True)
+        with open(out / JOURNAL, "a") as f:
+            f.write(json.dumps({"state": "start", "source": str(p.source), "destination": str(p.destination),
+                                "sha256": hashlib.sha256(p.source.read_bytes()).hexdigest()}) + "\n")
+    first.destination.write_bytes(first.source.read_bytes())
+    with open(out / JOURNAL, "a") as f:
+        f.write('{"state": "do')  # the kill cut a line
+    assert finish_interrupted_moves(out) == 2
+    assert not first.source.exists() and not second.source.exists()
+    # The rerun plans what is left and completes it.
+    remaining = [(s, c) for s, c in items(sources) if s.exists()]
+    apply_actions(plan_actions(remaining, sources, out, "move"), out)
+    assert tree_hashes(sources) == Counter()
+    assert tree_hashes(out) == before
+
+
+def test_nothing_is_written_outside_out(tmp_path, sources):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside, out / "kept")  # a symlinked category folder leading out
+    plan = plan_actions(items(sources), sources, out, "copy")
+    with pytest.raises(FilterkitError, match="outside"):
+        apply_actions(plan, out)
+    assert list(outside.iterdir()) == []
+    with pytest.raises(FilterkitError, match="inside the input folder"):
+        plan_actions(items(sources), sources, sources / "out", "copy")
+    # A source outside the input folder keeps only its name (no ../ in the destination).
+    stray = tmp_path / "stray.jpg"
+    stray.write_bytes(b"x")
+    (p,) = plan_actions([(stray, "kept")], sources, tmp_path / "out2", "copy")
+    assert p.destination == tmp_path / "out2" / "kept" / "stray.jpg"
+
+
+def test_filter_cli_dry_run_then_copy(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    incoming, out = tmp_path / "incoming", tmp_path / "sorted"
+    args = ["filter", str(incoming), "--keep-like", str(tmp_path / "exemplars"), "--model", str(small_model_dir),
+            "--action", "copy", "--out", str(out), "-q", "--workers", "0", "--json"]
+    assert main(args + ["--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["dry_run"] and len(dry["actions"]) == 5 and not out.exists()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    kept = {Path(d["path"]).name for d in result["images"] if d["decision"] == "keep"}
+    assert {p.name for p in (out / "kept").iterdir()} == kept
+    assert len(list((out / "rejected").iterdir())) == 5 - len(kept)
+    assert (incoming / "cat_copy.jpg").is_file()  # copy leaves the sources alone
+    code = main(["filter", str(incoming), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(small_model_dir), "--action", "move", "-q"])
+    assert code == 1 and "needs --out" in capsys.readouterr().err
