@@ -172,19 +172,11 @@ def filter_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Keep or reject each image in INCOMING by its similarity to the exemplars, with reasons."""
-    if threshold != "auto":
-        try:
-            threshold_value: float | str = float(threshold)
-        except ValueError:
-            raise FilterkitError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
-    else:
-        threshold_value = "auto"
+    value = _threshold_arg(threshold)
+    threshold_value = "auto" if value is None else value
     from .actions import ACTIONS
 
-    if action not in ACTIONS:
-        raise FilterkitError(f"--action must be one of {', '.join(ACTIONS)}, got {action!r}")
-    if action != "report" and out is None:
-        raise FilterkitError(f"--action {action} needs --out DIR")
+    _check_action(action, out, ACTIONS)
     from .cache import EmbeddingCache
     from .filtering import ImageFilter
 
@@ -250,6 +242,125 @@ def _print_actions(plan, done, dry_run: bool) -> None:
             typer.echo(f"  ... and {len(plan) - 50} more (use --json for all)")
     else:
         typer.echo(f"{plan[0].action}: {len(done)} of {len(plan)} file(s) done")
+
+
+def _threshold_arg(value: str) -> Optional[float]:
+    """'auto' -> None (the caller's calibrated default), else a float."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise FilterkitError(f"--threshold must be 'auto' or a number, got {value!r}") from None
+
+
+def _check_action(action: str, out: Optional[Path], allowed: tuple[str, ...]) -> None:
+    if action not in allowed:
+        raise FilterkitError(f"--action must be one of {', '.join(allowed)}, got {action!r}")
+    if action != "report" and out is None:
+        raise FilterkitError(f"--action {action} needs --out DIR")
+
+
+@app.command()
+def dedup(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (the model's calibrated value) or a cosine similarity.")] = "auto",
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find exact and near duplicates; each group keeps its largest-resolution image."""
+    value = _threshold_arg(threshold)
+    _check_action(action, out, ("report", "move"))
+    from .cache import EmbeddingCache
+    from .dedup import find_duplicates
+
+    encoder = _load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        groups, skipped = find_duplicates(folder, encoder, value, store, batch_size, workers, not quiet)
+    items = [(d.path, "duplicates") for g in groups for d in g.duplicates]
+    plan, done = _file_actions(items, folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({"groups": [g.to_dict() for g in groups],
+                               "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped],
+                               "actions": [p.to_dict() for p in plan], "dry_run": dry_run}, indent=2))
+        return
+    _print_skips(skipped, quiet)
+    for g in groups[:50]:
+        typer.echo(f"keep {g.keep}")
+        for d in g.duplicates:
+            typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}")
+    if len(groups) > 50:
+        typer.echo(f"... {len(groups) - 50} more groups (use --json for all)")
+    n_dups = sum(len(g.duplicates) for g in groups)
+    typer.echo(f"{len(groups)} group(s), {n_dups} duplicate(s)")
+    _print_actions(plan, done, dry_run)
+
+
+@app.command()
+def cluster(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    k: Annotated[int, typer.Option("--k", min=1, help="Number of clusters.")],
+    keep_fraction: Annotated[Optional[float], typer.Option("--keep-fraction", help="Select this fraction of the images by prototype distance.")] = None,
+    keep: Annotated[str, typer.Option("--keep", help="hard (far from their prototype) | easy (near it).")] = "hard",
+    action: Annotated[str, typer.Option("--action", help="report | copy | link | move, into --out/selected and --out/pruned.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spherical k-means: each image's cluster and distance to its prototype; optional pruning."""
+    from .actions import ACTIONS
+
+    _check_action(action, out, ACTIONS)
+    if action != "report" and keep_fraction is None:
+        raise FilterkitError("--action needs --keep-fraction (which images are selected)")
+    from .cache import EmbeddingCache
+    from .cluster import cluster_vectors, select_fraction
+    from .pipeline import embed_folder
+
+    encoder = _load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        found = embed_folder(folder, encoder, store, batch_size, workers, not quiet)
+    if len(found.paths) < k:
+        raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded")
+    result = cluster_vectors(found.vectors, k, seed=seed)
+    selected = select_fraction(result.distance, keep_fraction, keep) if keep_fraction is not None else None
+    items = ([(p, "selected" if sel else "pruned") for p, sel in zip(found.paths, selected)]
+             if selected is not None else [])
+    plan, done = _file_actions(items, folder, out, action, dry_run)
+    rows = [{"path": str(p), "cluster": int(c), "distance": round(float(d), 6),
+             **({"selected": bool(selected[i])} if selected is not None else {})}
+            for i, (p, c, d) in enumerate(zip(found.paths, result.assignment, result.distance))]
+    sizes = result.sizes()
+    if as_json:
+        typer.echo(json.dumps({"clusters": [{"id": i, "size": int(n)} for i, n in enumerate(sizes)], "images": rows,
+                               "skipped": [{"path": str(s.path), "reason": s.reason} for s in found.skipped],
+                               "actions": [p.to_dict() for p in plan], "dry_run": dry_run}, indent=2))
+        return
+    _print_skips(found.skipped, quiet)
+    examples: dict[int, list[str]] = {}
+    for r in rows:
+        if len(examples.setdefault(r["cluster"], [])) < 3:
+            examples[r["cluster"]].append(Path(r["path"]).name)
+    for i, n in enumerate(sizes):
+        typer.echo(f"cluster {i}: {n} image(s), e.g. {', '.join(examples.get(i, []))}")
+    if selected is not None:
+        typer.echo(f"selected {int(selected.sum())} of {len(rows)} ({keep}est by prototype distance)")
+    _print_actions(plan, done, dry_run)
 
 
 @app.command()

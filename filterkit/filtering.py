@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FilterkitError
-from .index import build_index, search
+from .index import build_index, search, spherical_kmeans
 
 DEFAULT_M = 3
 DEFAULT_TARGET_RECALL = 0.95
@@ -104,20 +104,6 @@ def exemplar_scores(queries: np.ndarray, exemplars: np.ndarray, m: int = DEFAULT
 def prototype_scores(queries: np.ndarray, prototypes: np.ndarray) -> Scores:
     """Largest cosine similarity of each query to the prototypes."""
     return exemplar_scores(queries, prototypes, m=1)
-
-
-def spherical_kmeans(vectors: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> np.ndarray:
-    """``k`` unit-norm prototypes of unit vectors (faiss.Kmeans, spherical)."""
-    import faiss
-
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not 1 <= k <= len(vectors):
-        raise FilterkitError(f"--prototypes {k} needs between 1 and {len(vectors)} (the number of exemplars)")
-    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=niter, seed=seed, spherical=True,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    kmeans.train(vectors)
-    centroids = kmeans.centroids
-    return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 
 def leave_one_out_scores(exemplars: np.ndarray, m: int = DEFAULT_M) -> np.ndarray:
