@@ -487,6 +487,33 @@ def model_info(
         typer.echo(f"{key:>15}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
+@model_app.command("calibrate")
+def model_calibrate(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory to calibrate (config.json is updated).")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of real images the model was not trained on.")],
+    target_precision: Annotated[float, typer.Option("--target-precision", min=0.5, max=1.0)] = 0.99,
+    max_images: Annotated[int, typer.Option("--max-images", min=10)] = 300,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Measure the dedup threshold on synthetic near-duplicates and store it in config.json."""
+    import numpy as np
+
+    from .dedup import calibrate_dedup
+    from .encoder import Encoder, update_model_config
+    from .images import discover_images
+
+    encoder = Encoder.load(model_dir)
+    paths = discover_images(images)
+    order = np.random.default_rng(seed).permutation(len(paths))[:max_images] if paths else []
+    result = calibrate_dedup(encoder, [paths[i] for i in order], target_precision, max_images, seed)
+    thresholds = dict(encoder.meta.get("thresholds") or {}, dedup=result.threshold,
+                      dedup_calibration=result.to_dict())
+    update_model_config(model_dir, thresholds=thresholds)
+    typer.echo(f"dedup threshold {result.threshold:.4f}: precision {result.precision:.3f}, recall "
+               f"{result.recall:.3f} on {result.images} images + one synthetic near-duplicate each; "
+               f"written to {model_dir / 'config.json'}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
     try:

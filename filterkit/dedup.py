@@ -9,12 +9,13 @@ The keeper of a group is the largest resolution, then the larger file, then the 
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from .errors import FilterkitError
 from .index import range_pairs
@@ -136,3 +137,83 @@ def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None 
         if cache is None:
             store.close()
     return duplicate_groups(found.paths, found.hashes, found.vectors, float(threshold)), found.skipped
+
+
+def near_duplicate_variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A synthetic near-duplicate of ``image``: crop to 70-95 % of each side, resize to
+    50-100 %, maybe flip, a colour shift, and a JPEG re-encode at quality 30-90."""
+    w, h = image.size
+    cw, ch = (max(1, int(side * rng.uniform(0.70, 0.95))) for side in (w, h))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    out = image.convert("RGB").crop((x, y, x + cw, y + ch))
+    scale = rng.uniform(0.5, 1.0)
+    out = out.resize((max(8, int(cw * scale)), max(8, int(ch * scale))), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = ImageEnhance.Color(out).enhance(rng.uniform(0.7, 1.3))
+    out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.2))
+    buffer = io.BytesIO()
+    out.save(buffer, format="JPEG", quality=int(rng.integers(30, 91)))
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+@dataclass(frozen=True)
+class DedupCalibration:
+    threshold: float
+    precision: float
+    recall: float
+    target_precision: float
+    images: int
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "precision": self.precision, "recall": self.recall,
+                "target_precision": self.target_precision, "images": self.images,
+                "method": "synthetic near-duplicates (crop, resize, flip, colour, JPEG) of held-out images"}
+
+
+def threshold_for_precision(similarities: np.ndarray, is_duplicate: np.ndarray,
+                            target_precision: float) -> tuple[float, float, float]:
+    """The lowest threshold whose pairs at or above it reach ``target_precision``:
+    (threshold, precision, recall)."""
+    order = np.argsort(-similarities, kind="stable")
+    sims, positive = similarities[order], is_duplicate[order].astype(np.float64)
+    true_pos = np.cumsum(positive)
+    precision = true_pos / np.arange(1, len(sims) + 1)
+    # A cut "similarity >= t" takes every pair equal to t: only the end of a run of equal
+    # similarities is a real cut point.
+    run_end = np.append(sims[1:] != sims[:-1], True)
+    ok = np.flatnonzero(run_end & (precision >= target_precision))
+    if len(ok) == 0 or positive.sum() == 0:
+        raise FilterkitError("no threshold reaches the target precision on these images")
+    last = ok[-1]
+    return float(sims[last]), float(precision[last]), float(true_pos[last] / positive.sum())
+
+
+def calibrate_dedup(encoder, paths: list[Path], target_precision: float = 0.99, max_images: int = 300,
+                    seed: int = 0) -> DedupCalibration:
+    """Dedup threshold at ``target_precision`` on a collection made of the given real images
+    and one synthetic near-duplicate of each: every (image, its variant) pair is a duplicate,
+    every other pair is not."""
+    from .errors import ImageError
+    from .images import load_image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for p in paths:
+        if len(images) >= max_images:
+            break
+        try:
+            images.append(load_image(p))
+        except ImageError:
+            continue
+    if len(images) < 10:
+        raise FilterkitError(f"calibration needs at least 10 decodable images, found {len(images)}")
+    variants = [near_duplicate_variant(im, rng) for im in images]
+    vectors = np.concatenate([encoder.embed(images), encoder.embed(variants)])
+    n = len(images)
+    sims = vectors @ vectors.T  # at most 2 x max_images squared: small by construction
+    i, j = np.triu_indices(2 * n, k=1)
+    is_dup = (j - i == n)  # image k and its variant k + n
+    t, precision, recall = threshold_for_precision(sims[i, j], is_dup, target_precision)
+    return DedupCalibration(t, precision, recall, target_precision, n)

@@ -161,6 +161,19 @@ def _model_id(weights_sha256: str, cfg: ModelConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def update_model_config(path: str | os.PathLike, **fields: Any) -> None:
+    """Set top-level metadata fields (thresholds, quality, ...) of a model directory's
+    config.json in place, atomically. Architecture and weights are never touched here."""
+    config_path = Path(path) / CONFIG_FILE
+    Encoder.load(path, device="cpu")  # refuse to edit a directory that does not load
+    doc = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in fields:
+        if key in ("format", "architecture", "timm", "weights_sha256", "model_id", "embedding_dim"):
+            raise FilterkitError(f"{key} is not metadata")
+    doc.update(fields)
+    atomic_write_text(config_path, json.dumps(doc, indent=2) + "\n")
+
+
 def default_model_card(cfg: ModelConfig, meta: dict[str, Any]) -> str:
     trained = meta.get("training")
     lines = [

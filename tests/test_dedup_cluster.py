@@ -111,3 +111,40 @@ def test_cluster_cli_json_and_selection(tmp_path, capsys, photos_dir, small_mode
     assert len(list((tmp_path / "o" / "selected").iterdir())) == 4
     assert main(base[:-3] + ["--k", "99", "-q"]) == 1
     assert "more than the 8 images" in capsys.readouterr().err
+
+
+def test_threshold_for_precision_takes_whole_runs_of_equal_scores():
+    from filterkit.dedup import threshold_for_precision
+
+    sims = np.array([0.99, 0.98, 0.95, 0.95, 0.90, 0.80])
+    dup = np.array([1, 1, 1, 0, 1, 0], dtype=bool)
+    t, precision, recall = threshold_for_precision(sims, dup, 0.99)
+    assert (t, precision, recall) == (0.98, 1.0, 0.5)  # 0.95 would admit the tied non-duplicate
+    t, precision, recall = threshold_for_precision(sims, dup, 0.75)
+    assert (t, precision, recall) == (0.90, 0.8, 1.0)
+
+
+def test_model_calibrate_writes_a_dedup_threshold_that_dedup_auto_uses(tmp_path, capsys, photos_dir, dup_folder):
+    from filterkit import Encoder
+    from filterkit.dedup import near_duplicate_variant
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "held_out"
+    images.mkdir()
+    for name in PHOTO_NAMES:  # 8 real photos and 8 distinct synthetic scenes
+        shutil.copy(photos_dir / f"{name}.jpg", images)
+    for k in range(8):
+        x = np.linspace(0, 1, 160)[None, :, None] * rng.uniform(0, 255, 3) + rng.uniform(0, 120, (120, 160, 3))
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(images / f"scene_{k}.jpg")
+    variant = near_duplicate_variant(Image.open(photos_dir / "coffee.jpg"), rng)
+    assert variant.mode == "RGB" and variant.size != Image.open(photos_dir / "coffee.jpg").size
+    model = tmp_path / "m"
+    Encoder.random("vit-tiny-8-64", depth=2).save(model)
+    assert main(["model", "calibrate", str(model), "--images", str(images)]) == 0
+    assert "dedup threshold" in capsys.readouterr().out
+    doc = json.loads((model / "config.json").read_text())
+    t = doc["thresholds"]["dedup"]
+    assert -1 <= t <= 1 and doc["thresholds"]["dedup_calibration"]["images"] == 16
+    assert Encoder.load(model).meta["thresholds"]["dedup"] == t
+    assert main(["dedup", str(dup_folder), "--model", str(model), "--json", "-q", "--workers", "0"]) == 0
+    assert "groups" in json.loads(capsys.readouterr().out)
