@@ -34,6 +34,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+ReportOpt = Annotated[Optional[Path], typer.Option(
+    "--report", help="Write an HTML report here, with .csv and .json beside it.")]
 
 
 def _echo_err(message: str) -> None:
@@ -163,6 +165,7 @@ def filter_command(
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    report: ReportOpt = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -189,6 +192,10 @@ def filter_command(
             image_filter.reject_like(reject_like)
         result = image_filter.run(incoming)
     plan, done = _file_actions(result.categories(), incoming, out, action, dry_run)
+    if report is not None:
+        from .report import write_filter_report
+
+        write_filter_report(result, report)
     t = result.threshold
     summary = {**result.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
                "est_recall": t.est_recall, "est_precision": t.est_precision,
@@ -219,6 +226,12 @@ def filter_command(
     typer.echo(f"kept {summary['keep']}, rejected {summary['reject']}, errors {summary['error']}; "
                f"threshold {t.value:.3f} {t.source}{estimate}")
     _print_actions(plan, done, dry_run)
+    _print_report(report)
+
+
+def _print_report(report: Optional[Path]) -> None:
+    if report is not None:
+        typer.echo(f"report: {report} (+ {report.with_suffix('.csv').name}, {report.with_suffix('.json').name})")
 
 
 def _file_actions(items, root: Path, out: Optional[Path], action: str, dry_run: bool):
@@ -268,6 +281,7 @@ def dedup(
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    report: ReportOpt = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -285,6 +299,10 @@ def dedup(
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         groups, skipped = find_duplicates(folder, encoder, value, store, batch_size, workers, not quiet)
+    if report is not None:
+        from .report import write_dedup_report
+
+        write_dedup_report(groups, report)
     items = [(d.path, "duplicates") for g in groups for d in g.duplicates]
     plan, done = _file_actions(items, folder, out, action, dry_run)
     if as_json:
@@ -302,6 +320,7 @@ def dedup(
     n_dups = sum(len(g.duplicates) for g in groups)
     typer.echo(f"{len(groups)} group(s), {n_dups} duplicate(s)")
     _print_actions(plan, done, dry_run)
+    _print_report(report)
 
 
 @app.command()

@@ -1,0 +1,66 @@
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from filterkit.cli import main
+
+from test_filtering import _photo_folders
+
+
+@pytest.fixture
+def filter_report(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    # ("/" cannot appear in a file name, so no closing </script>; this is the classic instead.)
+    hostile = tmp_path / "incoming" / "<img src=x onerror=alert(1)>.jpg"
+    shutil.copy(tmp_path / "incoming" / "coffee.jpg", hostile)
+    report = tmp_path / "reports" / "filter.html"
+    code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(small_model_dir), "--report", str(report), "-q", "--workers", "0"])
+    assert code == 0 and str(report) in capsys.readouterr().out
+    return report
+
+
+def test_filter_report_files_exist_parse_and_escape_names(filter_report):
+    rows = list(csv.DictReader(filter_report.with_suffix(".csv").open()))
+    assert len(rows) == 7 and {r["decision"] for r in rows} <= {"keep", "reject", "error"}
+    doc = json.loads(filter_report.with_suffix(".json").read_text())
+    assert len(doc["images"]) == 7 and doc["summary"]["exemplars"] == 4
+    page = filter_report.read_text()
+    assert "<img src=x onerror" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page
+    assert page.count("data:image/jpeg;base64,") >= 6  # self-contained thumbnails
+    assert "Kept (" in page and "Rejected (" in page and "Could not be read (1)" in page
+
+
+def test_dedup_report(tmp_path, capsys, photos_dir, small_model_dir):
+    folder = tmp_path / "p"
+    shutil.copytree(photos_dir, folder)
+    shutil.copy(folder / "rocket.jpg", folder / "rocket_copy.jpg")
+    report = tmp_path / "dedup.html"
+    assert main(["dedup", str(folder), "--threshold", "0.999", "--model", str(small_model_dir),
+                 "--report", str(report), "-q", "--workers", "0"]) == 0
+    rows = list(csv.DictReader(report.with_suffix(".csv").open()))
+    roles = {(Path(r["path"]).name, r["role"]) for r in rows}
+    assert ("rocket.jpg", "keep") in roles and ("rocket_copy.jpg", "duplicate") in roles
+    assert "identical bytes" in report.read_text()
+
+
+def test_report_renders_in_headless_chromium(filter_report, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it): cannot check the HTML renders")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                    filter_report.as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 900)
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 100  # thumbnails drew real pixels, not a blank page
