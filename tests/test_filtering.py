@@ -126,3 +126,12 @@ def test_filter_cli_errors(tmp_path, capsys, small_model_dir):
     code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
                  "--threshold", "high", "--model", str(small_model_dir), "-q"])
     assert code == 1 and "--threshold must be" in capsys.readouterr().err
+    code = main(["filter", str(tmp_path / "empty"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(small_model_dir), "-q"])
+    assert code == 1 and "no images found in" in capsys.readouterr().err
+    code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(tmp_path / "exemplars"), "-q"])
+    assert code == 1 and "not a filterkit model directory" in capsys.readouterr().err
+    code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--prototypes", "50", "--model", str(small_model_dir), "-q"])
+    assert code == 1 and "k-means with k=50" in capsys.readouterr().err
