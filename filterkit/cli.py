@@ -34,6 +34,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")]
 ReportOpt = Annotated[Optional[Path], typer.Option(
     "--report", help="Write an HTML report here, with .csv and .json beside it.")]
 
@@ -164,7 +165,7 @@ def filter_command(
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    dry_run: DryRunOpt = False,
     report: ReportOpt = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -280,7 +281,7 @@ def dedup(
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (the model's calibrated value) or a cosine similarity.")] = "auto",
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    dry_run: DryRunOpt = False,
     report: ReportOpt = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -331,7 +332,7 @@ def cluster(
     keep: Annotated[str, typer.Option("--keep", help="hard (far from their prototype) | easy (near it).")] = "hard",
     action: Annotated[str, typer.Option("--action", help="report | copy | link | move, into --out/selected and --out/pruned.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")] = False,
+    dry_run: DryRunOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     model: ModelOpt = None,
     cache: CacheOpt = None,
