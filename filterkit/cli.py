@@ -534,6 +534,37 @@ def model_calibrate(
                f"written to {model_dir / 'config.json'}")
 
 
+@model_app.command("import-moco")
+def model_import(
+    checkpoint: Annotated[Path, typer.Argument(help="Official MoCo v3 checkpoint (.pth.tar) or a timm ViT state dict (.safetensors/.pth).")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],
+    num_heads: Annotated[Optional[int], typer.Option("--num-heads", min=1, help="Attention heads (not readable from the weights) [default: MoCo's for its arch, else timm's for the width].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
+) -> None:
+    """Convert a MoCo v3 checkpoint or a plain timm ViT into a filterkit model directory."""
+    from .interop import import_checkpoint
+
+    encoder = import_checkpoint(checkpoint, out, num_heads, overwrite=force)
+    c = encoder.config
+    typer.echo(f"imported {c.arch} (width {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, patch "
+               f"{c.patch_size}, {c.img_size} px) from {checkpoint} into {out}")
+
+
+@model_app.command("export-timm")
+def model_export(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="File to write: .safetensors, or .pth for a torch state dict.")],
+) -> None:
+    """Write the backbone as a state dict that loads into plain timm (strict)."""
+    from .encoder import Encoder
+    from .interop import export_timm
+
+    export_timm(model_dir, out)
+    cfg = Encoder.load(model_dir, device="cpu").config
+    typer.echo(f"wrote {out}; load it with timm.create_model({cfg.timm_name!r}, pretrained=False, "
+               f"**{cfg.timm_kwargs}).load_state_dict(...)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
     try:

@@ -39,6 +39,7 @@ ARCHS: dict[str, tuple[str, int, int, int]] = {
     "vit-mini": ("vit_tiny_patch16_224", 192, 6, 3),  # ViT-Tiny at half depth, for CPUs
     "vit-tiny": ("vit_tiny_patch16_224", 192, 12, 3),
     "vit-small": ("vit_small_patch16_224", 384, 12, 6),
+    "vit-base": ("vit_base_patch16_224", 768, 12, 12),
 }
 # preset name -> (arch, patch size, image size)
 PRESETS: dict[str, tuple[str, int, int]] = {
