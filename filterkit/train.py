@@ -324,6 +324,7 @@ def pretrain(
     paths = discover_images(data_dir)
     if len(paths) < 2:
         raise FilterkitError(f"{data_dir} has {len(paths)} images; pretraining needs at least 2")
+    _check_decodable(paths)
     global_batch = min(options.batch_size, len(paths) // world * world)
     steps_per_epoch = len(paths) // global_batch
     total = steps_per_epoch * options.epochs
@@ -461,6 +462,18 @@ def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:
     backbone = copy.deepcopy(moco.base.backbone)
     encoder = Encoder(backbone, cfg, device=str(next(backbone.parameters()).device))
     return encoder_knn_top1(encoder, *knn_sets, workers=workers)
+
+
+def _check_decodable(paths: list[Path]) -> None:
+    """Fail early, in one line, when no image decodes (workers would fail mid-epoch instead)."""
+    reasons = []
+    for path in paths:
+        try:
+            load_image(path, draft_size=32)
+            return
+        except ImageError as e:
+            reasons.append(f"{path.name}: {e}")
+    raise FilterkitError(f"none of the {len(paths)} images decodes (e.g. {reasons[0]})")
 
 
 def _truncate_log(path: Path, last_step: int) -> None:

@@ -155,6 +155,15 @@ def test_existing_output_and_mismatched_resume_are_clear_errors(tmp_path, train_
         pretrain(train_dir, tmp_path / "new", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
 
 
+def test_a_folder_with_no_decodable_image_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    code = main(["pretrain", str(tmp_path / "bad"), "--out", str(tmp_path / "m"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "none of the 3 images decodes" in err[0]
+
+
 def test_checkpoints_refuse_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
