@@ -10,11 +10,12 @@
 - A dry run returns the plan and touches nothing.
 
     >>> plan = plan_actions([(Path("in/a.jpg"), "kept")], Path("in"), Path("out"), "copy")
-    >>> apply_actions(plan)
+    >>> apply_actions(plan, Path("out"))
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -124,7 +125,7 @@ def _move(source: Path, destination: Path) -> None:
         os.rename(source, destination)  # atomic on one file system
         return
     except OSError as e:
-        if e.errno != 18:  # EXDEV: different file systems
+        if e.errno != errno.EXDEV:  # different file systems: copy instead
             raise
     tmp = destination.with_name(f".{destination.name}.filterkit-tmp")
     shutil.copy2(source, tmp)

@@ -73,8 +73,11 @@ class EmbeddingCache:
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except (sqlite3.DatabaseError, OSError) as e:
+            if hasattr(self, "_db"):
+                self._db.close()
             raise FilterkitError(f"cannot open the embedding cache {self.path}: {e}") from None
         if version != SCHEMA_VERSION:
+            self._db.close()
             raise FilterkitError(
                 f"embedding cache {self.path} has schema {version}, this filterkit expects "
                 f"{SCHEMA_VERSION}; point --cache at a new file"

@@ -192,11 +192,11 @@ def filter_command(
         if reject_like is not None:
             image_filter.reject_like(reject_like)
         result = image_filter.run(incoming)
-    plan, done = _file_actions(result.categories(), incoming, out, action, dry_run)
-    if report is not None:
+    if report is not None:  # before any move, while every image is where its path says
         from .report import write_filter_report
 
         write_filter_report(result, report)
+    plan, done = _file_actions(result.categories(), incoming, out, action, dry_run)
     t = result.threshold
     summary = {**result.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
                "est_recall": t.est_recall, "est_precision": t.est_precision,
@@ -556,11 +556,9 @@ def model_export(
     out: Annotated[Path, typer.Option("--out", help="File to write: .safetensors, or .pth for a torch state dict.")],
 ) -> None:
     """Write the backbone as a state dict that loads into plain timm (strict)."""
-    from .encoder import Encoder
     from .interop import export_timm
 
-    export_timm(model_dir, out)
-    cfg = Encoder.load(model_dir, device="cpu").config
+    cfg = export_timm(model_dir, out)
     typer.echo(f"wrote {out}; load it with timm.create_model({cfg.timm_name!r}, pretrained=False, "
                f"**{cfg.timm_kwargs}).load_state_dict(...)")
 

@@ -122,7 +122,6 @@ def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None 
     ``threshold=None`` uses the dedup threshold calibrated into the model directory.
     Returns (groups, skipped images).
     """
-    from .cache import EmbeddingCache
     from .pipeline import embed_folder
 
     if threshold is None:
@@ -130,12 +129,7 @@ def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None 
         if threshold is None:
             raise FilterkitError("this model has no calibrated dedup threshold: pass --threshold "
                                  "(cosine, e.g. 0.95) or calibrate the model first")
-    store = cache if cache is not None else EmbeddingCache()
-    try:
-        found = embed_folder(folder, encoder, store, batch_size, workers, progress)
-    finally:
-        if cache is None:
-            store.close()
+    found = embed_folder(folder, encoder, cache, batch_size, workers, progress)
     return duplicate_groups(found.paths, found.hashes, found.vectors, float(threshold)), found.skipped
 
 

@@ -28,6 +28,7 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .devices import autocast, autocast_dtype, pick_device
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes, atomic_write_text
+from .images import to_rgb
 
 FORMAT = "filterkit-model/1"
 CONFIG_FILE = "config.json"
@@ -270,10 +271,15 @@ class Encoder:
         return cls(backbone, cfg, meta=meta, model_id=_model_id(weights_sha256, cfg),
                    device=device, precision=precision)
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
-        """Write the model directory; each file is replaced atomically, weights first."""
+    def _weights_blob(self) -> bytes:
+        """The safetensors bytes ``save`` writes; the model id hashes exactly these."""
         from safetensors.torch import save as save_safetensors
 
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        return save_safetensors(state, metadata={"format": FORMAT})
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
+        """Write the model directory; each file is replaced atomically, weights first."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FilterkitError(f"{path} exists and is not a folder")
@@ -282,8 +288,7 @@ class Encoder:
             hint = "pass --force to replace it" if is_model else "choose an empty or new folder"
             raise FilterkitError(f"{path} is not empty; {hint}")
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-        blob = save_safetensors(state, metadata={"format": FORMAT})
+        blob = self._weights_blob()
         weights_sha256 = hashlib.sha256(blob).hexdigest()
         doc = {
             "format": FORMAT,
@@ -313,10 +318,7 @@ class Encoder:
     def model_id(self) -> str:
         """Identifies weights + preprocessing; the embedding cache is keyed by it."""
         if self._model_id is None:
-            from safetensors.torch import save as save_safetensors
-
-            state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-            self._model_id = _model_id(hashlib.sha256(save_safetensors(state)).hexdigest(), self.config)
+            self._model_id = _model_id(hashlib.sha256(self._weights_blob()).hexdigest(), self.config)
         return self._model_id
 
     # -- embedding ----------------------------------------------------------------------
@@ -351,7 +353,7 @@ class Encoder:
         items = list(items)
         if all(isinstance(x, Image.Image) for x in items):
             chunks = [
-                self.embed_batch(torch.stack([self.transform(x.convert("RGB")) for x in items[i:i + batch_size]]))
+                self.embed_batch(torch.stack([self.transform(to_rgb(x)) for x in items[i:i + batch_size]]))
                 for i in range(0, len(items), batch_size)
             ]
             return _stack(chunks, self.dim)

@@ -127,6 +127,8 @@ def held_out_prototype_scores(exemplars: np.ndarray, k: int, seed: int = 0) -> n
     """Each exemplar's prototype score with prototypes fitted on the other folds (cross-fitting),
     so an exemplar never scores against a centroid it helped make."""
     n = len(exemplars)
+    if n < 2:
+        raise FilterkitError("an automatic threshold needs at least two keep-like exemplars")
     folds = np.arange(n) % min(_FOLDS, n)
     scores = np.empty(n, dtype=np.float32)
     for f in np.unique(folds):
@@ -223,15 +225,9 @@ class ImageFilter:
         self._skipped: list = []
 
     def _embed(self, folder: str | os.PathLike):
-        from .cache import EmbeddingCache
         from .pipeline import embed_folder
 
-        cache = self.cache if self.cache is not None else EmbeddingCache()
-        try:
-            return embed_folder(folder, self.encoder, cache, self.batch_size, self.workers, self.progress)
-        finally:
-            if self.cache is None:
-                cache.close()
+        return embed_folder(folder, self.encoder, self.cache, self.batch_size, self.workers, self.progress)
 
     def _embed_exemplars(self, folder: str | os.PathLike, role: str):
         result = self._embed(folder)

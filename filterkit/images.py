@@ -77,8 +77,14 @@ def discover_images(root: str | os.PathLike, follow_symlinks: bool = False) -> l
     if not root.is_dir():
         raise FilterkitError(f"not a folder: {root}")
     found = []
+    seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        dirnames.sort()
+        if follow_symlinks:  # a symlink loop would list the same folder again and again
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames.clear()
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
         for name in filenames:
             path = Path(dirpath) / name
             if is_image_path(path):

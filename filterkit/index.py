@@ -16,7 +16,7 @@ from .errors import FilterkitError
 @dataclass(frozen=True)
 class SearchResult:
     scores: np.ndarray  # [Q, k] cosine similarities, best first
-    ids: np.ndarray  # [Q, k] row numbers in the indexed vectors, -1 where fewer than k exist
+    ids: np.ndarray  # [Q, min(k, N)] row numbers in the indexed vectors
 
 
 def build_index(vectors: np.ndarray) -> faiss.Index:

@@ -59,8 +59,10 @@ def backbone_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier
     if any(k.startswith("fc_norm.") for k in state):
         raise FilterkitError("these weights pool features by averaging (fc_norm); filterkit uses the CLS token")
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise FilterkitError("not a ViT with a class token: cls_token or patch_embed.proj.weight missing")
+    needed = ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise FilterkitError(f"not a ViT with a class token: {', '.join(missing)} missing")
     return state, layout
 
 
@@ -102,8 +104,9 @@ def import_checkpoint(path: str | os.PathLike, out: str | os.PathLike, num_heads
     return encoder
 
 
-def export_timm(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the backbone as a timm state dict: safetensors, or a torch file for .pth/.pt."""
+def export_timm(model_dir: str | os.PathLike, out: str | os.PathLike) -> ModelConfig:
+    """Write the backbone as a timm state dict (safetensors, or a torch file for .pth/.pt);
+    returns the architecture, whose ``timm_name``/``timm_kwargs`` rebuild the model."""
     encoder = Encoder.load(model_dir, device="cpu")
     out = Path(out)
     if out.exists():
@@ -121,4 +124,4 @@ def export_timm(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         from safetensors.torch import save
 
         atomic_write_bytes(out, save(state))
-    return out
+    return encoder.config

@@ -36,7 +36,7 @@ class EmbeddedFolder:
 def embed_folder(
     root: str | os.PathLike,
     encoder: Encoder,
-    cache: EmbeddingCache,
+    cache: EmbeddingCache | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
@@ -45,12 +45,16 @@ def embed_folder(
 ) -> EmbeddedFolder:
     """Embed every image under ``root`` that the cache does not already hold.
 
-    ``draft=False`` decodes JPEGs at full size first (slower; for comparison only).
+    ``cache=None`` opens (and closes) the default cache. ``draft=False`` decodes JPEGs at full
+    size first (slower; for comparison only).
     """
     paths = discover_images(root, follow_symlinks=follow_symlinks)
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise FilterkitError(f"no images found in {root} (looked for {exts})")
+    if cache is None:
+        with EmbeddingCache() as default_cache:
+            return embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft)
     return embed_paths(paths, encoder, cache, batch_size, workers, progress, draft)
 
 

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ImageError
+from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_text
 from .images import load_image
 
@@ -54,6 +54,14 @@ def _thumbnail(path: Path | None, budget: list[int]) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/jpeg;base64,{data}">'
 
 
+def _html_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise FilterkitError(f"--report {path}: name the HTML file (.html); the .csv and .json go beside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _page(title: str, summary: str, body: str) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
@@ -72,8 +80,7 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
 
 def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter") -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for a FilterResult; returns their paths."""
-    html_path = Path(html_path)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path = _html_path(html_path)
     rows = [d.to_dict() for d in result.decisions]
     t = result.threshold
     summary_doc = {**result.counts(), "threshold": t.value, "threshold_source": t.source,
@@ -109,8 +116,7 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
 
 def write_dedup_report(groups, html_path: str | os.PathLike, title: str = "filterkit dedup") -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for duplicate groups; returns their paths."""
-    html_path = Path(html_path)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path = _html_path(html_path)
     rows = []
     for n, g in enumerate(groups):
         rows.append({"group": n, "path": str(g.keep), "role": "keep", "score": 1.0, "exact": ""})

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +317,7 @@ def pretrain(
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise FilterkitError(f"{out_dir} already holds files: pass --resume to continue its training, "
                              "or choose a new --out folder")
+    lr_given = options.lr is not None
     options = options.resolved(dev.type)
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
@@ -326,6 +327,9 @@ def pretrain(
         raise FilterkitError(f"{data_dir} has {len(paths)} images; pretraining needs at least 2")
     _check_decodable(paths)
     global_batch = min(options.batch_size, len(paths) // world * world)
+    if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
+        options = replace(options, batch_size=global_batch,
+                          lr=options.lr if lr_given else options.base_lr * global_batch / 256)
     steps_per_epoch = len(paths) // global_batch
     total = steps_per_epoch * options.epochs
     if options.max_steps:

@@ -120,3 +120,19 @@ def test_load_explains_a_broken_model_directory(tmp_path, small_encoder):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(FilterkitError, match="unknown preset"):
         ModelConfig.from_preset("vit-huge-1-1")
+
+
+def test_model_id_is_the_same_before_and_after_saving(tmp_path):
+    enc = Encoder.random("vit-tiny-8-64", seed=3, depth=1)
+    before = enc.model_id
+    enc.save(tmp_path / "m")
+    assert Encoder.load(tmp_path / "m").model_id == before
+
+
+def test_a_pil_image_embeds_like_the_same_file(tmp_path, small_encoder):
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (64, 64), (200, 20, 20, 0))
+    rgba.paste((20, 20, 200, 255), (16, 16, 48, 48))
+    rgba.save(tmp_path / "a.png")
+    np.testing.assert_allclose(small_encoder.embed([rgba]), small_encoder.embed([tmp_path / "a.png"]), atol=1e-6)

@@ -64,3 +64,15 @@ def test_report_renders_in_headless_chromium(filter_report, tmp_path):
     assert image.size == (1200, 900)
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is None or len(colours) > 100  # thumbnails drew real pixels, not a blank page
+
+
+def test_report_is_written_before_a_move_and_must_be_html(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    base = ["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+            "--model", str(small_model_dir), "-q", "--workers", "0"]
+    assert main(base + ["--report", str(tmp_path / "r.json")]) == 1
+    assert "name the HTML file" in capsys.readouterr().err
+    report = tmp_path / "r.html"
+    assert main(base + ["--report", str(report), "--action", "move", "--out", str(tmp_path / "sorted")]) == 0
+    assert [p.name for p in (tmp_path / "incoming").iterdir()] == ["broken.jpg"]  # the rest moved
+    assert report.read_text().count("data:image/jpeg;base64,") >= 5  # previews made before the move

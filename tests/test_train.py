@@ -164,6 +164,13 @@ def test_a_folder_with_no_decodable_image_is_a_one_line_error(tmp_path, capsys):
     assert code == 1 and len(err) == 1 and "none of the 3 images decodes" in err[0]
 
 
+def test_a_folder_smaller_than_the_batch_scales_the_lr_to_the_real_batch(tmp_path, train_dir):
+    opts = TrainOptions(max_steps=1, epochs=1, **dict(TINY, batch_size=64))
+    pretrain(train_dir, tmp_path / "m", opts, device="cpu", workers=0, progress=False)
+    saved = load_checkpoint(tmp_path / "m" / CHECKPOINT)["options"]
+    assert saved["batch_size"] == 24 and saved["lr"] == pytest.approx(saved["base_lr"] * 24 / 256)
+
+
 def test_checkpoints_refuse_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
