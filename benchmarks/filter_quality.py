@@ -90,7 +90,7 @@ def main() -> None:
     encoders = []
     if args.model:
         trained = Encoder.load(args.model)
-        encoders.append((f"model", trained))
+        encoders.append(("model", trained))
         cfg = trained.config
     else:
         from filterkit.encoder import ModelConfig

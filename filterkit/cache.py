@@ -15,6 +15,7 @@ was after its last committed batch; the next run picks up from there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -83,17 +84,15 @@ class EmbeddingCache:
                 f"{SCHEMA_VERSION}; point --cache at a new file"
             )
 
+    @contextlib.contextmanager
     def _transaction(self):
-        db = self._db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-        return _Tx()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -359,16 +359,14 @@ class Encoder:
             return _stack(chunks, self.dim)
         if not all(isinstance(x, (str, os.PathLike)) for x in items):
             raise FilterkitError("embed() takes a list of paths, a list of PIL images, or a tensor")
-        from .loader import iter_batches
+        from .loader import embed_all
 
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        for batch in iter_batches([Path(p) for p in items], self.transform, self.config.img_size,
-                                  batch_size=batch_size, workers=workers):
-            if batch.failures:
-                index, reason = batch.failures[0]
-                raise ImageError(f"{items[index]}: {reason}")
-            out[batch.indices] = self.embed_batch(batch.pixels).numpy()
-        return out
+        vectors, _, failures = embed_all([Path(p) for p in items], self.transform, self.config.img_size,
+                                         self.embed_batch, batch_size, workers)
+        if failures:
+            index, reason = failures[0]
+            raise ImageError(f"{items[index]}: {reason}")
+        return vectors if vectors is not None else np.empty((0, self.dim), dtype=np.float32)
 
 
 def _stack(chunks: list[torch.Tensor], dim: int) -> np.ndarray:

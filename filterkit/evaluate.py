@@ -24,7 +24,7 @@ from .augment import eval_transform
 from .encoder import Encoder, build_backbone
 from .errors import FilterkitError
 from .images import discover_images
-from .loader import iter_batches
+from .loader import embed_all
 from .progress import progress_bar
 
 RAW_PIXEL_SIZE = 32
@@ -83,16 +83,11 @@ def features(paths: list[Path], transform: Callable, draft_size: int | None,
              workers: int | None = None, progress: bool = False,
              description: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """(vectors [M, D], positions [M] of the paths that decoded); failures are left out."""
-    vectors, kept = [], []
     with progress_bar(description, len(paths), progress) as advance:
-        for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
-            if batch.indices:
-                vectors.append(embed_batch(batch.pixels).numpy())
-                kept += batch.indices
-            advance(len(batch.indices) + len(batch.failures))
-    if not vectors:
+        vectors, kept, _ = embed_all(paths, transform, draft_size, embed_batch, batch_size, workers, advance)
+    if vectors is None:
         raise FilterkitError("none of the evaluation images could be decoded")
-    return np.concatenate(vectors), np.asarray(kept, dtype=np.int64)
+    return vectors, np.asarray(kept, dtype=np.int64)
 
 
 def raw_pixel_embed(pixels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,6 +52,28 @@ def _collate(items) -> Batch:
     good = [(i, x) for i, x, _ in items if x is not None]
     pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
     return Batch([i for i, _ in good], pixels, [(i, r) for i, x, r in items if x is None])
+
+
+def embed_all(
+    paths: Sequence[Path],
+    transform: Callable,
+    draft_size: int | None,
+    embed_batch: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
+    workers: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+    """Decode and embed ``paths``: (vectors [M, D] or None if none decoded, positions of those
+    M paths, (position, reason) of the failures). ``on_batch(n)`` reports progress."""
+    vectors, kept, failures = [], [], []
+    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+        if batch.indices:
+            vectors.append(embed_batch(batch.pixels).numpy())
+            kept += batch.indices
+        failures += batch.failures
+        if on_batch:
+            on_batch(len(batch.indices) + len(batch.failures))
+    return (np.concatenate(vectors) if vectors else None), kept, failures
 
 
 def iter_batches(

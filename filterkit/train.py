@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import TwoViews
 from .devices import autocast, autocast_dtype, pick_device
-from .encoder import CONFIG_FILE, Encoder, ModelConfig, build_backbone
+from .encoder import Encoder, ModelConfig, build_backbone
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image
@@ -40,30 +40,20 @@ LOG = Path("training") / "log.jsonl"
 
 # Recipes per preset and device kind. CPU recipes are small enough to move in minutes to an
 # hour on a laptop; GPU recipes follow the paper's ViT recipe scaled to the preset.
+def _recipe(batch: int, warmup: float, hidden: int, epochs: int, base_lr: float = 1.5e-4, **extra: Any) -> dict:
+    return dict(batch_size=batch, base_lr=base_lr, warmup_epochs=warmup, proj_hidden=hidden,
+                pred_hidden=hidden, epochs=epochs, **extra)
+
+
+# 32-px inputs crop from 20 % of the area up (an 8 % crop of a 32-px image is 9x9 pixels).
+_SMALL = dict(min_crop_scale=0.2)
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    # 32-px inputs: crops from 20 % of the area up (an 8 % crop of a 32-px image is 9x9 pixels).
-    "vit-mini-8-32": {
-        "cpu": dict(batch_size=256, base_lr=5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024,
-                    epochs=6, min_crop_scale=0.2),
-        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096,
-                    epochs=200, min_crop_scale=0.2),
-    },
-    "vit-tiny-4-32": {
-        "cpu": dict(batch_size=128, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=10),
-        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096, epochs=200),
-    },
-    "vit-tiny-8-64": {
-        "cpu": dict(batch_size=128, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=10),
-        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=10, proj_hidden=4096, pred_hidden=4096, epochs=200),
-    },
-    "vit-tiny-16-224": {
-        "cpu": dict(batch_size=64, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=5),
-        "gpu": dict(batch_size=512, base_lr=1.5e-4, warmup_epochs=20, proj_hidden=4096, pred_hidden=4096, epochs=100),
-    },
-    "vit-small-16-224": {
-        "cpu": dict(batch_size=64, base_lr=1.5e-4, warmup_epochs=1, proj_hidden=1024, pred_hidden=1024, epochs=3),
-        "gpu": dict(batch_size=1024, base_lr=1.5e-4, warmup_epochs=40, proj_hidden=4096, pred_hidden=4096, epochs=100),
-    },
+    "vit-mini-8-32": {"cpu": _recipe(256, 1, 1024, 6, base_lr=5e-4, **_SMALL),
+                      "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
+    "vit-tiny-4-32": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
+    "vit-tiny-8-64": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
+    "vit-tiny-16-224": {"cpu": _recipe(64, 1, 1024, 5), "gpu": _recipe(512, 20, 4096, 100)},
+    "vit-small-16-224": {"cpu": _recipe(64, 1, 1024, 3), "gpu": _recipe(1024, 40, 4096, 100)},
 }
 
 
