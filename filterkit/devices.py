@@ -33,8 +33,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
 
     ``auto`` is fp32 on CPU: on the AVX2 machine we develop on, bf16 autocast made
-    ViT-Tiny/16 inference 7x slower (34.6 vs 4.9 img/s, batch 32), because the CPU has
-    no native bf16 instructions. On CUDA it is bf16 where supported, else fp16.
+    ViT-Tiny/16 inference 7x slower (benchmarks/precision_speed.py: 29.5 vs 4.2 img/s,
+    batch 32), because the CPU has no native bf16 instructions. On CUDA it is bf16 where supported, else fp16.
     """
     if precision not in PRECISIONS:
         raise FilterkitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
