@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--imagenette", type=Path, required=True, help="imagenette/train folder")
     parser.add_argument("--preset", default="vit-tiny-16-224")
+    parser.add_argument("--model", type=Path, help="model directory (default: random-init --preset)")
     parser.add_argument("--n", type=int, default=512, help="Imagenette images to embed")
     parser.add_argument("--camera-n", type=int, default=64, help="camera-size JPEGs to make and embed")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -102,10 +103,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} (random init)")
-    encoder = Encoder.random(args.preset)
+    encoder = Encoder.load(args.model) if args.model else Encoder.random(args.preset)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.model or f'preset {args.preset} (random init)'}")
     photos = pick(discover_images(args.imagenette), args.n)
     measure("a: Imagenette 224-px JPEGs", encoder, photos, args)
+    if args.camera_n == 0:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         camera = make_camera_jpegs(pick(photos, args.camera_n), Path(tmp))
         measure("b: camera-size 4000x3000 JPEGs", encoder, camera, args)

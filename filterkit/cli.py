@@ -25,7 +25,8 @@ app = typer.Typer(
 model_app = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model directory.")]
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Model directory [default: the shipped model, or $FILTERKIT_MODEL].")]
 CacheOpt = Annotated[Optional[Path], typer.Option(
     "--cache", help="Embedding cache file [default: $FILTERKIT_CACHE or ~/.cache/filterkit/embeddings.sqlite].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
@@ -46,13 +47,7 @@ def _echo_err(message: str) -> None:
 def _load_encoder(model: Optional[Path], device: str = "auto"):
     from .encoder import Encoder
 
-    if model is None:
-        raise FilterkitError(
-            "no --model given and no default model ships yet; create one with "
-            "`filterkit model init --preset vit-tiny-16-224 --out DIR` (random weights) "
-            "or `filterkit pretrain`"
-        )
-    return Encoder.load(model, device=device)
+    return Encoder.load(model, device=device)  # None: the shipped default model
 
 
 def _print_skips(skipped, quiet: bool) -> None:
@@ -397,6 +392,7 @@ def pretrain(
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0 [default: 0.99].")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Override the preset's number of blocks.")] = None,
+    min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area [default: the preset's recipe, else 0.08].")] = None,
     no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
     freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
     device: DeviceOpt = "auto",
@@ -407,6 +403,7 @@ def pretrain(
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints [default: 500].")] = None,
     knn_train: Annotated[Optional[Path], typer.Option("--knn-train", help="Labelled folder for the online kNN monitor.")] = None,
     knn_test: Annotated[Optional[Path], typer.Option("--knn-test", help="Labelled folder for the online kNN monitor.")] = None,
+    knn_max_per_class: Annotated[Optional[int], typer.Option("--knn-max-per-class", min=1, help="Monitor on the first N images of each class.")] = None,
     json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines [default: OUT/training/log.jsonl].")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -421,12 +418,14 @@ def pretrain(
         raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     given = dict(preset=preset, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, temperature=temperature, momentum=momentum,
-                 warmup_epochs=warmup_epochs, depth=depth, seed=seed, checkpoint_every=checkpoint_every)
+                 warmup_epochs=warmup_epochs, depth=depth, min_crop_scale=min_crop_scale, seed=seed,
+                 checkpoint_every=checkpoint_every)
     options = TrainOptions(**{k: v for k, v in given.items() if v is not None},
                            predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed)
     try:
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
-                              workers=workers, knn_train=knn_train, knn_test=knn_test, json_log=json_log,
+                              workers=workers, knn_train=knn_train, knn_test=knn_test,
+                              knn_max_per_class=knn_max_per_class, json_log=json_log,
                               progress=not quiet)
     except KeyboardInterrupt:
         _echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")
@@ -438,9 +437,9 @@ def pretrain(
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory.")],
     train: Annotated[Path, typer.Option("--train", help="Labelled folder: one sub-folder per class.")],
     test: Annotated[Path, typer.Option("--test", help="Labelled folder with the same classes.")],
+    model: ModelOpt = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours.")] = 20,
     temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(sim / T).")] = 0.07,
     max_per_class: Annotated[Optional[int], typer.Option("--max-per-class", min=1, help="Use the first N images of each class.")] = None,
@@ -484,12 +483,13 @@ def model_init(
 
 @model_app.command("info")
 def model_info(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    model_dir: Annotated[Optional[Path], typer.Argument(help="Model directory [default: the shipped model].")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a model directory's configuration."""
-    from .encoder import Encoder
+    from .encoder import Encoder, default_model_path
 
+    model_dir = model_dir or default_model_path()
     encoder = Encoder.load(model_dir, device="cpu")
     info = {
         "path": str(model_dir),

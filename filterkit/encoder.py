@@ -31,6 +31,9 @@ from .fsutil import atomic_write_bytes, atomic_write_text
 from .images import to_rgb
 
 FORMAT = "filterkit-model/1"
+# The encoder filterkit ships (models/<name>/ in the repo, filterkit/models/<name>/ in a wheel).
+DEFAULT_MODEL = "filterkit-vit-mini"
+MODEL_ENV = "FILTERKIT_MODEL"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
@@ -45,6 +48,8 @@ ARCHS: dict[str, tuple[str, int, int, int]] = {
 # preset name -> (arch, patch size, image size)
 PRESETS: dict[str, tuple[str, int, int]] = {
     "vit-mini-8-32": ("vit-mini", 8, 32),
+    "vit-mini-8-64": ("vit-mini", 8, 64),
+    "vit-mini-16-112": ("vit-mini", 16, 112),
     "vit-tiny-4-32": ("vit-tiny", 4, 32),
     "vit-tiny-8-64": ("vit-tiny", 8, 64),
     "vit-tiny-16-224": ("vit-tiny", 16, 224),
@@ -137,6 +142,29 @@ class ModelConfig:
             raise FilterkitError(f"invalid model config: {e}") from None
 
 
+def default_model_path() -> Path:
+    """Where ``Encoder.load()`` with no argument looks: ``$FILTERKIT_MODEL`` if set, else the
+    shipped default model (package data of a wheel, or ``models/`` of a source checkout)."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV]).expanduser()
+    candidates = []
+    try:  # installed: filterkit.models maps onto the repo's models/ folder (see pyproject.toml)
+        from importlib.resources import files
+
+        candidates.append(Path(str(files("filterkit.models") / DEFAULT_MODEL)))
+    except (ImportError, TypeError):
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL)  # source tree
+    candidates = list(dict.fromkeys(candidates))
+    for path in candidates:
+        if (path / CONFIG_FILE).is_file():
+            return path
+    raise FilterkitError(
+        f"the default model {DEFAULT_MODEL!r} is not installed (looked in "
+        f"{', '.join(str(c) for c in candidates)}); pass --model DIR or set {MODEL_ENV}"
+    )
+
+
 def sincos_pos_embed(cfg: ModelConfig) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding [1, 1 + N, D]; the class token's row is zero
     (as in MoCo v3)."""
@@ -226,12 +254,14 @@ class Encoder:
         return cls(build_backbone(cfg), cfg, meta={"init": {"seed": seed}}, device="cpu")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Encoder:
-        """Load a model directory. Never unpickles: weights are safetensors."""
+    def load(cls, path: str | os.PathLike | None = None, device: str = "auto",
+             precision: str = "auto") -> Encoder:
+        """Load a model directory (default: the shipped default model, see
+        ``default_model_path``). Never unpickles: weights are safetensors."""
         from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors
 
-        path = Path(path)
+        path = default_model_path() if path is None else Path(path)
         config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not path.is_dir():
             raise FilterkitError(f"model directory not found: {path}")

@@ -50,6 +50,10 @@ _SMALL = dict(min_crop_scale=0.2)
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "vit-mini-8-32": {"cpu": _recipe(256, 1, 1024, 6, base_lr=5e-4, **_SMALL),
                       "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
+    "vit-mini-8-64": {"cpu": _recipe(128, 1, 1024, 10, base_lr=1e-3, **_SMALL),
+                      "gpu": _recipe(512, 10, 4096, 200)},
+    "vit-mini-16-112": {"cpu": _recipe(128, 1, 1024, 10, base_lr=1e-3, **_SMALL),
+                        "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-4-32": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-8-64": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-16-224": {"cpu": _recipe(64, 1, 1024, 5), "gpu": _recipe(512, 20, 4096, 100)},
@@ -230,7 +234,7 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, options: TrainOptions,
-                     cfg: ModelConfig) -> None:
+                     cfg: ModelConfig, wall_seconds: float = 0.0) -> None:
     import io
 
     state = {
@@ -242,6 +246,7 @@ def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, op
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "options": json.dumps(asdict(options)),
         "model_config": json.dumps(cfg.to_dict()),
+        "wall_seconds": float(wall_seconds),
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -261,10 +266,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _export(out_dir: Path, moco: MoCo, cfg: ModelConfig, options: TrainOptions, step: int,
-            total: int, data_dir: Path, n_images: int) -> None:
+            total: int, data_dir: Path, n_images: int, compute: dict[str, Any]) -> None:
     """Write the base backbone as a model directory (loads into plain timm)."""
     meta = {
-        "training": {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options)},
+        "training": {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options),
+                     "compute": compute},
         "data": {"folder": str(data_dir), "images": n_images},
     }
     Encoder(copy.deepcopy(moco.base.backbone), cfg, meta=meta, device="cpu").save(out_dir, overwrite=True)
@@ -376,10 +382,17 @@ def pretrain(
     images_done, t_start = 0, time.perf_counter()
     dim = cfg.embed_dim
 
+    prior_seconds = float(checkpoint.get("wall_seconds", 0.0)) if checkpoint is not None else 0.0
+
     def save(step: int) -> None:
         if is_main:
-            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg)
-            _export(out_dir, moco, cfg, options, step, total, data_dir, len(paths))
+            wall = prior_seconds + time.perf_counter() - t_start  # over resumes too
+            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall)
+            device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+            precision_used = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+            compute = {"device": device_name, "processes": world, "torch_threads": torch.get_num_threads(),
+                       "precision": precision_used, "wall_seconds": round(wall, 1)}
+            _export(out_dir, moco, cfg, options, step, total, data_dir, len(paths), compute)
 
     step = start
     try:

@@ -28,6 +28,7 @@ def sample_photo(name: str) -> Image.Image:
 def private_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache" / "embeddings.sqlite"
     monkeypatch.setenv("FILTERKIT_CACHE", str(path))
+    monkeypatch.delenv("FILTERKIT_MODEL", raising=False)  # the shipped default model, not the user's
     return path
 
 

@@ -1,0 +1,18 @@
+"""Find near-duplicates (crops, resizes, recompressed copies) among the incoming photos.
+
+    python examples/dedup_photos.py
+"""
+
+from pathlib import Path
+
+from filterkit import Encoder, find_duplicates
+
+HERE = Path(__file__).parent
+
+encoder = Encoder.load()
+groups, skipped = find_duplicates(HERE / "incoming", encoder)  # threshold: the model's calibrated one
+for group in groups:
+    print(f"keep {group.keep.name}")
+    for dup in group.duplicates:
+        print(f"   duplicate {dup.path.name} (cosine {dup.score:.3f}{', identical bytes' if dup.exact else ''})")
+print(f"{len(groups)} groups, {sum(len(g.duplicates) for g in groups)} duplicates, {len(skipped)} skipped")

@@ -1,0 +1,1 @@
+"""The encoders filterkit ships (installed as the package ``filterkit.models``)."""

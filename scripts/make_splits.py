@@ -1,0 +1,61 @@
+"""Lay out the default model's training and evaluation folders from ../shared/data (as links).
+
+    python scripts/make_splits.py --data ~/.cache/filterkit-data --out ~/.cache/filterkit-data/splits
+
+Writes (file symlinks; the images themselves are never copied):
+  imagenette-train/<wnid>/    the first 80 % of each class's photos, sorted by file name
+  imagenette-heldout/<wnid>/  the last 20 % (never seen by training; evaluation only)
+  pretrain/imagenette[-r]/<wnid>/ + pretrain/cifar10/<class>/   the pretraining folder: the
+                              Imagenette training split (--imagenette-repeat times, so that the
+                              224-px photos are not drowned by CIFAR's 50,000) plus CIFAR-10 train
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from filterkit.images import discover_images
+
+HELD_OUT = 0.2
+
+
+def link_all(files: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = dest / f.name
+        if not link.is_symlink():
+            link.symlink_to(f.resolve())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder holding imagenette/ and cifar10/")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-cifar", action="store_true", help="pretrain on the Imagenette split only")
+    parser.add_argument("--imagenette-repeat", type=int, default=1,
+                        help="link the Imagenette split this many times into pretrain/ (oversampling)")
+    args = parser.parse_args()
+    imagenette = args.data / "imagenette" / "train"
+    counts = {}
+    for class_dir in sorted(p for p in imagenette.iterdir() if p.is_dir()):
+        files = discover_images(class_dir)
+        n_held = math.ceil(HELD_OUT * len(files))
+        train, held = files[:-n_held], files[-n_held:]
+        link_all(train, args.out / "imagenette-train" / class_dir.name)
+        link_all(held, args.out / "imagenette-heldout" / class_dir.name)
+        for r in range(args.imagenette_repeat):
+            link_all(train, args.out / "pretrain" / f"imagenette{'-' + str(r) if r else ''}" / class_dir.name)
+        counts[class_dir.name] = (len(train), len(held))
+    if not args.no_cifar:
+        cifar = args.data / "cifar10" / "train"
+        for class_dir in sorted(p for p in cifar.iterdir() if p.is_dir()):
+            link_all(discover_images(class_dir), args.out / "pretrain" / "cifar10" / class_dir.name)
+    n_train = sum(t for t, _ in counts.values())
+    n_held = sum(h for _, h in counts.values())
+    print(f"imagenette: {n_train} train / {n_held} held out over {len(counts)} classes -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
