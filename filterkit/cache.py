@@ -97,6 +97,11 @@ class EmbeddingCache:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def index_dir(self) -> Path:
+        """Where FAISS indexes built from this cache's vectors are kept (see index.cached_index)."""
+        return self.path.with_name(self.path.name + ".indexes")
+
     def __enter__(self) -> EmbeddingCache:
         return self
 
@@ -228,10 +233,56 @@ class EmbeddingCache:
             found.update(rows)
         return found
 
+    def iter_vectors(self, model_id: str, chunk: int = 1 << 16):
+        """Every (sha256s, vectors [n, D]) of ``model_id`` in sha256 order, ``chunk`` rows at a
+        time: the whole set never has to fit in memory."""
+        cursor = self._db.execute(
+            "SELECT sha256, dim, vector FROM embeddings WHERE model_id=? ORDER BY sha256", (model_id,))
+        while rows := cursor.fetchmany(chunk):
+            if any(len(blob) != 4 * dim for _, dim, blob in rows):
+                raise FilterkitError(f"embedding cache {self.path} holds a damaged vector")
+            yield [r[0] for r in rows], np.stack([np.frombuffer(r[2], dtype="<f4") for r in rows])
+
+    def paths_of(self, hashes: Sequence[str]) -> dict[str, list[Path]]:
+        """The paths this cache has seen with each content hash (as last hashed)."""
+        found: dict[str, list[Path]] = {}
+        for chunk in _chunks(list(dict.fromkeys(hashes))):
+            rows = self._db.execute(
+                f"SELECT sha256, path FROM files WHERE sha256 IN ({','.join('?' * len(chunk))}) ORDER BY path", chunk)
+            for digest, path in rows:
+                found.setdefault(digest, []).append(Path(os.fsdecode(path)))
+        return found
+
     def count(self, model_id: str | None = None) -> int:
         if model_id is None:
             return self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM embeddings WHERE model_id=?", (model_id,)).fetchone()[0]
+
+    def merge_from(self, other: str | os.PathLike) -> dict[str, int]:
+        """Copy every vector, path hash and decode failure of the cache file ``other`` into
+        this one, in one transaction. Rows already here win (nothing is overwritten).
+        Returns the number of rows added per table."""
+        other = Path(other)
+        if not other.is_file():
+            raise FilterkitError(f"cache not found: {other}")
+        if other.resolve() == self.path.resolve():
+            raise FilterkitError(f"cannot merge {other} into itself")
+        try:
+            with EmbeddingCache(other) as source:  # validates the schema; folds its WAL in
+                source._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except FilterkitError as e:
+            raise FilterkitError(f"cannot merge {other}: {e}") from None
+        self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
+        try:
+            added = {}
+            with self._transaction():
+                for table in ("embeddings", "files", "failures"):
+                    before = self._db.total_changes
+                    self._db.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM other.{table}")
+                    added[table] = self._db.total_changes - before
+        finally:
+            self._db.execute("DETACH DATABASE other")
+        return added
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+cache_app = typer.Typer(help="Manage embedding caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Model directory [default: the shipped model, or $FILTERKIT_MODEL].")]
@@ -63,6 +65,7 @@ def _print_skips(skipped, quiet: bool) -> None:
 @app.command()
 def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: embed only the I-th of N deterministic parts (merge the caches with `filterkit cache merge`).")] = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -73,12 +76,14 @@ def embed(
 ) -> None:
     """Embed every image in FOLDER into the cache (only what is new or changed)."""
     from .cache import EmbeddingCache
+    from .images import parse_shard
     from .pipeline import embed_folder
 
+    shard_spec = parse_shard(shard) if shard is not None else None
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
-                              progress=not quiet)
+                              progress=not quiet, shard=shard_spec)
         cache_path = store.path
     if as_json:
         typer.echo(json.dumps({
@@ -100,7 +105,8 @@ def embed(
 @app.command()
 def search(
     queries: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
-    folder: Annotated[Path, typer.Option("--in", help="Folder to search in.")],
+    folder: Annotated[Optional[Path], typer.Option("--in", help="Folder to search in.")] = None,
+    index_path: Annotated[Optional[Path], typer.Option("--index", help="Search an index directory from `filterkit index build` instead of --in.")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -110,32 +116,29 @@ def search(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the K images in --in most similar to each query image (cosine similarity)."""
+    """Find the K images in --in (or --index) most similar to each query image (cosine)."""
+    if (folder is None) == (index_path is None):
+        raise FilterkitError("give exactly one of --in FOLDER and --index DIR")
     for q in queries:
         if not q.is_file():
             raise FilterkitError(f"query image not found: {q}")
     from .cache import EmbeddingCache
-    from .index import build_index
+    from .index import cached_index
     from .index import search as knn_search
     from .pipeline import embed_folder
 
     encoder = _load_encoder(model, device)
     query_vectors = encoder.embed(queries, batch_size=batch_size, workers=0)
-    with EmbeddingCache(cache) as store:
-        result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
-                              progress=not quiet)
-    if not result.paths:
-        raise FilterkitError(f"none of the images in {folder} could be decoded")
-    found = knn_search(build_index(result.vectors), query_vectors, k)
-    answers = [
-        {"query": str(q), "results": [{"path": str(result.paths[j]), "score": round(float(s), 6)}
-                                      for s, j in zip(scores, ids) if j >= 0]}
-        for q, scores, ids in zip(queries, found.scores, found.ids)
-    ]
+    if index_path is not None:
+        answers = _search_index_dir(index_path, encoder, query_vectors, queries, k, cache)
+        skipped = []
+    else:
+        answers, skipped = _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size,
+                                          workers, quiet)
     if as_json:
         typer.echo(json.dumps(answers, indent=2))
         return
-    _print_skips(result.skipped, quiet)
+    _print_skips(skipped, quiet)
     from rich.console import Console
     from rich.table import Table
 
@@ -148,6 +151,53 @@ def search(
         for rank, r in enumerate(answer["results"], 1):
             table.add_row(str(rank), f"{r['score']:.4f}", r["path"])
         console.print(table)
+
+
+def _search_index_dir(index_path, encoder, query_vectors, queries, k, cache):
+    from .cache import EmbeddingCache
+    from .index import search as knn_search
+    from .ondisk import load_index_dir
+
+    index, sha256_of, meta = load_index_dir(index_path)
+    if meta["model_id"] != encoder.model_id:
+        raise FilterkitError(f"{index_path} holds vectors of model {meta['model_id']}, not of "
+                             f"{encoder.model_id}: pass the --model it was built with")
+    found = knn_search(index, query_vectors, k)
+    hashes = [sha256_of[j] for j in found.ids.ravel() if j >= 0]
+    paths: dict = {}
+    for source in [*(Path(c) for c in meta["caches"]), *([cache] if cache else [])]:
+        if source.is_file():
+            with EmbeddingCache(source) as store:
+                for h, ps in store.paths_of(hashes).items():
+                    paths.setdefault(h, ps[0])
+    return [
+        {"query": str(q), "results": [{"path": str(paths.get(sha256_of[j], "sha256:" + sha256_of[j])),
+                                       "sha256": sha256_of[j], "score": round(float(s), 6)}
+                                      for s, j in zip(scores, ids) if j >= 0]}
+        for q, scores, ids in zip(queries, found.scores, found.ids)
+    ]
+
+
+def _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size, workers, quiet):
+    from .cache import EmbeddingCache
+    from .index import cached_index
+    from .index import search as knn_search
+    from .pipeline import embed_folder
+
+    with EmbeddingCache(cache) as store:
+        result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
+                              progress=not quiet)
+        index_dir = store.index_dir
+    if not result.paths:
+        raise FilterkitError(f"none of the images in {folder} could be decoded")
+    index = cached_index(result.vectors, f"{encoder.model_id}:{','.join(result.hashes)}", index_dir)
+    found = knn_search(index, query_vectors, k)
+    answers = [
+        {"query": str(q), "results": [{"path": str(result.paths[j]), "score": round(float(s), 6)}
+                                      for s, j in zip(scores, ids) if j >= 0]}
+        for q, scores, ids in zip(queries, found.scores, found.ids)
+    ]
+    return answers, result.skipped
 
 
 @app.command("filter")
@@ -479,6 +529,45 @@ def model_init(
         raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     Encoder.random(preset, seed=seed).save(out, overwrite=force)
     typer.echo(f"wrote randomly initialised {preset} to {out}")
+
+
+index_app = typer.Typer(help="Build indexes for collections too large for memory.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    caches: Annotated[list[Path], typer.Option("--cache", help="Embedding cache(s) to index, one per shard (repeat).")],
+    out: Annotated[Path, typer.Option("--out", help="New index directory.")],
+    nlist: Annotated[Optional[int], typer.Option("--nlist", min=1, help="IVF lists [default: 4 sqrt(N)].")] = None,
+    target_recall: Annotated[float, typer.Option("--target-recall", min=0.5, max=1.0, help="recall@10 that nprobe is tuned for.")] = 0.99,
+    model: ModelOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train an IVF index once and fill it cache by cache into on-disk inverted lists."""
+    from .ondisk import build_index_dir
+
+    model_id = _load_encoder(model, "cpu").model_id
+    meta = build_index_dir(caches, model_id, out, nlist=nlist, target_recall=target_recall,
+                           on_progress=None if quiet else typer.echo)
+    typer.echo(f"{out}: {meta['vectors']} vectors, {meta['nlist']} lists, nprobe {meta['nprobe']} "
+               f"(recall@10 {meta['recall_at_10']:.3f} on a sample); search it with `filterkit search Q --index {out}`")
+
+
+@cache_app.command("merge")
+def cache_merge(
+    sources: Annotated[list[Path], typer.Argument(help="Cache files to merge (e.g. one per `embed --shard`).")],
+    out: Annotated[Path, typer.Option("--out", help="Cache file to merge into (created if missing).")],
+) -> None:
+    """Merge embedding caches: every vector, path hash and decode failure; nothing is overwritten."""
+    from .cache import EmbeddingCache
+
+    with EmbeddingCache(out) as target:
+        for source in sources:
+            added = target.merge_from(source)
+            typer.echo(f"{source}: +{added['embeddings']} vectors, +{added['files']} paths, "
+                       f"+{added['failures']} failures")
+        typer.echo(f"{out}: {target.count()} vectors")
 
 
 @model_app.command("info")

@@ -88,13 +88,16 @@ def keeper_order(paths: list[Path]) -> list[int]:
 
 
 def duplicate_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray,
-                     threshold: float) -> list[DuplicateGroup]:
-    """Groups of exact (same hash) and near (cosine >= threshold) duplicates, sorted by keeper."""
+                     threshold: float, index=None) -> list[DuplicateGroup]:
+    """Groups of exact (same hash) and near (cosine >= threshold) duplicates, sorted by keeper.
+
+    ``index``: a FAISS index over ``vectors`` to reuse (default: built for their number).
+    """
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
     if not -1.0 <= threshold <= 1.0:
         raise FilterkitError(f"a cosine threshold lies in [-1, 1], got {threshold}")
-    rows, cols, _ = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), None)
+    rows, cols, _ = range_pairs(vectors, threshold, index=index) if len(vectors) else (np.empty(0), np.empty(0), None)
     first_of_hash: dict[str, int] = {}
     exact_rows, exact_cols = [], []
     for i, h in enumerate(hashes):
@@ -129,8 +132,17 @@ def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None 
         if threshold is None:
             raise FilterkitError("this model has no calibrated dedup threshold: pass --threshold "
                                  "(cosine, e.g. 0.95) or calibrate the model first")
+    from .cache import EmbeddingCache
+    from .index import cached_index
+
+    if cache is None:
+        with EmbeddingCache() as default_cache:
+            return find_duplicates(folder, encoder, threshold, default_cache, batch_size, workers, progress)
     found = embed_folder(folder, encoder, cache, batch_size, workers, progress)
-    return duplicate_groups(found.paths, found.hashes, found.vectors, float(threshold)), found.skipped
+    index = None
+    if len(found.vectors):
+        index = cached_index(found.vectors, f"{encoder.model_id}:{','.join(found.hashes)}", cache.index_dir)
+    return duplicate_groups(found.paths, found.hashes, found.vectors, float(threshold), index), found.skipped
 
 
 def near_duplicate_variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:

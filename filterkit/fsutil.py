@@ -7,11 +7,22 @@ import tempfile
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; once, at import
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp makes files 0600; atomic writes get the mode a plain open() would give.
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

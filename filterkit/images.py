@@ -92,6 +92,24 @@ def discover_images(root: str | os.PathLike, follow_symlinks: bool = False) -> l
     return sorted(found)
 
 
+def shard_of(path: Path, root: Path, count: int) -> int:
+    """The shard (0..count-1) of ``path``: a hash of its path relative to ``root``, so every
+    machine that sees the folder (at any mount point) splits it the same way."""
+    relative = os.fsencode(os.path.relpath(path, root))
+    return int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "big") % count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FilterkitError(f"--shard takes I/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise FilterkitError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of the file's bytes (streamed; hashlib releases the GIL, so threads help)."""
     digest = hashlib.sha256()

@@ -1,16 +1,32 @@
 """FAISS inner-product search, range search and spherical k-means over unit vectors.
 
-Thin functions over numpy arrays, in the manner of ``faiss.contrib``.
+Thin functions over numpy arrays, in the manner of ``faiss.contrib``. The index type follows
+the collection's size: exact (``IndexFlatIP``) up to ``EXACT_MAX``, IVF beyond it, with
+nlist = 4·sqrt(N) coarse cells trained on a sample and ``nprobe`` raised until recall@10 on a
+sample of the indexed vectors reaches ``target_recall`` of exact search. IVF indexes are
+worth keeping: ``cached_index`` stores them in a folder next to the embedding cache, keyed
+by the exact list of vectors they hold.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 
 from .errors import FilterkitError
+from .fsutil import atomic_write_bytes
+
+# Above this many vectors, all-pairs work (dedup: one range search per vector) is faster on
+# an IVF index than exact; measured by benchmarks/scale.py (see benchmarks/README.md).
+EXACT_MAX = 20_000
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per coarse cell (FAISS warns below 39)
+_ADD_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -19,13 +35,76 @@ class SearchResult:
     ids: np.ndarray  # [Q, min(k, N)] row numbers in the indexed vectors
 
 
-def build_index(vectors: np.ndarray) -> faiss.Index:
-    """An exact inner-product index over ``vectors`` [N, D] (unit rows -> cosine)."""
+def index_kind(n: int) -> str:
+    return "flat" if n <= EXACT_MAX else "ivf"
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 0.99,
+                seed: int = 0) -> faiss.Index:
+    """An inner-product index over ``vectors`` [N, D] (unit rows -> cosine).
+
+    ``kind``: ``flat`` (exact), ``ivf``, or ``auto`` (flat up to ``EXACT_MAX`` vectors).
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise FilterkitError(f"expected vectors [N, D], got shape {vectors.shape}")
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
+    kind = index_kind(len(vectors)) if kind == "auto" else kind
+    if kind == "flat":
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return index
+    if kind != "ivf":
+        raise FilterkitError(f"unknown index kind {kind!r}; choose auto, flat or ivf")
+    n, d = vectors.shape
+    nlist = max(1, min(int(round(4 * math.sqrt(n))), n // TRAIN_POINTS_PER_LIST or 1))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False))
+    index.cp.seed = seed
+    index.train(vectors[sample])
+    for start in range(0, n, _ADD_CHUNK):
+        index.add(vectors[start:start + _ADD_CHUNK])
+    index.nprobe = tune_nprobe(index, vectors, target_recall, seed=seed)
+    return index
+
+
+def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, target_recall: float = 0.99, k: int = 10,
+                queries: int = 256, seed: int = 0) -> int:
+    """The smallest power-of-two ``nprobe`` whose recall@k, on indexed vectors used as
+    queries, reaches ``target_recall`` of exact search (``faiss.knn``: no second copy)."""
+    rng = np.random.default_rng(seed + 1)
+    q = vectors[np.sort(rng.choice(len(vectors), min(queries, len(vectors)), replace=False))]
+    k = min(k, len(vectors))
+    _, exact = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    nprobe = 1
+    while True:
+        index.nprobe = nprobe
+        _, approx = index.search(q, k)
+        recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)])
+        if recall >= target_recall or nprobe >= index.nlist:
+            return nprobe
+        nprobe = min(2 * nprobe, index.nlist)
+
+
+def cached_index(vectors: np.ndarray, content_key: str, folder: str | os.PathLike | None,
+                 kind: str = "auto") -> faiss.Index:
+    """``build_index``, reusing an IVF index saved in ``folder`` for exactly this
+    ``content_key`` (callers hash the ordered content ids of ``vectors`` with the model id).
+    Exact indexes are rebuilt instead: that is as fast as reading them."""
+    kind = index_kind(len(vectors)) if kind == "auto" else kind
+    if folder is None or kind == "flat":
+        return build_index(vectors, kind)
+    path = Path(folder) / f"{hashlib.sha256(content_key.encode()).hexdigest()[:24]}.{kind}.faiss"
+    if path.is_file():
+        try:
+            index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+            if index.ntotal == len(vectors) and index.d == vectors.shape[1]:
+                return index
+        except RuntimeError:
+            pass  # damaged: rebuild and replace it
+    index = build_index(vectors, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
     return index
 
 
@@ -47,21 +126,25 @@ def spherical_kmeans(vectors: np.ndarray, k: int, seed: int = 0, niter: int = 25
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not 1 <= k <= len(vectors):
         raise FilterkitError(f"k-means with k={k} needs between 1 and {len(vectors)} (the number of vectors)")
+    # FAISS trains on a sample of 256 points per centroid: bounded time at any N.
     kmeans = faiss.Kmeans(vectors.shape[1], k, niter=niter, seed=seed, spherical=True,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+                          min_points_per_centroid=1, max_points_per_centroid=256)
     kmeans.train(vectors)
     centroids = kmeans.centroids
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 
-def range_pairs(vectors: np.ndarray, threshold: float, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def range_pairs(vectors: np.ndarray, threshold: float, chunk: int = 4096,
+                index: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (i < j) with inner product >= ``threshold``, as arrays (i, j, similarity).
 
     Queries run in chunks through FAISS range search, so memory grows with the number of
-    pairs found, never with N x N.
+    pairs found, never with N x N. Past ``EXACT_MAX`` vectors the index is IVF, so a pair
+    whose two vectors fall in cells that no probe visits is missed (benchmarks/scale.py
+    measures the recall of planted near-duplicate pairs).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = build_index(vectors)
+    index = build_index(vectors) if index is None else index
     rows, cols, sims = [], [], []
     for start in range(0, len(vectors), chunk):
         lims, dist, ids = index.range_search(vectors[start:start + chunk], float(threshold))

@@ -16,7 +16,7 @@ import numpy as np
 from .cache import EmbeddingCache
 from .encoder import Encoder
 from .errors import FilterkitError
-from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images
+from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images, shard_of
 from .loader import iter_batches
 from .progress import progress_bar
 
@@ -42,16 +42,24 @@ def embed_folder(
     progress: bool = True,
     follow_symlinks: bool = False,
     draft: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> EmbeddedFolder:
     """Embed every image under ``root`` that the cache does not already hold.
 
     ``cache=None`` opens (and closes) the default cache. ``draft=False`` decodes JPEGs at full
-    size first (slower; for comparison only).
+    size first (slower; for comparison only). ``shard=(i, n)`` takes only the i-th of n
+    deterministic parts of the folder (see ``images.shard_of``), for embedding on n machines
+    whose caches are then merged with ``EmbeddingCache.merge_from``.
     """
     paths = discover_images(root, follow_symlinks=follow_symlinks)
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise FilterkitError(f"no images found in {root} (looked for {exts})")
+    if shard is not None:
+        index, count = shard
+        paths = [p for p in paths if shard_of(p, Path(root), count) == index]
+        if not paths:  # more shards than images
+            return EmbeddedFolder([], [], np.empty((0, encoder.dim), np.float32))
     if cache is None:
         with EmbeddingCache() as default_cache:
             return embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft)

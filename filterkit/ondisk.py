@@ -1,0 +1,176 @@
+"""An IVF index for collections whose vectors do not fit in memory, built shard by shard.
+
+The coarse quantizer is trained once on a sample; each shard (an embedding cache, e.g. from
+``embed --shard I/N`` on one machine) is added to a copy of the trained empty index and
+written out; the shards' inverted lists are then merged into one on-disk file with FAISS's
+``merge_ondisk``, which memory-maps them. Searching maps the inverted lists, so RAM holds
+only the coarse centroids and the lists a query visits.
+
+An index directory holds:
+  index.faiss    the IVF index (its inverted lists point at lists.ivfdata by absolute path)
+  lists.ivfdata  the merged inverted lists
+  ids.txt        content sha256 of each vector id, one per line
+  meta.json      model id, dimension, sizes, nlist, nprobe and the measured recall
+
+    >>> build_index_dir(["part0.sqlite", "part1.sqlite"], model_id, "idx/")
+    >>> index, sha256_of_id, meta = load_index_dir("idx/")   # lists memory-mapped
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .cache import EmbeddingCache
+from .errors import FilterkitError
+from .fsutil import atomic_write_text
+from .index import TRAIN_POINTS_PER_LIST
+
+FORMAT = "filterkit-ivf/1"
+
+
+def _distinct_ids(caches: Sequence[Path], model_id: str) -> list[tuple[str, int]]:
+    """(sha256, cache number) of every distinct content, first cache first."""
+    seen: dict[str, int] = {}
+    for number, path in enumerate(caches):
+        with EmbeddingCache(path) as cache:
+            for hashes, _ in cache.iter_vectors(model_id):
+                for h in hashes:
+                    seen.setdefault(h, number)
+    return list(seen.items())
+
+
+def _stream(caches: Sequence[Path], model_id: str, owner: dict[str, int], only: int | None = None):
+    """(sha256s, vectors) chunks, each content once (from the first cache holding it);
+    ``only``: just the contents owned by that cache number."""
+    for number, path in enumerate(caches):
+        if only is not None and number != only:
+            continue
+        with EmbeddingCache(path) as cache:
+            for hashes, vectors in cache.iter_vectors(model_id):
+                mine = [i for i, h in enumerate(hashes) if owner[h] == number]
+                if mine:
+                    yield [hashes[i] for i in mine], np.ascontiguousarray(vectors[mine], dtype=np.float32)
+
+
+def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str | os.PathLike,
+                    nlist: int | None = None, target_recall: float = 0.99, seed: int = 0,
+                    on_progress: Callable[[str], None] | None = None) -> dict:
+    """Build the index directory ``out`` from the vectors of ``model_id`` in ``caches``."""
+    caches = [Path(c) for c in caches]
+    for c in caches:
+        if not c.is_file():
+            raise FilterkitError(f"cache not found: {c}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FilterkitError(f"{out} is not empty; choose a new folder")
+    say = on_progress or (lambda _: None)
+    ids = _distinct_ids(caches, model_id)
+    n = len(ids)
+    if n == 0:
+        raise FilterkitError(f"the caches hold no vectors of model {model_id}: run `filterkit embed` first")
+    owner = dict(ids)
+    id_of = {h: i for i, (h, _) in enumerate(ids)}
+    nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // TRAIN_POINTS_PER_LIST or 1))
+    if not 1 <= nlist <= n:
+        raise FilterkitError(f"--nlist must be between 1 and {n} (the number of vectors)")
+
+    # 1. Train the coarse quantizer on a uniform sample, streamed.
+    rng = np.random.default_rng(seed)
+    wanted = set(rng.choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False).tolist())
+    sample, dim = [], None
+    for hashes, vectors in _stream(caches, model_id, owner):
+        dim = vectors.shape[1]
+        rows = [i for i, h in enumerate(hashes) if id_of[h] in wanted]
+        sample.append(vectors[rows])
+    say(f"training {nlist} lists on {sum(map(len, sample))} of {n} vectors")
+    trained = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    trained.cp.seed = seed
+    trained.train(np.concatenate(sample))
+    del sample
+
+    # 2. One shard index per cache, written to disk, then merged into on-disk lists.
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".build"
+    work.mkdir(exist_ok=True)
+    try:
+        empty = str(work / "trained.index")
+        faiss.write_index(trained, empty)
+        shard_files = []
+        for number in range(len(caches)):
+            shard = faiss.read_index(empty)
+            for hashes, vectors in _stream(caches, model_id, owner, only=number):
+                shard.add_with_ids(vectors, np.asarray([id_of[h] for h in hashes], dtype=np.int64))
+            if shard.ntotal:
+                shard_files.append(str(work / f"shard{number}.index"))
+                faiss.write_index(shard, shard_files[-1])
+            say(f"shard {number + 1}/{len(caches)}: {shard.ntotal} vectors")
+            del shard
+        from faiss.contrib.ondisk import merge_ondisk
+
+        index = faiss.read_index(empty)
+        merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
+        index.nprobe, recall = _tune_nprobe(index, lambda: _stream(caches, model_id, owner), id_of,
+                                            target_recall, seed)
+        faiss.write_index(index, str(work / "index.faiss"))
+        os.replace(work / "index.faiss", out / "index.faiss")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(out / "ids.txt", "".join(f"{h}\n" for h, _ in ids))
+    meta = {"format": FORMAT, "model_id": model_id, "dim": dim, "vectors": n, "nlist": nlist,
+            "nprobe": int(index.nprobe), "recall_at_10": recall, "caches": [str(c) for c in caches]}
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: float, seed: int,
+                 queries: int = 256, k: int = 10) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k on sample vectors reaches ``target_recall``
+    of exact search; the exact neighbours come from one more pass over the vectors."""
+    n = index.ntotal
+    k = min(k, n)
+    picks = set(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False).tolist())
+    q = np.concatenate([vectors[[j for j, h in enumerate(hashes) if id_of[h] in picks]]
+                        for hashes, vectors in stream()])
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    for hashes, vectors in stream():
+        s, i = faiss.knn(q, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        ids = np.asarray([id_of[h] for h in hashes], dtype=np.int64)[i]
+        merged_s, merged_i = np.hstack([best_s, s]), np.hstack([best_i, ids])
+        top = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(merged_s, top, 1), np.take_along_axis(merged_i, top, 1)
+    nprobe = 1
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(q, k)
+        recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(found, best_i)]))
+        if recall >= target_recall or nprobe >= index.nlist:
+            return nprobe, recall
+        nprobe = min(2 * nprobe, index.nlist)
+
+
+def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:
+    """(index with memory-mapped lists, sha256 per id, meta) of an index directory."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise FilterkitError(f"not a filterkit index directory (no meta.json): {path}")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise FilterkitError(f"{meta_path}: expected \"format\": \"{FORMAT}\"")
+    if not (path / "lists.ivfdata").is_file():
+        raise FilterkitError(f"{path / 'lists.ivfdata'} is missing")
+    index = faiss.read_index(str(path / "index.faiss"))  # its lists stay on disk (mmap)
+    index.nprobe = int(meta["nprobe"])
+    ids = (path / "ids.txt").read_text(encoding="ascii").split()
+    if len(ids) != index.ntotal:
+        raise FilterkitError(f"{path}: ids.txt lists {len(ids)} ids, the index holds {index.ntotal}")
+    return index, ids, meta

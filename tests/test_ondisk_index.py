@@ -1,0 +1,65 @@
+"""`filterkit index build`: an IVF index trained once, filled cache by cache, lists merged on
+disk; searched with `filterkit search --index`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from filterkit.cache import EmbeddingCache
+from filterkit.cli import main
+from filterkit.errors import FilterkitError
+from filterkit.ondisk import build_index_dir, load_index_dir
+
+
+def _unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_sharded_caches_make_one_on_disk_index(tmp_path):
+    rng = np.random.default_rng(0)
+    x = _unit(rng, 3000)
+    hashes = [f"{i:064x}" for i in range(len(x))]
+    # Two shards that overlap by 500 contents: each content must be indexed once.
+    for name, rows in (("a", slice(0, 2000)), ("b", slice(1500, 3000))):
+        with EmbeddingCache(tmp_path / f"{name}.sqlite") as cache:
+            cache.put("m", hashes[rows], x[rows])
+    meta = build_index_dir([tmp_path / "a.sqlite", tmp_path / "b.sqlite"], "m", tmp_path / "idx", nlist=16)
+    assert meta["vectors"] == 3000 and meta["nlist"] == 16 and meta["recall_at_10"] >= 0.99
+    assert not (tmp_path / "idx" / ".build").exists()
+    index, sha256_of, _ = load_index_dir(tmp_path / "idx")
+    assert index.ntotal == 3000 and sorted(sha256_of) == hashes
+    _, ids = index.search(x[:50], 1)
+    assert [sha256_of[i] for i in ids[:, 0]] == hashes[:50]  # each vector finds itself
+    with pytest.raises(FilterkitError, match="not empty"):
+        build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx")
+    with pytest.raises(FilterkitError, match="no vectors of model"):
+        build_index_dir([tmp_path / "a.sqlite"], "other-model", tmp_path / "idx2")
+
+
+def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_encoder, tmp_path, capsys):
+    model = tmp_path / "model"
+    small_encoder.save(model)
+    for i in range(2):
+        assert main(["embed", str(photos_dir), "--shard", f"{i}/2", "--model", str(model),
+                     "--cache", str(tmp_path / f"p{i}.sqlite"), "-q"]) == 0
+    assert main(["index", "build", "--cache", str(tmp_path / "p0.sqlite"), "--cache", str(tmp_path / "p1.sqlite"),
+                 "--out", str(tmp_path / "idx"), "--nlist", "2", "--model", str(model), "-q"]) == 0
+    capsys.readouterr()
+    query = str(photos_dir / "chelsea.jpg")
+    assert main(["search", query, "--index", str(tmp_path / "idx"), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
+    from_index = json.loads(capsys.readouterr().out)[0]["results"]
+    assert main(["search", query, "--in", str(photos_dir), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)[0]["results"]
+    assert from_index[0]["path"].endswith("chelsea.jpg")
+    assert [r["path"] for r in from_index] == [r["path"] for r in from_folder]
+    # Another model's queries are refused.
+    other = tmp_path / "other"
+    from filterkit import Encoder
+
+    Encoder.random("vit-tiny-8-64", seed=1, depth=1).save(other)
+    assert main(["search", query, "--index", str(tmp_path / "idx"), "--model", str(other), "-q"]) == 1
+    assert "pass the --model it was built with" in capsys.readouterr().err
