@@ -1,4 +1,4 @@
-# `make test`: create .venv if missing, install filterkit with its test extra, run the suite.
+# `make test`: create .venv if missing, install filterkit with its test and ray extras, run the suite.
 # `make demo`: create .venv if missing, install filterkit, run it on the example photos.
 PY ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -66,6 +66,8 @@ def _print_skips(skipped, quiet: bool) -> None:
 def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: embed only the I-th of N deterministic parts (merge the caches with `filterkit cache merge`).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Embed on Ray: 'local', 'auto' (running cluster) or an address; needs the ray extra.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="Encoder actors [default: the cluster's CPUs].")] = None,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -80,10 +82,15 @@ def embed(
     from .pipeline import embed_folder
 
     shard_spec = parse_shard(shard) if shard is not None else None
+    runner = None
+    if ray_address is not None:
+        from .raydata import ray_runner
+
+        runner = ray_runner(ray_address, ray_actors)
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
-                              progress=not quiet, shard=shard_spec)
+                              progress=not quiet, shard=shard_spec, runner=runner)
         cache_path = store.path
     if as_json:
         typer.echo(json.dumps({

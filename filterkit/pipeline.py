@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def embed_folder(
     follow_symlinks: bool = False,
     draft: bool = True,
     shard: tuple[int, int] | None = None,
+    runner: Callable | None = None,
 ) -> EmbeddedFolder:
     """Embed every image under ``root`` that the cache does not already hold.
 
@@ -62,8 +64,16 @@ def embed_folder(
             return EmbeddedFolder([], [], np.empty((0, encoder.dim), np.float32))
     if cache is None:
         with EmbeddingCache() as default_cache:
-            return embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft)
-    return embed_paths(paths, encoder, cache, batch_size, workers, progress, draft)
+            return embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft, runner)
+    return embed_paths(paths, encoder, cache, batch_size, workers, progress, draft, runner)
+
+
+def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, batch_size: int,
+                  workers: int | None) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """(positions, vectors, failures) per batch: decode in DataLoader workers, forward here."""
+    for batch in iter_batches(paths, encoder.transform, draft_size, batch_size=batch_size, workers=workers):
+        vectors = encoder.embed_batch(batch.pixels).numpy() if batch.indices else None
+        yield batch.indices, vectors, batch.failures
 
 
 def embed_paths(
@@ -74,8 +84,13 @@ def embed_paths(
     workers: int | None = None,
     progress: bool = True,
     draft: bool = True,
+    runner: Callable | None = None,
 ) -> EmbeddedFolder:
-    """Like :func:`embed_folder`, for an explicit list of image paths."""
+    """Like :func:`embed_folder`, for an explicit list of image paths.
+
+    ``runner`` computes the vectors of what the cache lacks (signature of ``local_batches``,
+    the default); ``raydata.ray_runner`` runs it on a Ray cluster instead.
+    """
     model_id = encoder.model_id
     with progress_bar("hashing", len(paths), progress) as advance:
         hashes, read_errors = cache.content_hashes(paths, on_hashed=advance)
@@ -92,19 +107,18 @@ def embed_paths(
     n_embedded = 0
     if todo:
         todo_paths = [first_path[h] for h in todo]
+        draft_size = encoder.config.img_size if draft else None
+        batches = (runner or local_batches)(todo_paths, encoder, draft_size, batch_size, workers)
         with progress_bar("embedding", len(todo), progress) as advance:
-            draft_size = encoder.config.img_size if draft else None
-            for batch in iter_batches(todo_paths, encoder.transform, draft_size,
-                                      batch_size=batch_size, workers=workers):
-                if batch.indices:
-                    vectors = encoder.embed_batch(batch.pixels).numpy()
-                    cache.put(model_id, [todo[i] for i in batch.indices], vectors)
-                    n_embedded += len(batch.indices)
-                if batch.failures:
-                    new_errors = {todo[i]: reason for i, reason in batch.failures}
+            for positions, vectors, failures in batches:
+                if positions:
+                    cache.put(model_id, [todo[i] for i in positions], vectors)
+                    n_embedded += len(positions)
+                if failures:
+                    new_errors = {todo[i]: reason for i, reason in failures}
                     cache.put_failures(decoder, new_errors)
                     decode_errors.update(new_errors)
-                advance(len(batch.indices) + len(batch.failures))
+                advance(len(positions) + len(failures))
     skipped, good = [], []
     for i, (p, h) in enumerate(zip(paths, hashes)):
         if h is None:
