@@ -1,24 +1,29 @@
 # `make test`: create .venv if missing, install filterkit with its test and ray extras, run the suite.
-# `make demo`: create .venv if missing, install filterkit, run it on the example photos.
+# `make demo`: create .venv if missing, install filterkit, filter the example photos.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+DEMO_STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test,ray]'
-	touch $(STAMP)
+$(DEMO_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $(DEMO_STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test,ray]'
+	touch $(TEST_STAMP) $(DEMO_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	bash examples/demo.sh
 
 clean:
