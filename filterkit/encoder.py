@@ -34,6 +34,7 @@ FORMAT = "filterkit-model/1"
 # The encoder filterkit ships (models/<name>/ in the repo, filterkit/models/<name>/ in a wheel).
 DEFAULT_MODEL = "filterkit-vit-mini"
 MODEL_ENV = "FILTERKIT_MODEL"
+MAX_PARAMS = 2e9  # a config.json asking for more is refused, not allocated
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
@@ -99,6 +100,10 @@ class ModelConfig:
                 raise bad(f"{name} must be three numbers")
         if min(self.std) <= 0:
             raise bad("std must be positive")
+        params = 12 * self.embed_dim ** 2 * self.depth * self.mlp_ratio / 4
+        if params > MAX_PARAMS:
+            raise bad(f"about {params / 1e9:.1f}B parameters; filterkit refuses models above "
+                      f"{MAX_PARAMS / 1e9:.0f}B (ViT-g has 1B)")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -225,6 +230,32 @@ def default_model_card(cfg: ModelConfig, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_weights_fit(blob: bytes, cfg: ModelConfig, weights_path: Path) -> None:
+    """Compare the safetensors header's tensor names and shapes with the backbone that
+    ``cfg`` describes, built on the meta device (no memory): a config.json asking for a huge
+    model next to small weights is refused before anything is allocated."""
+    if len(blob) < 8:
+        raise FilterkitError(f"malformed {weights_path}: too short for safetensors")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise FilterkitError(f"malformed {weights_path}: header length {size} exceeds the file")
+    try:
+        header = json.loads(blob[8:8 + size])
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+        raise FilterkitError(f"malformed {weights_path}: unreadable header ({e})") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_backbone(cfg).state_dict().items()}
+    if shapes != expected:
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            f"shape of {wrong[0]} is {list(shapes[wrong[0]])}, config.json implies {list(expected[wrong[0]])}"
+            if wrong else "") if part)
+        raise FilterkitError(f"{weights_path} does not fit config.json: {detail}")
+
+
 class Encoder:
     """A backbone plus its config: turns images into L2-normalised float32 vectors."""
 
@@ -284,6 +315,7 @@ class Encoder:
                 f"{weights_path} does not match config.json (sha256 differs): the directory "
                 "was modified or only partly written"
             )
+        _check_weights_fit(blob, cfg, weights_path)  # before allocating anything config.json asks for
         try:
             state = load_safetensors(blob)
         except SafetensorError as e:

@@ -136,3 +136,28 @@ def test_a_pil_image_embeds_like_the_same_file(tmp_path, small_encoder):
     rgba.paste((20, 20, 200, 255), (16, 16, 48, 48))
     rgba.save(tmp_path / "a.png")
     np.testing.assert_allclose(small_encoder.embed([rgba]), small_encoder.embed([tmp_path / "a.png"]), atol=1e-6)
+
+
+def test_a_huge_config_next_to_small_weights_is_refused_before_allocating(tmp_path, small_encoder):
+    """config.json may lie; the weights' header is checked against a meta-device model first,
+    so a 1.5B-parameter request costs no memory (it would need ~6 GB)."""
+    import resource
+
+    small_encoder.save(tmp_path / "m")
+    config = tmp_path / "m" / CONFIG_FILE
+    doc = json.loads(config.read_text())
+    huge = dict(doc["architecture"], embed_dim=3200, num_heads=50, depth=12)
+    config.write_text(json.dumps(dict(doc, architecture=huge, weights_sha256=None)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FilterkitError, match="does not fit config.json: .*shape of"):
+        Encoder.load(tmp_path / "m", device="cpu")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: < 0.5 GB grown
+    absurd = dict(doc["architecture"], embed_dim=4096, num_heads=64, depth=48)
+    config.write_text(json.dumps(dict(doc, architecture=absurd, weights_sha256=None)))
+    with pytest.raises(FilterkitError, match="refuses models above"):
+        Encoder.load(tmp_path / "m", device="cpu")
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    config.write_text(json.dumps(dict(doc, weights_sha256=None)))
+    weights.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(FilterkitError, match="header length"):
+        Encoder.load(tmp_path / "m", device="cpu")
