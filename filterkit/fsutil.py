@@ -34,7 +34,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes.
+    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
 
 
 def default_cache_path() -> Path:
