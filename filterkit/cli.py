@@ -27,6 +27,8 @@ app.add_typer(model_app, name="model")
 cache_app = typer.Typer(help="Manage embedding caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Read symlinks that point outside the folder, and descend into linked folders.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Model directory [default: the shipped model, or $FILTERKIT_MODEL].")]
 CacheOpt = Annotated[Optional[Path], typer.Option(
@@ -68,6 +70,7 @@ def embed(
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: embed only the I-th of N deterministic parts (merge the caches with `filterkit cache merge`).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", help="Embed on Ray: 'local', 'auto' (running cluster) or an address; needs the ray extra.")] = None,
     ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="Encoder actors [default: the cluster's CPUs].")] = None,
+    follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -90,7 +93,7 @@ def embed(
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
-                              progress=not quiet, shard=shard_spec, runner=runner)
+                              progress=not quiet, shard=shard_spec, runner=runner, follow_symlinks=follow_symlinks)
         cache_path = store.path
     if as_json:
         typer.echo(json.dumps({
@@ -114,6 +117,7 @@ def search(
     queries: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
     folder: Annotated[Optional[Path], typer.Option("--in", help="Folder to search in.")] = None,
     index_path: Annotated[Optional[Path], typer.Option("--index", help="Search an index directory from `filterkit index build` instead of --in.")] = None,
+    follow_symlinks: FollowOpt = False,
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -141,7 +145,7 @@ def search(
         skipped = []
     else:
         answers, skipped = _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size,
-                                          workers, quiet)
+                                          workers, quiet, follow_symlinks)
     if as_json:
         typer.echo(json.dumps(answers, indent=2))
         return
@@ -185,7 +189,7 @@ def _search_index_dir(index_path, encoder, query_vectors, queries, k, cache):
     ]
 
 
-def _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size, workers, quiet):
+def _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size, workers, quiet, follow_symlinks):
     from .cache import EmbeddingCache
     from .index import cached_index
     from .index import search as knn_search
@@ -193,7 +197,7 @@ def _search_folder(folder, encoder, query_vectors, queries, k, cache, batch_size
 
     with EmbeddingCache(cache) as store:
         result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
-                              progress=not quiet)
+                              progress=not quiet, follow_symlinks=follow_symlinks)
         index_dir = store.index_dir
     if not result.paths:
         raise FilterkitError(f"none of the images in {folder} could be decoded")
@@ -219,6 +223,7 @@ def filter_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
+    follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -239,7 +244,8 @@ def filter_command(
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
-                                   batch_size=batch_size, workers=workers, progress=not quiet)
+                                   batch_size=batch_size, workers=workers, progress=not quiet,
+                                   follow_symlinks=follow_symlinks)
         image_filter.keep_like(keep_like)
         if reject_like is not None:
             image_filter.reject_like(reject_like)
@@ -335,6 +341,7 @@ def dedup(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
+    follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -351,7 +358,8 @@ def dedup(
 
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
-        groups, skipped = find_duplicates(folder, encoder, value, store, batch_size, workers, not quiet)
+        groups, skipped = find_duplicates(folder, encoder, value, store, batch_size, workers, not quiet,
+                                          follow_symlinks)
     if report is not None:
         from .report import write_dedup_report
 
@@ -386,6 +394,7 @@ def cluster(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
     dry_run: DryRunOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+    follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -406,7 +415,7 @@ def cluster(
 
     encoder = _load_encoder(model, device)
     with EmbeddingCache(cache) as store:
-        found = embed_folder(folder, encoder, store, batch_size, workers, not quiet)
+        found = embed_folder(folder, encoder, store, batch_size, workers, not quiet, follow_symlinks=follow_symlinks)
     if len(found.paths) < k:
         raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded")
     result = cluster_vectors(found.vectors, k, seed=seed)
@@ -461,6 +470,7 @@ def pretrain(
     knn_train: Annotated[Optional[Path], typer.Option("--knn-train", help="Labelled folder for the online kNN monitor.")] = None,
     knn_test: Annotated[Optional[Path], typer.Option("--knn-test", help="Labelled folder for the online kNN monitor.")] = None,
     knn_max_per_class: Annotated[Optional[int], typer.Option("--knn-max-per-class", min=1, help="Monitor on the first N images of each class.")] = None,
+    follow_symlinks: FollowOpt = False,
     json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines [default: OUT/training/log.jsonl].")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -483,6 +493,7 @@ def pretrain(
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,
                               knn_max_per_class=knn_max_per_class, json_log=json_log,
+                              follow_symlinks=follow_symlinks,
                               progress=not quiet)
     except KeyboardInterrupt:
         _echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")

@@ -119,7 +119,8 @@ def duplicate_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray,
 
 
 def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None = None, cache=None,
-                    batch_size: int = 64, workers: int | None = None, progress: bool = False):
+                    batch_size: int = 64, workers: int | None = None, progress: bool = False,
+                    follow_symlinks: bool = False):
     """Embed ``folder`` (through the cache) and group its duplicates.
 
     ``threshold=None`` uses the dedup threshold calibrated into the model directory.
@@ -137,8 +138,9 @@ def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None 
 
     if cache is None:
         with EmbeddingCache() as default_cache:
-            return find_duplicates(folder, encoder, threshold, default_cache, batch_size, workers, progress)
-    found = embed_folder(folder, encoder, cache, batch_size, workers, progress)
+            return find_duplicates(folder, encoder, threshold, default_cache, batch_size, workers, progress,
+                                   follow_symlinks)
+    found = embed_folder(folder, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
     index = None
     if len(found.vectors):
         index = cached_index(found.vectors, f"{encoder.model_id}:{','.join(found.hashes)}", cache.index_dir)

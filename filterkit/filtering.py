@@ -214,12 +214,13 @@ class ImageFilter:
 
     def __init__(self, encoder, cache=None, threshold: float | str = "auto", prototypes: int | None = None,
                  m: int = DEFAULT_M, target_recall: float = DEFAULT_TARGET_RECALL, batch_size: int = 64,
-                 workers: int | None = None, progress: bool = False) -> None:
+                 workers: int | None = None, progress: bool = False, follow_symlinks: bool = False) -> None:
         if threshold != "auto" and not isinstance(threshold, (int, float)):
             raise FilterkitError(f"threshold must be 'auto' or a number, got {threshold!r}")
         self.encoder, self.cache = encoder, cache
         self.threshold, self.prototypes, self.m, self.target_recall = threshold, prototypes, m, target_recall
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
+        self.follow_symlinks = follow_symlinks
         self._keep: tuple[list[Path], np.ndarray] | None = None
         self._reject: tuple[list[Path], np.ndarray] | None = None
         self._skipped: list = []
@@ -227,7 +228,8 @@ class ImageFilter:
     def _embed(self, folder: str | os.PathLike):
         from .pipeline import embed_folder
 
-        return embed_folder(folder, self.encoder, self.cache, self.batch_size, self.workers, self.progress)
+        return embed_folder(folder, self.encoder, self.cache, self.batch_size, self.workers, self.progress,
+                            follow_symlinks=self.follow_symlinks)
 
     def _embed_exemplars(self, folder: str | os.PathLike, role: str):
         result = self._embed(folder)

@@ -92,6 +92,23 @@ def discover_images(root: str | os.PathLike, follow_symlinks: bool = False) -> l
     return sorted(found)
 
 
+OUTSIDE_LINK = "symlink to a file outside the folder: not read (pass --follow-symlinks to read it)"
+
+
+def split_outside_links(paths: list[Path], root: str | os.PathLike) -> tuple[list[Path], list[Skip]]:
+    """(paths to read, skips): symlinks whose target lies outside ``root`` are not read
+    unless the user asks for it, so a link cannot pull in files from elsewhere."""
+    base = Path(root).resolve()
+    inside, refused = [], []
+    for p in paths:
+        try:
+            outside = p.is_symlink() and not p.resolve().is_relative_to(base)
+        except (RuntimeError, OSError):  # a symlink loop: reading it fails later, with its reason
+            outside = False
+        (refused.append(Skip(p, OUTSIDE_LINK)) if outside else inside.append(p))
+    return inside, refused
+
+
 def shard_of(path: Path, root: Path, count: int) -> int:
     """The shard (0..count-1) of ``path``: a hash of its path relative to ``root``, so every
     machine that sees the folder (at any mount point) splits it the same way."""

@@ -17,7 +17,7 @@ import numpy as np
 from .cache import EmbeddingCache
 from .encoder import Encoder
 from .errors import FilterkitError
-from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images, shard_of
+from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images, shard_of, split_outside_links
 from .loader import iter_batches
 from .progress import progress_bar
 
@@ -49,7 +49,9 @@ def embed_folder(
     """Embed every image under ``root`` that the cache does not already hold.
 
     ``cache=None`` opens (and closes) the default cache. ``draft=False`` decodes JPEGs at full
-    size first (slower; for comparison only). ``shard=(i, n)`` takes only the i-th of n
+    size first (slower; for comparison only). Symlinks to files outside ``root`` are skipped
+    (with the reason) unless ``follow_symlinks``, which also descends into linked folders.
+    ``shard=(i, n)`` takes only the i-th of n
     deterministic parts of the folder (see ``images.shard_of``), for embedding on n machines
     whose caches are then merged with ``EmbeddingCache.merge_from``.
     """
@@ -57,15 +59,22 @@ def embed_folder(
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise FilterkitError(f"no images found in {root} (looked for {exts})")
+    refused: list[Skip] = []
+    if not follow_symlinks:
+        paths, refused = split_outside_links(paths, root)
     if shard is not None:
         index, count = shard
         paths = [p for p in paths if shard_of(p, Path(root), count) == index]
-        if not paths:  # more shards than images
-            return EmbeddedFolder([], [], np.empty((0, encoder.dim), np.float32))
+        refused = [s for s in refused if shard_of(s.path, Path(root), count) == index]
+    if not paths:  # more shards than images, or only refused links
+        return EmbeddedFolder([], [], np.empty((0, encoder.dim), np.float32), skipped=refused)
     if cache is None:
         with EmbeddingCache() as default_cache:
-            return embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft, runner)
-    return embed_paths(paths, encoder, cache, batch_size, workers, progress, draft, runner)
+            result = embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft, runner)
+    else:
+        result = embed_paths(paths, encoder, cache, batch_size, workers, progress, draft, runner)
+    result.skipped = sorted(result.skipped + refused, key=lambda s: s.path)
+    return result
 
 
 def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, batch_size: int,

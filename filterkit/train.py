@@ -30,7 +30,7 @@ from .devices import autocast, autocast_dtype, pick_device
 from .encoder import Encoder, ModelConfig, build_backbone
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
-from .images import Skip, discover_images, load_image
+from .images import Skip, discover_images, load_image, split_outside_links
 from .loader import default_workers
 from .moco import MoCo, momentum_at
 from .progress import progress_bar
@@ -293,6 +293,7 @@ def pretrain(
     progress: bool = True,
     stop_at_step: int | None = None,
     collapse_patience: int = 5,
+    follow_symlinks: bool = False,
 ) -> TrainResult:
     """Pretrain a ViT with MoCo v3 on the images under ``data_dir``; write ``out_dir``.
 
@@ -318,9 +319,13 @@ def pretrain(
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
 
-    paths = discover_images(data_dir)
+    paths = discover_images(data_dir, follow_symlinks=follow_symlinks)
+    refused: list[Skip] = []
+    if not follow_symlinks:
+        paths, refused = split_outside_links(paths, data_dir)
     if len(paths) < 2:
-        raise FilterkitError(f"{data_dir} has {len(paths)} images; pretraining needs at least 2")
+        note = f" ({len(refused)} symlinks to files outside it were not read: pass --follow-symlinks)" if refused else ""
+        raise FilterkitError(f"{data_dir} has {len(paths)} images{note}; pretraining needs at least 2")
     _check_decodable(paths)
     global_batch = min(options.batch_size, len(paths) // world * world)
     if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
@@ -460,7 +465,7 @@ def pretrain(
     save(step)
     elapsed = time.perf_counter() - t_start
     return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,
-                       [Skip(paths[i], r) for i, r in sorted(skipped.items())], moco)
+                       refused + [Skip(paths[i], r) for i, r in sorted(skipped.items())], moco)
 
 
 def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:

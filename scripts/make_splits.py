@@ -2,7 +2,8 @@
 
     python scripts/make_splits.py --data ~/.cache/filterkit-data --out ~/.cache/filterkit-data/splits
 
-Writes (file symlinks; the images themselves are never copied):
+Writes (hard links where the filesystem allows, else copies; never symlinks, which filterkit
+does not follow out of a folder unless asked):
   imagenette-train/<wnid>/    the first 80 % of each class's photos, sorted by file name
   imagenette-heldout/<wnid>/  the last 20 % (never seen by training; evaluation only)
   pretrain/imagenette[-r]/<wnid>/ + pretrain/cifar10/<class>/   the pretraining folder: the
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 from pathlib import Path
 
 from filterkit.images import discover_images
@@ -25,8 +28,12 @@ def link_all(files: list[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         link = dest / f.name
-        if not link.is_symlink():
-            link.symlink_to(f.resolve())
+        if link.exists() or link.is_symlink():
+            continue
+        try:
+            os.link(f.resolve(), link)
+        except OSError:  # another filesystem
+            shutil.copy2(f, link)
 
 
 def main() -> None:

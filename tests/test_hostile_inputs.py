@@ -88,6 +88,10 @@ def hostile(tmp_path):
     (root / "loop.jpg").symlink_to(root / "loop.jpg")
     (root / "same_as_astronaut.jpg").symlink_to(root / "sub" / "astronaut.jpg")  # a duplicate path
     good["same_as_astronaut.jpg"] = b""
+    elsewhere = tmp_path / "elsewhere.jpg"  # outside the folder: not read unless --follow-symlinks
+    elsewhere.write_bytes(_jpeg_bytes(photos["coffee"]))
+    (root / "outside_link.jpg").symlink_to(elsewhere)
+    bad["outside_link.jpg"] = b""
     (root / "folder.jpg").mkdir()  # a directory named like an image, holding one
     (root / "folder.jpg" / "inside.jpg").write_bytes(_jpeg_bytes(photos["rocket"]))
     good["inside.jpg"] = b""
@@ -119,6 +123,10 @@ def test_every_command_survives_the_corpus(hostile, tmp_path, capsys, small_mode
     embedded = run("embed", str(root))
     assert _names(s["path"] for s in embedded["skipped"]) == bad
     assert all(s["reason"] for s in embedded["skipped"])
+    reasons = {Path(s["path"]).name: s["reason"] for s in embedded["skipped"]}
+    assert "--follow-symlinks" in reasons["outside_link.jpg"]
+    followed = run("embed", str(root), "--follow-symlinks")
+    assert "outside_link.jpg" not in _names(s["path"] for s in followed["skipped"])
     assert embedded["images"] == len(good) + len(bad)
     again = run("embed", str(root))  # failures are remembered, not retried
     assert again["embedded"] == 0 and _names(s["path"] for s in again["skipped"]) == bad
