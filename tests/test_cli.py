@@ -123,3 +123,11 @@ def test_kill_9_mid_embed_then_rerun_gives_a_complete_valid_cache(tmp_path, smal
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == n
         assert db.execute("SELECT COUNT(*) FROM files").fetchone()[0] == n
+
+
+def test_the_error_list_in_docs_is_current():
+    """docs/ERRORS.md lists every user-facing error; regenerate it when a message changes."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "list_errors.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
