@@ -4,6 +4,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import pytest
