@@ -58,16 +58,34 @@ def sha_multiset(*folders: Path) -> Counter:
     return found
 
 
-def kill_randomly(cmd: list[str], rng: np.random.Generator, max_s: float, env: dict) -> bool:
-    """Start ``cmd``, SIGKILL it after a random delay; True if it was killed mid-run."""
+def kill_when(cmd: list[str], ready, env: dict, delay: float = 0.0, timeout: float = 600) -> bool:
+    """Start ``cmd`` and SIGKILL it once ``ready()`` (a sign of progress chosen at random by
+    the caller) holds, plus ``delay`` seconds; True if it was killed before finishing. Progress
+    markers instead of wall-clock delays put the kill mid-work on a fast or a loaded machine."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
     try:
-        proc.wait(timeout=float(rng.uniform(0.5, max_s)))
-        return False
-    except subprocess.TimeoutExpired:
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                if ready():
+                    time.sleep(delay)
+                    break
+            except (OSError, sqlite3.Error):
+                pass  # the marker is being written
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            return False
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
         return True
+    finally:
+        proc.wait()
+
+
+def _rows(cache: Path) -> int:
+    if not cache.exists():
+        return 0
+    with sqlite3.connect(cache, timeout=1) as db:
+        return db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
 
 
 def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -82,20 +100,21 @@ def integrity(cache: Path) -> str:
         return db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def embed_trial(work: Path, photos: Path, model: Path, rng, env, max_s: float) -> dict:
+def embed_trial(work: Path, photos: Path, model: Path, rng, env) -> dict:
     cache = work / "embed.sqlite"
     for p in work.glob("embed.sqlite*"):
         p.unlink()
     cmd = [*FK, "embed", str(photos), "--model", str(model), "--cache", str(cache), "--batch-size", "8", "-q"]
-    killed = kill_randomly(cmd, rng, max_s, env)
+    n = len(list(photos.glob("*.jpg")))
+    target = int(rng.integers(1, n))  # kill once this many vectors are committed (+ a little)
+    killed = kill_when(cmd, lambda: _rows(cache) >= target, env, float(rng.uniform(0, 0.3)))
     ok_after_kill = not cache.exists() or integrity(cache) == "ok"
     summary = json.loads(_run([*cmd, "--json"], env).stdout)
-    n = len(list(photos.glob("*.jpg")))
     return {"killed": killed, "corrupted": not (ok_after_kill and integrity(cache) == "ok"),
             "lost": n - (summary["embedded"] + summary["cached"])}
 
 
-def move_trial(work: Path, photos: Path, exemplars: Path, model: Path, rng, env, max_s: float) -> dict:
+def move_trial(work: Path, photos: Path, exemplars: Path, model: Path, rng, env) -> dict:
     incoming, out = work / "incoming", work / "moved"
     shutil.rmtree(incoming, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -103,7 +122,10 @@ def move_trial(work: Path, photos: Path, exemplars: Path, model: Path, rng, env,
     before = sha_multiset(incoming)
     cmd = [*FK, "filter", str(incoming), "--keep-like", str(exemplars), "--action", "move", "--out", str(out),
            "--model", str(model), "--cache", str(work / "move.sqlite"), "-q"]
-    killed = kill_randomly(cmd, rng, max_s, env)
+    n = sum(1 for p in incoming.iterdir() if p.is_file())
+    target = int(rng.integers(0, n))  # kill once this many files have left incoming/
+    gone = lambda: n - sum(1 for p in incoming.iterdir() if p.is_file()) >= target  # noqa: E731
+    killed = kill_when(cmd, gone, env, float(rng.uniform(0, 0.05)))
     _run(cmd, env)  # the rerun finishes any journaled move, then moves what is left
     after = sha_multiset(incoming, out)
     left = [p for p in incoming.rglob("*") if p.is_file()]
@@ -111,13 +133,16 @@ def move_trial(work: Path, photos: Path, exemplars: Path, model: Path, rng, env,
             "left_in_incoming": len(left)}
 
 
-def pretrain_trial(work: Path, photos: Path, rng, env, max_s: float, steps: int = 8) -> dict:
+def pretrain_trial(work: Path, photos: Path, rng, env, steps: int = 8) -> dict:
     out = work / "pretrained"
     shutil.rmtree(out, ignore_errors=True)
     base = [*FK, "pretrain", str(photos), "--out", str(out), "--preset", "vit-mini-8-32", "--depth", "1",
             "--batch-size", "8", "--epochs", "100", "--max-steps", str(steps), "--checkpoint-every", "1",
             "--workers", "0", "-q"]
-    killed = kill_randomly(base, rng, max_s, env)
+    log = out / "training" / "log.jsonl"
+    target = int(rng.integers(0, steps))  # kill once this many steps are logged
+    logged = lambda: log.is_file() and sum(1 for _ in log.open()) >= target  # noqa: E731
+    killed = kill_when(base, logged, env, float(rng.uniform(0, 0.5)))
     resumed = (out / "training" / "checkpoint.pt").is_file()
     if not resumed:
         shutil.rmtree(out, ignore_errors=True)  # killed before the first checkpoint: start over
@@ -142,7 +167,7 @@ def concurrent_embed(work: Path, photos: Path, model: Path, env) -> dict:
             "lost": len(list(photos.glob("*.jpg"))) - count}
 
 
-def run_all(work: Path, n: int, n_photos: int, seed: int, max_s: float = 6.0, say=print) -> dict:
+def run_all(work: Path, n: int, n_photos: int, seed: int, say=print) -> dict:
     from filterkit.encoder import Encoder
 
     rng = np.random.default_rng(seed)
@@ -159,11 +184,11 @@ def run_all(work: Path, n: int, n_photos: int, seed: int, max_s: float = 6.0, sa
         for i in range(n):
             t = time.perf_counter()
             if kind == "embed":
-                r = embed_trial(work, photos, model, rng, env, max_s)
+                r = embed_trial(work, photos, model, rng, env)
             elif kind == "move":
-                r = move_trial(work, photos, exemplars, model, rng, env, max_s)
+                r = move_trial(work, photos, exemplars, model, rng, env)
             else:
-                r = pretrain_trial(work, photos, rng, env, max_s)
+                r = pretrain_trial(work, photos, rng, env)
             totals["faults"] += r["killed"]
             totals["lost"] += r.get("lost", 0) + r.get("duplicated", 0) + r.get("left_in_incoming", 0)
             totals["corrupted"] += r.get("corrupted", 0)
@@ -180,10 +205,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20, help="kills per command")
     parser.add_argument("--photos", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-seconds", type=float, default=6.0, help="kill within this many seconds")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fk-faults"))
     args = parser.parse_args()
-    totals = run_all(args.work, args.n, args.photos, args.seed, args.max_seconds)
+    totals = run_all(args.work, args.n, args.photos, args.seed)
     print(f"faults injected: {totals.get('faults', 0)} of {3 * args.n} runs (the rest finished before the kill); "
           f"files lost or duplicated: {totals.get('lost', 0)}; caches corrupted: {totals.get('corrupted', 0)}")
 
