@@ -51,9 +51,9 @@ def embed_folder(
     ``cache=None`` opens (and closes) the default cache. ``draft=False`` decodes JPEGs at full
     size first (slower; for comparison only). Symlinks to files outside ``root`` are skipped
     (with the reason) unless ``follow_symlinks``, which also descends into linked folders.
-    ``shard=(i, n)`` takes only the i-th of n
-    deterministic parts of the folder (see ``images.shard_of``), for embedding on n machines
-    whose caches are then merged with ``EmbeddingCache.merge_from``.
+    ``shard=(i, n)`` takes only the i-th of n deterministic parts of the folder (see
+    ``images.shard_of``), for embedding on n machines whose caches are then merged with
+    ``EmbeddingCache.merge_from``.
     """
     paths = discover_images(root, follow_symlinks=follow_symlinks)
     if not paths:
