@@ -43,8 +43,8 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
         f"temperature {training['temperature']:g}, momentum {training['momentum']:g} → 1 (cosine), "
         f"projector/predictor hidden {training['proj_hidden']}/{training['pred_hidden']}, out "
         f"{training['out_dim']}, crops from {training['min_crop_scale']:g} of the area, "
-        f"{training['steps']} steps" + (f" of the {training['total_steps']} its LR schedule spans (stopped early; "
-                                         "the LR had decayed to a few % of its peak)"
+        f"{training['steps']} steps" + (f" of the {training['total_steps']} its LR schedule spans (stopped early, "
+                                         "late in the cosine decay)"
                                          if training["steps"] < training["total_steps"] else "")
         + f", seed {training['seed']}.",
         f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
