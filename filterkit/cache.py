@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -267,11 +268,14 @@ class EmbeddingCache:
             raise FilterkitError(f"cache not found: {other}")
         if other.resolve() == self.path.resolve():
             raise FilterkitError(f"cannot merge {other} into itself")
-        try:
-            with EmbeddingCache(other) as source:  # validates the schema; folds its WAL in
-                source._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except FilterkitError as e:
-            raise FilterkitError(f"cannot merge {other}: {e}") from None
+        try:  # validate without writing to the source (it may be read-only, or not ours)
+            with contextlib.closing(sqlite3.connect(f"file:{quote(str(other.resolve()))}?mode=ro", uri=True)) as source:
+                row = source.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                tables = {r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise FilterkitError(f"cannot merge {other}: not a filterkit cache ({e})") from None
+        if row is None or row[0] != SCHEMA_VERSION or not {"embeddings", "files", "failures"} <= tables:
+            raise FilterkitError(f"cannot merge {other}: not a filterkit cache of schema {SCHEMA_VERSION}")
         self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
         try:
             added = {}

@@ -176,7 +176,9 @@ def _search_index_dir(index_path, encoder, query_vectors, queries, k, cache):
     found = knn_search(index, query_vectors, k)
     hashes = [sha256_of[j] for j in found.ids.ravel() if j >= 0]
     paths: dict = {}
-    for source in [*(Path(c) for c in meta["caches"]), *([cache] if cache else [])]:
+    from .fsutil import default_cache_path
+
+    for source in [*([cache] if cache else []), *(Path(c) for c in meta["caches"]), default_cache_path()]:
         if source.is_file():
             with EmbeddingCache(source) as store:
                 for h, ps in store.paths_of(hashes).items():

@@ -100,7 +100,7 @@ class ModelConfig:
                 raise bad(f"{name} must be three numbers")
         if min(self.std) <= 0:
             raise bad("std must be positive")
-        params = 12 * self.embed_dim ** 2 * self.depth * self.mlp_ratio / 4
+        params = (4 + 2 * self.mlp_ratio) * self.embed_dim ** 2 * self.depth  # attention + MLP weights
         if params > MAX_PARAMS:
             raise bad(f"about {params / 1e9:.1f}B parameters; filterkit refuses models above "
                       f"{MAX_PARAMS / 1e9:.0f}B (ViT-g has 1B)")
@@ -242,7 +242,7 @@ def _check_weights_fit(blob: bytes, cfg: ModelConfig, weights_path: Path) -> Non
     try:
         header = json.loads(blob[8:8 + size])
         shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
         raise FilterkitError(f"malformed {weights_path}: unreadable header ({e})") from None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_backbone(cfg).state_dict().items()}

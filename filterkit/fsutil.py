@@ -7,14 +7,16 @@ import tempfile
 from pathlib import Path
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)  # reading the umask means setting it; once, at import
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
-
-
-# mkstemp makes files 0600; atomic writes get the mode a plain open() would give.
-_FILE_MODE = _file_mode()
+    return umask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -22,7 +24,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(fd, _FILE_MODE)
+        # mkstemp makes files 0600: give the mode a plain open() would, or keep the old file's.
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

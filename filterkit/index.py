@@ -27,6 +27,7 @@ from .fsutil import atomic_write_bytes
 EXACT_MAX = 20_000
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per coarse cell (FAISS warns below 39)
 _ADD_CHUNK = 1 << 16
+KEEP_INDEXES = 4  # IVF index files kept next to a cache
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,14 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
     return index
 
 
+def recall_by_score(approx: np.ndarray, exact: np.ndarray, eps: float = 1e-5) -> float:
+    """recall@k judged by score: an approximate hit counts when it scores at least the exact
+    k-th neighbour. Identical vectors (copies of one photo) tie, so comparing ids would call
+    an equally good neighbour a miss."""
+    kth = exact[:, -1:]
+    return float(np.mean(approx >= kth - eps))
+
+
 def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, target_recall: float = 0.99, k: int = 10,
                 queries: int = 256, seed: int = 0) -> int:
     """The smallest power-of-two ``nprobe`` whose recall@k, on indexed vectors used as
@@ -75,12 +84,12 @@ def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, target_recall: float
     rng = np.random.default_rng(seed + 1)
     q = vectors[np.sort(rng.choice(len(vectors), min(queries, len(vectors)), replace=False))]
     k = min(k, len(vectors))
-    _, exact = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    exact, _ = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     nprobe = 1
     while True:
         index.nprobe = nprobe
-        _, approx = index.search(q, k)
-        recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)])
+        approx, _ = index.search(q, k)
+        recall = recall_by_score(approx, exact)
         if recall >= target_recall or nprobe >= index.nlist:
             return nprobe
         nprobe = min(2 * nprobe, index.nlist)
@@ -105,6 +114,10 @@ def cached_index(vectors: np.ndarray, content_key: str, folder: str | os.PathLik
     index = build_index(vectors, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    # Each new folder content makes a new file: keep the most recently built few, not all.
+    saved = sorted(Path(folder).glob("*.faiss"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in saved[KEEP_INDEXES:]:
+        old.unlink(missing_ok=True)
     return index
 
 

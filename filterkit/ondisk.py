@@ -7,7 +7,8 @@ written out; the shards' inverted lists are then merged into one on-disk file wi
 only the coarse centroids and the lists a query visits.
 
 An index directory holds:
-  index.faiss    the IVF index (its inverted lists point at lists.ivfdata by absolute path)
+  index.faiss    the IVF index (its inverted lists live in lists.ivfdata beside it; the
+                 directory can be moved or mounted read-only)
   lists.ivfdata  the merged inverted lists
   ids.txt        content sha256 of each vector id, one per line
   meta.json      model id, dimension, sizes, nlist, nprobe and the measured recall
@@ -18,10 +19,12 @@ An index directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,9 +34,23 @@ import numpy as np
 from .cache import EmbeddingCache
 from .errors import FilterkitError
 from .fsutil import atomic_write_text
-from .index import TRAIN_POINTS_PER_LIST
+from .index import TRAIN_POINTS_PER_LIST, recall_by_score
 
 FORMAT = "filterkit-ivf/1"
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """FAISS's on-disk lists print progress notes from C++ onto stdout (fd 1), which would
+    corrupt `--json` output: send fd 1 to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _distinct_ids(caches: Sequence[Path], model_id: str) -> list[tuple[str, int]]:
@@ -64,18 +81,19 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
                     nlist: int | None = None, target_recall: float = 0.99, seed: int = 0,
                     on_progress: Callable[[str], None] | None = None) -> dict:
     """Build the index directory ``out`` from the vectors of ``model_id`` in ``caches``."""
-    caches = [Path(c) for c in caches]
+    caches = [Path(c).resolve() for c in caches]
     for c in caches:
         if not c.is_file():
             raise FilterkitError(f"cache not found: {c}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FilterkitError(f"{out} is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FilterkitError(f"{out} exists and is not an empty folder; choose a new one")
     say = on_progress or (lambda _: None)
     ids = _distinct_ids(caches, model_id)
     n = len(ids)
     if n == 0:
-        raise FilterkitError(f"the caches hold no vectors of model {model_id}: run `filterkit embed` first")
+        raise FilterkitError(f"the caches hold no vectors of model {model_id}: embed the images with this "
+                             "model first, or pass the --model they were embedded with")
     owner = dict(ids)
     id_of = {h: i for i, (h, _) in enumerate(ids)}
     nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // TRAIN_POINTS_PER_LIST or 1))
@@ -97,6 +115,7 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
     del sample
 
     # 2. One shard index per cache, written to disk, then merged into on-disk lists.
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".build"
     work.mkdir(exist_ok=True)
@@ -116,13 +135,20 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         from faiss.contrib.ondisk import merge_ondisk
 
         index = faiss.read_index(empty)
-        merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
+        with _stdout_to_stderr():
+            merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
         index.nprobe, recall = _tune_nprobe(index, lambda: _stream(caches, model_id, owner), id_of,
                                             target_recall, seed)
         faiss.write_index(index, str(work / "index.faiss"))
         os.replace(work / "index.faiss", out / "index.faiss")
-    finally:
+    except BaseException:  # leave no half-built index behind: a retry must find an empty folder
+        for name in ("index.faiss", "lists.ivfdata"):
+            (out / name).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     atomic_write_text(out / "ids.txt", "".join(f"{h}\n" for h, _ in ids))
     meta = {"format": FORMAT, "model_id": model_id, "dim": dim, "vectors": n, "nlist": nlist,
             "nprobe": int(index.nprobe), "recall_at_10": recall, "caches": [str(c) for c in caches]}
@@ -139,7 +165,7 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     picks = set(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False).tolist())
     q = np.concatenate([vectors[[j for j, h in enumerate(hashes) if id_of[h] in picks]]
                         for hashes, vectors in stream()])
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)  # exact top-k scores
     best_i = np.full((len(q), k), -1, dtype=np.int64)
     for hashes, vectors in stream():
         s, i = faiss.knn(q, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
@@ -150,8 +176,8 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     nprobe = 1
     while True:
         index.nprobe = nprobe
-        _, found = index.search(q, k)
-        recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(found, best_i)]))
+        scores, _ = index.search(q, k)
+        recall = recall_by_score(scores, best_s)
         if recall >= target_recall or nprobe >= index.nlist:
             return nprobe, recall
         nprobe = min(2 * nprobe, index.nlist)
@@ -168,7 +194,11 @@ def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dic
         raise FilterkitError(f"{meta_path}: expected \"format\": \"{FORMAT}\"")
     if not (path / "lists.ivfdata").is_file():
         raise FilterkitError(f"{path / 'lists.ivfdata'} is missing")
-    index = faiss.read_index(str(path / "index.faiss"))  # its lists stay on disk (mmap)
+    try:  # lists.ivfdata is found beside index.faiss and mapped read-only
+        with _stdout_to_stderr():
+            index = faiss.read_index(str(path / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise FilterkitError(f"cannot read the index in {path}: {str(e).strip().splitlines()[-1]}") from None
     index.nprobe = int(meta["nprobe"])
     ids = (path / "ids.txt").read_text(encoding="ascii").split()
     if len(ids) != index.ntotal:

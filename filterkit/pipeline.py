@@ -78,11 +78,13 @@ def embed_folder(
 
 
 def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, batch_size: int,
-                  workers: int | None) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """(positions, vectors, failures) per batch: decode in DataLoader workers, forward here."""
+                  workers: int | None) -> Iterator[tuple[list[int], np.ndarray, list, list]]:
+    """(positions, vectors, failures, transient failures) per batch: decode in DataLoader
+    workers, forward here. Failures are remembered in the cache; transient ones (e.g. a file a
+    remote worker could not read) are reported but retried next time."""
     for batch in iter_batches(paths, encoder.transform, draft_size, batch_size=batch_size, workers=workers):
         vectors = encoder.embed_batch(batch.pixels).numpy() if batch.indices else None
-        yield batch.indices, vectors, batch.failures
+        yield batch.indices, vectors, batch.failures, []
 
 
 def embed_paths(
@@ -119,7 +121,7 @@ def embed_paths(
         draft_size = encoder.config.img_size if draft else None
         batches = (runner or local_batches)(todo_paths, encoder, draft_size, batch_size, workers)
         with progress_bar("embedding", len(todo), progress) as advance:
-            for positions, vectors, failures in batches:
+            for positions, vectors, failures, transient in batches:
                 if positions:
                     cache.put(model_id, [todo[i] for i in positions], vectors)
                     n_embedded += len(positions)
@@ -127,7 +129,8 @@ def embed_paths(
                     new_errors = {todo[i]: reason for i, reason in failures}
                     cache.put_failures(decoder, new_errors)
                     decode_errors.update(new_errors)
-                advance(len(positions) + len(failures))
+                decode_errors.update({todo[i]: reason for i, reason in transient})
+                advance(len(positions) + len(failures) + len(transient))
     skipped, good = [], []
     for i, (p, h) in enumerate(zip(paths, hashes)):
         if h is None:

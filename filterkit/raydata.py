@@ -13,6 +13,7 @@ Ray's own task plumbing); image paths must be readable at the same path on every
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,9 +39,10 @@ class _EmbedActor:
         self.draft_size = draft_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .images import decoder_version
         from .loader import _collate, _DecodeDataset
 
-        paths = [Path(p) for p in batch["path"]]
+        paths = [Path(os.fsdecode(p)) for p in batch["path"]]
         decoded = _collate([_DecodeDataset(paths, self.encoder.transform, self.draft_size)[i]
                             for i in range(len(paths))])
         vectors = np.zeros((len(paths), self.encoder.dim), dtype=np.float32)
@@ -49,7 +51,8 @@ class _EmbedActor:
         errors = np.full(len(paths), "", dtype=object)
         for i, reason in decoded.failures:
             errors[i] = reason
-        return {"position": batch["position"], "vector": vectors, "error": errors}
+        decoder = np.full(len(paths), decoder_version(), dtype=object)
+        return {"position": batch["position"], "vector": vectors, "error": errors, "decoder": decoder}
 
 
 def ray_runner(address: str = "local", actors: int | None = None):
@@ -60,13 +63,15 @@ def ray_runner(address: str = "local", actors: int | None = None):
     except ImportError:
         raise FilterkitError("--ray needs the ray extra: pip install 'filterkit[ray]'") from None
 
-    def run(paths, encoder, draft_size, batch_size, workers) -> Iterator[tuple[list[int], np.ndarray, list]]:
-        if not ray.is_initialized():
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     logging_level="WARNING", log_to_driver=False)
+    def run(paths, encoder, draft_size, batch_size, workers) -> Iterator[tuple[list[int], np.ndarray, list, list]]:
+        from .images import decoder_version
+
+        if not ray.is_initialized():  # "local" always starts a new instance on this machine
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        here = decoder_version()
         pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         weights = encoder._weights_blob()
-        ds = ray.data.from_items([{"position": i, "path": str(p)} for i, p in enumerate(paths)],
+        ds = ray.data.from_items([{"position": i, "path": os.fsencode(p)} for i, p in enumerate(paths)],
                                  override_num_blocks=max(1, min(len(paths) // max(batch_size, 1), 4 * pool)))
         ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy", concurrency=pool,
                             num_cpus=1, fn_constructor_kwargs={"config": encoder.config.to_dict(),
@@ -74,7 +79,11 @@ def ray_runner(address: str = "local", actors: int | None = None):
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok = [i for i, e in enumerate(out["error"]) if not e]
             positions = [int(out["position"][i]) for i in ok]
-            failures = [(int(p), str(e)) for p, e in zip(out["position"], out["error"]) if e]
-            yield positions, out["vector"][ok], failures
+            failures, transient = [], []
+            for p, e, d in zip(out["position"], out["error"], out["decoder"]):
+                if e:  # remembered only if this decoder would fail too and the file was readable
+                    lasting = d == here and not str(e).startswith("cannot read")
+                    (failures if lasting else transient).append((int(p), f"{e}" if lasting else f"on a Ray worker: {e}"))
+            yield positions, out["vector"][ok], failures, transient
 
     return run

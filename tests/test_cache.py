@@ -104,8 +104,13 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
 
     from filterkit.fsutil import atomic_write_text
 
-    umask = os.umask(0o022)
-    os.umask(umask)
-    atomic_write_text(tmp_path / "a.txt", "x")
-    (tmp_path / "b.txt").write_text("x")
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+    (tmp_path / "a.txt").chmod(0o600)  # a stricter mode chosen by the user survives a rewrite
+    atomic_write_text(tmp_path / "a.txt", "y")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o600

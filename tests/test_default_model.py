@@ -75,10 +75,10 @@ def test_wheel_ships_the_model_and_filter_runs_from_it(tmp_path):
     """Build a wheel from a copy of the tracked sources, install it into a bare target folder and
     run `filterkit filter` from there with no --model: the model must come from the wheel."""
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\0")
     for name in files:
-        if (REPO / name).is_file():
+        if name and (REPO / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

@@ -34,7 +34,7 @@ def test_sharded_caches_make_one_on_disk_index(tmp_path):
     assert index.ntotal == 3000 and sorted(sha256_of) == hashes
     _, ids = index.search(x[:50], 1)
     assert [sha256_of[i] for i in ids[:, 0]] == hashes[:50]  # each vector finds itself
-    with pytest.raises(FilterkitError, match="not empty"):
+    with pytest.raises(FilterkitError, match="not an empty folder"):
         build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx")
     with pytest.raises(FilterkitError, match="no vectors of model"):
         build_index_dir([tmp_path / "a.sqlite"], "other-model", tmp_path / "idx2")
@@ -63,3 +63,26 @@ def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_enc
     Encoder.random("vit-tiny-8-64", seed=1, depth=1).save(other)
     assert main(["search", query, "--index", str(tmp_path / "idx"), "--model", str(other), "-q"]) == 1
     assert "pass the --model it was built with" in capsys.readouterr().err
+
+
+def test_an_index_directory_can_be_moved_and_read_only(tmp_path):
+    import shutil
+
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 2000)
+    hashes = [f"{i:064x}" for i in range(len(x))]
+    with EmbeddingCache(tmp_path / "a.sqlite") as cache:
+        cache.put("m", hashes, x)
+    build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx", nlist=8)
+    moved = tmp_path / "elsewhere" / "idx"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "idx", moved)
+    for f in moved.iterdir():
+        f.chmod(0o444)
+    moved.chmod(0o555)
+    try:
+        index, sha256_of, _ = load_index_dir(moved)
+        _, ids = index.search(x[:20], 1)
+        assert [sha256_of[i] for i in ids[:, 0]] == hashes[:20]
+    finally:
+        moved.chmod(0o755)
