@@ -126,7 +126,8 @@ def move_trial(work: Path, photos: Path, exemplars: Path, model: Path, rng, env)
     target = int(rng.integers(0, n))  # kill once this many files have left incoming/
     gone = lambda: n - sum(1 for p in incoming.iterdir() if p.is_file()) >= target  # noqa: E731
     killed = kill_when(cmd, gone, env, float(rng.uniform(0, 0.05)))
-    _run(cmd, env)  # the rerun finishes any journaled move, then moves what is left
+    if any(p.is_file() for p in incoming.iterdir()):  # (killed after the last move: nothing to rerun)
+        _run(cmd, env)  # the rerun finishes any journaled move, then moves what is left
     after = sha_multiset(incoming, out)
     left = [p for p in incoming.rglob("*") if p.is_file()]
     return {"killed": killed, "lost": sum((before - after).values()), "duplicated": sum((after - before).values()),
@@ -167,7 +168,8 @@ def concurrent_embed(work: Path, photos: Path, model: Path, env) -> dict:
             "lost": len(list(photos.glob("*.jpg"))) - count}
 
 
-def run_all(work: Path, n: int, n_photos: int, seed: int, say=print) -> dict:
+def run_all(work: Path, n: int, n_photos: int, seed: int, say=print,
+            kinds: tuple[str, ...] = ("embed", "move", "pretrain")) -> dict:
     from filterkit.encoder import Encoder
 
     rng = np.random.default_rng(seed)
@@ -180,7 +182,7 @@ def run_all(work: Path, n: int, n_photos: int, seed: int, say=print) -> dict:
         Encoder.random("vit-mini-8-32", depth=2).save(model)
     env = dict(os.environ, FILTERKIT_CACHE=str(work / "default.sqlite"))
     totals = Counter()
-    for kind in ("embed", "move", "pretrain"):
+    for kind in kinds:
         for i in range(n):
             t = time.perf_counter()
             if kind == "embed":
@@ -206,9 +208,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fk-faults"))
+    parser.add_argument("--kinds", nargs="+", default=["embed", "move", "pretrain"])
     args = parser.parse_args()
-    totals = run_all(args.work, args.n, args.photos, args.seed)
-    print(f"faults injected: {totals.get('faults', 0)} of {3 * args.n} runs (the rest finished before the kill); "
+    totals = run_all(args.work, args.n, args.photos, args.seed, kinds=tuple(args.kinds))
+    print(f"faults injected: {totals.get('faults', 0)} of {len(args.kinds) * args.n} runs (the rest finished before the kill); "
           f"files lost or duplicated: {totals.get('lost', 0)}; caches corrupted: {totals.get('corrupted', 0)}")
 
 

@@ -60,7 +60,7 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
     [
         (["embed", "{tmp}/nope", "--model", "{model}"], "folder not found"),
         (["embed", "{tmp}/empty", "--model", "{model}"], "no images found"),
-        (["embed", "{tmp}/empty"], "no --model given"),
+        (["embed", "{tmp}/empty"], "no images found"),  # the shipped default model, then the folder
         (["embed", "{tmp}/empty", "--model", "{tmp}/no_model"], "model directory not found"),
         (["embed", "{tmp}/empty", "--model", "{tmp}/empty"], "config.json missing"),
         (["search", "{tmp}/missing.jpg", "--in", "{tmp}/empty", "--model", "{model}"], "query image not found"),
