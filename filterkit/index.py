@@ -85,13 +85,20 @@ def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, target_recall: float
     q = vectors[np.sort(rng.choice(len(vectors), min(queries, len(vectors)), replace=False))]
     k = min(k, len(vectors))
     exact, _ = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return smallest_nprobe(index, q, exact, target_recall)[0]
+
+
+def smallest_nprobe(index: faiss.IndexIVF, queries: np.ndarray, exact_scores: np.ndarray,
+                    target_recall: float) -> tuple[int, float]:
+    """(nprobe, its recall): nprobe doubled from 1 until recall@k, against the exact top-k
+    scores of ``queries``, reaches ``target_recall`` (or every list is probed)."""
     nprobe = 1
     while True:
         index.nprobe = nprobe
-        approx, _ = index.search(q, k)
-        recall = recall_by_score(approx, exact)
+        approx, _ = index.search(queries, exact_scores.shape[1])
+        recall = recall_by_score(approx, exact_scores)
         if recall >= target_recall or nprobe >= index.nlist:
-            return nprobe
+            return nprobe, recall
         nprobe = min(2 * nprobe, index.nlist)
 
 

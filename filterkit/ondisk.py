@@ -34,7 +34,7 @@ import numpy as np
 from .cache import EmbeddingCache
 from .errors import FilterkitError
 from .fsutil import atomic_write_text
-from .index import TRAIN_POINTS_PER_LIST, recall_by_score
+from .index import TRAIN_POINTS_PER_LIST, smallest_nprobe
 
 FORMAT = "filterkit-ivf/1"
 
@@ -165,22 +165,11 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     picks = set(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False).tolist())
     q = np.concatenate([vectors[[j for j, h in enumerate(hashes) if id_of[h] in picks]]
                         for hashes, vectors in stream()])
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)  # exact top-k scores
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for hashes, vectors in stream():
-        s, i = faiss.knn(q, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-        ids = np.asarray([id_of[h] for h in hashes], dtype=np.int64)[i]
-        merged_s, merged_i = np.hstack([best_s, s]), np.hstack([best_i, ids])
-        top = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(merged_s, top, 1), np.take_along_axis(merged_i, top, 1)
-    nprobe = 1
-    while True:
-        index.nprobe = nprobe
-        scores, _ = index.search(q, k)
-        recall = recall_by_score(scores, best_s)
-        if recall >= target_recall or nprobe >= index.nlist:
-            return nprobe, recall
-        nprobe = min(2 * nprobe, index.nlist)
+    best = np.full((len(q), k), -np.inf, dtype=np.float32)  # exact top-k scores, merged chunk by chunk
+    for _, vectors in stream():
+        scores, _ = faiss.knn(q, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = -np.sort(-np.hstack([best, scores]), axis=1)[:, :k]
+    return smallest_nprobe(index, q, best, target_recall)
 
 
 def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:
