@@ -160,7 +160,7 @@ def concurrent_embed(work: Path, photos: Path, model: Path, env) -> dict:
     for p in work.glob("shared.sqlite*"):
         p.unlink()
     cmd = [*FK, "embed", str(photos), "--model", str(model), "--cache", str(cache), "--batch-size", "8", "-q"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) for _ in range(2)]
     codes = [p.wait() for p in procs]
     with sqlite3.connect(cache) as db:
         count = db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]

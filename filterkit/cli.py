@@ -133,11 +133,6 @@ def search(
     for q in queries:
         if not q.is_file():
             raise FilterkitError(f"query image not found: {q}")
-    from .cache import EmbeddingCache
-    from .index import cached_index
-    from .index import search as knn_search
-    from .pipeline import embed_folder
-
     encoder = _load_encoder(model, device)
     query_vectors = encoder.embed(queries, batch_size=batch_size, workers=0)
     if index_path is not None:
