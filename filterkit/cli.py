@@ -445,7 +445,7 @@ def cluster(
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (any depth, no labels needed).")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
-    preset: Annotated[str, typer.Option("--preset", help="Architecture preset; its recipe fills unset options.")] = "vit-tiny-4-32",
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Architecture preset; its recipe fills unset options [default: vit-tiny-4-32, or the --init-from model's].")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
@@ -462,8 +462,10 @@ def pretrain(
     precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = "auto",
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/training/checkpoint.pt.")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from this model directory instead of random weights (\"default\": the shipped model); a training folder also gives the heads. New optimiser and schedules.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints [default: 500].")] = None,
+    stop_at_step: Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Stop after this step as an interruption would: checkpoint written, --resume continues the same schedule.")] = None,
     knn_train: Annotated[Optional[Path], typer.Option("--knn-train", help="Labelled folder for the online kNN monitor.")] = None,
     knn_test: Annotated[Optional[Path], typer.Option("--knn-test", help="Labelled folder for the online kNN monitor.")] = None,
     knn_max_per_class: Annotated[Optional[int], typer.Option("--knn-max-per-class", min=1, help="Monitor on the first N images of each class.")] = None,
@@ -478,9 +480,11 @@ def pretrain(
     from .train import TrainOptions
     from .train import pretrain as run_pretrain
 
-    if preset not in PRESETS:
+    if preset is None:
+        preset = _init_preset(init_from) if init_from and not resume else None
+    if preset is not None and preset not in PRESETS:
         raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    given = dict(preset=preset, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+    given = dict(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, temperature=temperature, momentum=momentum,
                  warmup_epochs=warmup_epochs, depth=depth, min_crop_scale=min_crop_scale, seed=seed,
                  checkpoint_every=checkpoint_every)
@@ -490,7 +494,7 @@ def pretrain(
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,
                               knn_max_per_class=knn_max_per_class, json_log=json_log,
-                              follow_symlinks=follow_symlinks,
+                              follow_symlinks=follow_symlinks, stop_at_step=stop_at_step,
                               progress=not quiet)
     except KeyboardInterrupt:
         _echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")
@@ -498,6 +502,17 @@ def pretrain(
     _print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
     typer.echo(f"trained {result.steps} steps (final loss {result.final_loss:.4f}{knn}); model written to {out}")
+    if stop_at_step is not None and result.steps == stop_at_step:
+        typer.echo(f"stopped at step {stop_at_step} (--stop-at-step); continue with "
+                   f"`filterkit pretrain {folder} --out {out} --resume`")
+
+
+def _init_preset(spec: str) -> str | None:
+    """The preset of the model --init-from names (None for a custom architecture)."""
+    from .encoder import Encoder
+    from .train import _resolve_init_path
+
+    return Encoder.load(_resolve_init_path(spec), device="cpu").config.preset
 
 
 @app.command("eval")

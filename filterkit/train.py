@@ -84,6 +84,7 @@ class TrainOptions:
     depth: int | None = None  # override the preset's depth (smaller CPU models)
     seed: int = 0
     checkpoint_every: int = 500  # steps
+    init_from: str | None = None  # a model directory (or "default") to start from instead of random
 
     def resolved(self, device_kind: str) -> TrainOptions:
         recipe = RECIPES.get(self.preset, RECIPES["vit-tiny-4-32"])["gpu" if device_kind == "cuda" else "cpu"]
@@ -234,7 +235,7 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, options: TrainOptions,
-                     cfg: ModelConfig, wall_seconds: float = 0.0) -> None:
+                     cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None) -> None:
     import io
 
     state = {
@@ -248,6 +249,8 @@ def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, op
         "model_config": json.dumps(cfg.to_dict()),
         "wall_seconds": float(wall_seconds),
     }
+    if init:
+        state["init"] = json.dumps(init)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     (out_dir / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
@@ -262,18 +265,73 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FilterkitError(f"cannot load training checkpoint {path}: {str(e).splitlines()[0]}") from None
     state["options"] = json.loads(state["options"])
     state["model_config"] = json.loads(state["model_config"])
+    if "init" in state:
+        state["init"] = json.loads(state["init"])
     return state
 
 
 def _export(out_dir: Path, moco: MoCo, cfg: ModelConfig, options: TrainOptions, step: int,
-            total: int, data_dir: Path, n_images: int, compute: dict[str, Any]) -> None:
+            total: int, data_dir: Path, n_images: int, compute: dict[str, Any],
+            init: dict[str, Any] | None = None) -> None:
     """Write the base backbone as a model directory (loads into plain timm)."""
     meta = {
         "training": {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options),
-                     "compute": compute},
+                     "compute": compute, **({"init": init} if init else {})},
         "data": {"folder": str(data_dir), "images": n_images},
     }
     Encoder(copy.deepcopy(moco.base.backbone), cfg, meta=meta, device="cpu").save(out_dir, overwrite=True)
+
+
+# -- starting from a trained model -------------------------------------------------------------
+@dataclass
+class _Init:
+    config: ModelConfig
+    info: dict[str, Any]  # provenance written into the new model's config.json
+    backbone: dict[str, torch.Tensor]
+    moco: dict[str, torch.Tensor] | None  # the whole MoCo state when the folder has a checkpoint
+    heads: dict[str, Any]  # the checkpoint's head options (out_dim, hidden widths, predictor)
+
+
+def _resolve_init_path(spec: str) -> Path:
+    """``default`` names the shipped model unless a folder of that name exists here."""
+    from .encoder import default_model_path
+
+    return default_model_path() if spec == "default" and not Path(spec).exists() else Path(spec)
+
+
+def _load_init(spec: str) -> _Init:
+    """A model directory to continue from: ``default`` is the shipped model. A training folder
+    (one with ``training/checkpoint.pt``) gives both encoders and the heads; a plain model
+    directory gives the backbone, and the heads start fresh."""
+    path = _resolve_init_path(spec)
+    encoder = Encoder.load(path, device="cpu")
+    info = {"from": str(path), "model_id": encoder.model_id}
+    training = encoder.meta.get("training") or {}
+    for key in ("steps", "total_steps"):
+        if key in training:
+            info[key] = training[key]
+    moco_state, heads = None, {}
+    if (path / CHECKPOINT).is_file():
+        state = load_checkpoint(path / CHECKPOINT)
+        moco_state = state["model"]
+        heads = {k: state["options"].get(k) for k in ("out_dim", "proj_hidden", "pred_hidden", "predictor")}
+    return _Init(encoder.config, info, encoder.backbone.state_dict(), moco_state, heads)
+
+
+def _apply_init(moco: MoCo, init: _Init, options: TrainOptions) -> str:
+    """Load ``init`` into a fresh MoCo; returns what was loaded ("encoders and heads" or "backbone")."""
+    same_heads = init.moco is not None and all(getattr(options, k) == v for k, v in init.heads.items())
+    if same_heads:
+        moco.load_state_dict(init.moco)
+        return "encoders and heads"
+    # Heads of another shape (or none saved): both encoders start from the backbone, heads fresh.
+    moco.base.backbone.load_state_dict(init.backbone)
+    moco.momentum.backbone.load_state_dict(init.backbone)
+    return "backbone"
+
+
+def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    return replace(a, preset=None) == replace(b, preset=None)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -338,7 +396,18 @@ def pretrain(
     warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
 
     overrides = {"depth": options.depth} if options.depth else {}
-    cfg = ModelConfig.from_preset(options.preset, **overrides)
+    init = _load_init(options.init_from) if options.init_from and checkpoint is None else None
+    if checkpoint is not None:
+        cfg = ModelConfig.from_dict(checkpoint["model_config"])
+    elif init is not None:
+        cfg = init.config  # the architecture is the init model's, whatever its origin
+        asked = ModelConfig.from_preset(options.preset, **overrides)
+        if init.config.preset is not None and not _same_architecture(asked, cfg):
+            raise FilterkitError(
+                f"--init-from {options.init_from} is a {cfg.preset} model, not {options.preset}: "
+                f"pass --preset {cfg.preset} (or leave --preset out)")
+    else:
+        cfg = ModelConfig.from_preset(options.preset, **overrides)
     torch.manual_seed(options.seed)
     backbone = build_backbone(cfg)
     if options.freeze_patch_embed:  # MoCo v3's stability trick: a fixed random patch projection
@@ -349,6 +418,9 @@ def pretrain(
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     optimizer = make_optimizer(moco, options.lr, options.weight_decay, dev)
     start = 0
+    init_info = checkpoint.get("init") if checkpoint is not None else None
+    if init is not None:
+        init_info = {**init.info, "loaded": _apply_init(moco, init, options)}
     if checkpoint is not None:
         moco.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -392,17 +464,17 @@ def pretrain(
     def save(step: int) -> None:
         if is_main:
             wall = prior_seconds + time.perf_counter() - t_start  # over resumes too
-            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall)
+            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall, init_info)
             device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
             precision_used = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
             compute = {"device": device_name, "processes": world, "torch_threads": torch.get_num_threads(),
                        "precision": precision_used, "wall_seconds": round(wall, 1)}
-            _export(out_dir, moco, cfg, options, step, total, data_dir, len(paths), compute)
+            _export(out_dir, moco, cfg, options, step, total, data_dir, len(paths), compute, init_info)
 
     step = start
     try:
         with progress_bar("pretrain", (total - start) * global_batch, progress and is_main) as advance:
-            while step < total:
+            while step < total and (stop_at_step is None or step < stop_at_step):
                 epoch = step // steps_per_epoch
                 sampler = _EpochSampler(len(paths), global_batch, steps_per_epoch, epoch, options.seed,
                                         step - epoch * steps_per_epoch, rank, world)

@@ -226,3 +226,56 @@ def test_eval_cli_reports_the_model_and_both_baselines(tmp_path, capsys, small_m
     assert 0.0 <= report["baselines"]["random_init"]["knn_top1"] <= 1.0
     assert 0.0 <= report["knn_top1"] <= 1.0
     assert report["protocol"]["n_test"] == 12 and report["protocol"]["k"] == 20
+
+
+def test_init_from_a_training_folder_or_a_model_directory(tmp_path, train_dir):
+    import shutil
+
+    first = pretrain(train_dir, tmp_path / "a", TrainOptions(max_steps=3, epochs=10, **TINY),
+                     device="cpu", workers=0, progress=False)
+    a = first.model.state_dict()
+    # lr 0 keeps the base encoder where it started, so it must equal run "a"'s end state.
+    frozen = TrainOptions(max_steps=2, epochs=10, lr=0.0, init_from=str(tmp_path / "a"), seed=5, **TINY)
+    b = pretrain(train_dir, tmp_path / "b", frozen, device="cpu", workers=0, progress=False)
+    for key in ("base.backbone.blocks.0.attn.qkv.weight", "base.projector.0.weight", "predictor.0.weight"):
+        torch.testing.assert_close(b.model.state_dict()[key], a[key], rtol=0, atol=0, msg=key)
+    doc = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert doc["training"]["init"]["loaded"] == "encoders and heads"
+    assert doc["training"]["init"]["model_id"] == json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["model_id"]
+    assert b.steps == 2  # a new schedule: its own step count, not a resume of "a"
+
+    # A plain model directory (no training checkpoint) gives the backbone; the heads start fresh.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy(tmp_path / "a" / name, plain / name)
+    c = pretrain(train_dir, tmp_path / "c", TrainOptions(**{**frozen.__dict__, "init_from": str(plain)}),
+                 device="cpu", workers=0, progress=False)
+    c_state = c.model.state_dict()
+    torch.testing.assert_close(c_state["base.backbone.blocks.0.attn.qkv.weight"],
+                               a["base.backbone.blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    assert not torch.equal(c_state["base.projector.0.weight"], a["base.projector.0.weight"])
+    assert json.loads((tmp_path / "c" / CONFIG_FILE).read_text())["training"]["init"]["loaded"] == "backbone"
+
+    with pytest.raises(FilterkitError, match="pass --preset vit-mini-8-32"):
+        pretrain(train_dir, tmp_path / "d", TrainOptions(**{**TINY, "preset": "vit-tiny-4-32", "depth": None,
+                                                            "init_from": str(plain)}),
+                 device="cpu", workers=0, progress=False)
+
+
+def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, capsys):
+    from filterkit.encoder import Encoder
+
+    out = tmp_path / "adapted"
+    common = ["--batch-size", "8", "--workers", "0", "--quiet"]
+    code = main(["pretrain", str(train_dir), "--out", str(out), "--init-from", "default", "--max-steps", "3",
+                 "--stop-at-step", "1", *common])
+    assert code == 0 and "stopped at step 1" in capsys.readouterr().out
+    assert load_checkpoint(out / CHECKPOINT)["step"] == 1
+    # --resume continues the stopped run (the init is not loaded again) and keeps its provenance.
+    assert main(["pretrain", str(train_dir), "--out", str(out), "--resume", *common]) == 0
+    doc = json.loads((out / CONFIG_FILE).read_text())
+    assert doc["training"]["steps"] == 3
+    assert doc["architecture"]["preset"] == Encoder.load().config.preset
+    assert doc["training"]["init"]["model_id"] == Encoder.load().model_id
+    assert doc["training"]["init"]["loaded"] == "backbone"
