@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,3 +69,139 @@ class TwoViews:
 
     def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view1(image), self.view2(image)
+
+
+# -- batched views, for images already in memory (decoded once, augmented on the device) -------
+# The same recipe as TwoViews, applied to a whole uint8 batch [B, 3, H, W] with per-image
+# random parameters, so a GPU run is not held back by per-image PIL work on the CPU.
+# Differences from the PIL path: crops are resampled by RoI-Align (bilinear, averaged over
+# each output pixel's footprint), the colour-jitter order is random per batch rather than per
+# image, and hue is rotated in YIQ space (a linear stand-in for the HSV hue shift).
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+
+def _chance(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(_GREY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _crop_boxes(n: int, height: int, width: int, min_scale: float, g: torch.Generator, device,
+                tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes (area fraction U(min_scale, 1), log-uniform aspect 3/4-4/3,
+    first of ``tries`` draws that fits, else the whole image) as [n, 4] x0, y0, x1, y1."""
+    area = _uniform(n * tries, min_scale, 1.0, g, device).view(n, tries) * height * width
+    log_ratio = _uniform(n * tries, math.log(3 / 4), math.log(4 / 3), g, device).view(n, tries)
+    w = (area * log_ratio.exp()).sqrt()
+    h = (area / log_ratio.exp()).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting draw
+    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], width))
+    h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], height))
+    x0 = _uniform(n, 0.0, 1.0, g, device) * (width - w)
+    y0 = _uniform(n, 0.0, 1.0, g, device) * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def _jitter(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) on the images where ``apply`` is true."""
+    n, dev = x.shape[0], x.device
+    one = torch.ones(n, device=dev)
+    factors = {
+        "brightness": torch.where(apply, _uniform(n, 0.6, 1.4, g, dev), one),
+        "contrast": torch.where(apply, _uniform(n, 0.6, 1.4, g, dev), one),
+        "saturation": torch.where(apply, _uniform(n, 0.8, 1.2, g, dev), one),
+        "hue": torch.where(apply, _uniform(n, -0.1, 0.1, g, dev), one * 0),
+    }
+    order = torch.randperm(4, generator=g, device=dev).tolist()
+    for name in [list(factors)[i] for i in order]:
+        f = factors[name].view(n, 1, 1, 1)
+        if name == "brightness":
+            x = x * f
+        elif name == "contrast":
+            x = f * x + (1 - f) * _grey(x).mean((2, 3), keepdim=True)
+        elif name == "saturation":
+            x = f * x + (1 - f) * _grey(x)
+        else:  # rotate the chroma plane (I, Q) by 2*pi*hue
+            to_yiq = torch.tensor(_RGB_TO_YIQ, device=dev, dtype=x.dtype)
+            angle = 2 * math.pi * factors["hue"]
+            cos, sin = angle.cos(), angle.sin()
+            rot = torch.zeros(n, 3, 3, device=dev, dtype=x.dtype)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+            m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [n, 3, 3]
+            x = torch.einsum("nij,njhw->nihw", m, x)
+        x = x.clamp(0, 1)
+    return x
+
+
+def _blur(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur, sigma U(0.1, 2.0) per image, kernel ~10 % of the side (as TwoViews)."""
+    n, c, h, w = x.shape
+    size = max(3, int(0.1 * h) // 2 * 2 + 1)
+    sigma = _uniform(n, 0.1, 2.0, g, x.device).view(n, 1)
+    offsets = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, size]
+    flat = x.reshape(1, n * c, h, w)
+    pad = size // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c)
+    return torch.where(apply.view(n, 1, 1, 1), flat.view(n, c, h, w), x)
+
+
+def batch_view(images: torch.Tensor, img_size: int, min_scale: float, g: torch.Generator,
+               jitter_p: float = 0.8, grey_p: float = 0.2, blur_p: float = 0.0, solarize_p: float = 0.0,
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """One random view of each image of a uint8 batch [B, 3, H, W]: normalised float [B, 3, S, S]."""
+    n, _, height, width = images.shape
+    dev = images.device
+    boxes = _crop_boxes(n, height, width, min_scale, g, dev)
+    rois = torch.cat([torch.arange(n, device=dev, dtype=boxes.dtype).view(n, 1), boxes], 1)
+    # sampling_ratio 0: each output pixel averages its whole footprint (no aliasing on shrink)
+    x = roi_align(images.float() / 255, rois, (img_size, img_size), sampling_ratio=0, aligned=True)
+    x = x.clamp(0, 1)
+    x = _jitter(x, _chance(n, jitter_p, g, dev), g)
+    x = torch.where(_chance(n, grey_p, g, dev).view(n, 1, 1, 1), _grey(x).expand_as(x), x)
+    if blur_p > 0:
+        x = _blur(x, _chance(n, blur_p, g, dev), g)
+    if solarize_p > 0:
+        x = torch.where(_chance(n, solarize_p, g, dev).view(n, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    x = torch.where(_chance(n, 0.5, g, dev).view(n, 1, 1, 1), x.flip(3), x)
+    m = torch.tensor(mean, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class BatchTwoViews:
+    """TwoViews' asymmetric recipe for uint8 batches on any device (see ``batch_view``)."""
+
+    def __init__(self, img_size: int, min_scale: float = 0.08,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        small = img_size <= 64
+        common = dict(img_size=img_size, min_scale=min_scale, mean=mean, std=std)
+        self.view1 = dict(common, blur_p=0.0 if small else 1.0, solarize_p=0.0)
+        self.view2 = dict(common, blur_p=0.0 if small else 0.1, solarize_p=0.2)
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_view(images, g=g, **self.view1), batch_view(images, g=g, **self.view2)
+
+
+def store_size(img_size: int) -> int:
+    """Side of the square each image is kept at in memory: room for crops to keep detail
+    (2x for small models, 8/7 as in the usual 256 -> 224 for large ones)."""
+    return img_size * 2 if img_size <= 64 else int(round(img_size * 8 / 7))
+
+
+def store_transform(size: int) -> v2.Compose:
+    """PIL RGB -> uint8 [3, size, size]: shorter side to ``size``, centre crop."""
+    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), v2.PILToTensor()])

@@ -458,6 +458,7 @@ def pretrain(
     min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area [default: the preset's recipe, else 0.08].")] = None,
     no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
     freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
+    data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="Decode every image once into memory (uint8, 2x the model's side up to 64 px, 8/7 above) and augment whole batches on the training device: for GPUs, where per-image CPU decoding is the bottleneck.")] = False,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")] = "auto",
     workers: WorkersOpt = None,
@@ -489,7 +490,8 @@ def pretrain(
                  warmup_epochs=warmup_epochs, depth=depth, min_crop_scale=min_crop_scale, seed=seed,
                  checkpoint_every=checkpoint_every)
     options = TrainOptions(**{k: v for k, v in given.items() if v is not None},
-                           predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed)
+                           predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed,
+                           data_in_memory=data_in_memory)
     try:
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,

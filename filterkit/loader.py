@@ -97,3 +97,27 @@ def iter_batches(
         persistent_workers=False,
     )
     yield from loader
+
+
+def decode_all(
+    paths: Sequence[Path],
+    transform: Callable,
+    draft_size: int | None,
+    batch_size: int = 256,
+    workers: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """Decode ``paths`` once into one tensor (e.g. uint8 [M, 3, S, S] for training from
+    memory): (tensor, positions of the M decoded paths, (position, reason) of the failures)."""
+    out: torch.Tensor | None = None  # filled in place: no second copy of a large store
+    kept, failures = [], []
+    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+        if batch.indices:
+            if out is None:
+                out = torch.empty((len(paths), *batch.pixels.shape[1:]), dtype=batch.pixels.dtype)
+            out[len(kept):len(kept) + len(batch.indices)] = batch.pixels
+            kept += batch.indices
+        failures += batch.failures
+        if on_batch:
+            on_batch(len(batch.indices) + len(batch.failures))
+    return (out[:len(kept)] if out is not None else torch.empty(0)), kept, failures

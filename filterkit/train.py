@@ -12,6 +12,7 @@ on 2 processes sees the same data as a run on 1.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -25,13 +26,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import TwoViews
+from .augment import BatchTwoViews, TwoViews, store_size, store_transform
 from .devices import autocast, autocast_dtype, pick_device
 from .encoder import Encoder, ModelConfig, build_backbone
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image, split_outside_links
-from .loader import default_workers
+from .loader import decode_all, default_workers
 from .moco import MoCo, momentum_at
 from .progress import progress_bar
 
@@ -85,6 +86,7 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 500  # steps
     init_from: str | None = None  # a model directory (or "default") to start from instead of random
+    data_in_memory: bool = False  # decode once to uint8, augment whole batches on the device
 
     def resolved(self, device_kind: str) -> TrainOptions:
         recipe = RECIPES.get(self.preset, RECIPES["vit-tiny-4-32"])["gpu" if device_kind == "cuda" else "cpu"]
@@ -102,7 +104,7 @@ class TrainOptions:
 # Options that change what a resumed run computes: they must match the checkpoint.
 _SCHEDULE_KEYS = ("preset", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "temperature",
                   "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
-                  "freeze_patch_embed", "min_crop_scale", "depth", "seed")
+                  "freeze_patch_embed", "min_crop_scale", "depth", "seed", "data_in_memory")
 
 
 @dataclass
@@ -186,6 +188,53 @@ class _TwoViewDataset(Dataset):
                 x1, x2 = self.views(image)
             return x1, x2, failures
         raise FilterkitError("no training image could be decoded")
+
+
+def _decode_store(paths: list[Path], img_size: int, workers: int | None,
+                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[Path], list[Skip]]:
+    """Every image decoded once to uint8 [U, 3, S, S] (S = ``store_size``), for
+    ``data_in_memory``: (store, store row of each kept path, kept paths, skips). Links to one
+    file (a dataset repeated by linking) are decoded and stored once. Refuses up front when
+    the store would not fit in half the free memory."""
+    file_ids: dict[tuple[int, int], int] = {}
+    unique: list[Path] = []
+    slot = []  # path -> position in ``unique``
+    for path in paths:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino)
+        if key not in file_ids:
+            file_ids[key] = len(unique)
+            unique.append(path)
+        slot.append(file_ids[key])
+    side = store_size(img_size)
+    need = len(unique) * 3 * side * side
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free is not None and need > free / 2:
+        raise FilterkitError(f"--data-in-memory needs {need / 2**30:.1f} GiB for {len(unique)} images at "
+                             f"{side} px but {free / 2**30:.1f} GiB is free: leave it out to decode "
+                             "per step, or train on fewer images")
+    with progress_bar(f"decode to memory ({need / 2**30:.2f} GiB)", len(unique), progress) as advance:
+        store, kept, failures = decode_all(unique, store_transform(side), side, workers=workers,
+                                           on_batch=advance)
+    row_of = {u: row for row, u in enumerate(kept)}
+    failed = dict(failures)
+    rows = [row_of[u] for u in slot if u in row_of]
+    kept_paths = [p for p, u in zip(paths, slot) if u in row_of]
+    skips = [Skip(p, failed[u]) for p, u in zip(paths, slot) if u in failed]
+    return store, torch.tensor(rows, dtype=torch.long), kept_paths, skips
+
+
+def _memory_batches(store: torch.Tensor, rows: torch.Tensor, views: BatchTwoViews, sampler: Sampler,
+                    per_rank: int, device: torch.device):
+    """This rank's batches of the in-memory store, in the sampler's order, augmented on
+    ``device``. The generator is seeded by the batch's first sample seed, so a resumed run or
+    any device count sees the same views."""
+    items = iter(sampler)
+    while len(chunk := list(itertools.islice(items, per_rank))) == per_rank:
+        index = rows[torch.tensor([i for i, _ in chunk])]
+        g = torch.Generator(device=device).manual_seed(chunk[0][1] % 2**63)
+        x1, x2 = views(store[index].to(device, non_blocking=True), g)
+        yield x1, x2, []
 
 
 def _collate(items):
@@ -377,24 +426,6 @@ def pretrain(
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
 
-    paths = discover_images(data_dir, follow_symlinks=follow_symlinks)
-    refused: list[Skip] = []
-    if not follow_symlinks:
-        paths, refused = split_outside_links(paths, data_dir)
-    if len(paths) < 2:
-        note = f" ({len(refused)} symlinks to files outside it were not read: pass --follow-symlinks)" if refused else ""
-        raise FilterkitError(f"{data_dir} has {len(paths)} images{note}; pretraining needs at least 2")
-    _check_decodable(paths)
-    global_batch = min(options.batch_size, len(paths) // world * world)
-    if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
-        options = replace(options, batch_size=global_batch,
-                          lr=options.lr if lr_given else options.base_lr * global_batch / 256)
-    steps_per_epoch = len(paths) // global_batch
-    total = steps_per_epoch * options.epochs
-    if options.max_steps:
-        total = min(total, options.max_steps)
-    warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
-
     overrides = {"depth": options.depth} if options.depth else {}
     init = _load_init(options.init_from) if options.init_from and checkpoint is None else None
     if checkpoint is not None:
@@ -408,6 +439,31 @@ def pretrain(
                 f"pass --preset {cfg.preset} (or leave --preset out)")
     else:
         cfg = ModelConfig.from_preset(options.preset, **overrides)
+
+    paths = discover_images(data_dir, follow_symlinks=follow_symlinks)
+    refused: list[Skip] = []
+    if not follow_symlinks:
+        paths, refused = split_outside_links(paths, data_dir)
+    if len(paths) < 2:
+        note = f" ({len(refused)} symlinks to files outside it were not read: pass --follow-symlinks)" if refused else ""
+        raise FilterkitError(f"{data_dir} has {len(paths)} images{note}; pretraining needs at least 2")
+    _check_decodable(paths)
+    store = None
+    if options.data_in_memory:
+        store, store_rows, paths, failed = _decode_store(paths, cfg.img_size, workers, progress and is_main)
+        refused += failed
+        if len(paths) < 2:
+            raise FilterkitError(f"{data_dir}: only {len(paths)} images decode; pretraining needs at least 2")
+    global_batch = min(options.batch_size, len(paths) // world * world)
+    if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
+        options = replace(options, batch_size=global_batch,
+                          lr=options.lr if lr_given else options.base_lr * global_batch / 256)
+    steps_per_epoch = len(paths) // global_batch
+    total = steps_per_epoch * options.epochs
+    if options.max_steps:
+        total = min(total, options.max_steps)
+    warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
+
     torch.manual_seed(options.seed)
     backbone = build_backbone(cfg)
     if options.freeze_patch_embed:  # MoCo v3's stability trick: a fixed random patch projection
@@ -436,9 +492,12 @@ def pretrain(
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    views = TwoViews(cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std)
-    dataset = _TwoViewDataset(paths, views, cfg.img_size)
     workers = default_workers() if workers is None else workers
+    if store is None:
+        dataset = _TwoViewDataset(paths, TwoViews(cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std),
+                                  cfg.img_size)
+    else:
+        batch_views = BatchTwoViews(cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std)
     log_path = Path(json_log) if json_log else out_dir / LOG
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -478,9 +537,12 @@ def pretrain(
                 epoch = step // steps_per_epoch
                 sampler = _EpochSampler(len(paths), global_batch, steps_per_epoch, epoch, options.seed,
                                         step - epoch * steps_per_epoch, rank, world)
-                loader = DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
-                                    num_workers=workers, collate_fn=_collate, drop_last=True,
-                                    pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+                if store is None:
+                    loader = DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
+                                        num_workers=workers, collate_fn=_collate, drop_last=True,
+                                        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+                else:
+                    loader = _memory_batches(store, store_rows, batch_views, sampler, global_batch // world, dev)
                 t_last = time.perf_counter()
                 for x1, x2, failures in loader:
                     skipped.update(failures)

@@ -1,0 +1,136 @@
+"""The batched, in-memory augmentation path (BatchTwoViews) and training from memory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from filterkit.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTwoViews, batch_view, store_size
+from filterkit.encoder import CONFIG_FILE
+from filterkit.train import TrainOptions, pretrain
+
+from conftest import sample_photo
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def photos(n=6, side=64):
+    photo = sample_photo("astronaut")
+    crops = [photo.crop((i * 40, i * 30, i * 40 + 256, i * 30 + 256)).resize((side, side)) for i in range(n)]
+    return torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in crops])
+
+
+def unnormalise(x):
+    return x * STD + MEAN
+
+
+def g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_plain_view_is_the_resized_image_up_to_a_flip():
+    x = photos()
+    out = unnormalise(batch_view(x, 32, min_scale=1.0, g=g(), jitter_p=0, grey_p=0))
+    ref = F.interpolate(x.float() / 255, size=32, mode="area")
+    for i in range(len(x)):
+        # a full-area crop may still take a 3/4..4/3 aspect, so compare loosely; the flip is per image
+        err = min((out[i] - ref[i]).abs().mean(), (out[i].flip(2) - ref[i]).abs().mean())
+        assert err < 0.06
+
+
+def test_same_seed_same_views_and_the_two_views_differ():
+    x = photos()
+    a1, a2 = BatchTwoViews(32, 0.2)(x, g(3))
+    b1, b2 = BatchTwoViews(32, 0.2)(x, g(3))
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert a1.shape == a2.shape == (len(x), 3, 32, 32) and a1.dtype == torch.float32
+    assert not torch.allclose(a1, a2)
+    c1, _ = BatchTwoViews(32, 0.2)(x, g(4))
+    assert not torch.allclose(a1, c1)
+
+
+def test_grey_solarize_and_jitter_do_what_they_say():
+    x = photos()
+    grey = unnormalise(batch_view(x, 32, 1.0, g(), jitter_p=0, grey_p=1.0))
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+    flat = torch.full((4, 3, 16, 16), 204, dtype=torch.uint8)  # 0.8 everywhere
+    solar = unnormalise(batch_view(flat, 16, 1.0, g(), jitter_p=0, grey_p=0, solarize_p=1.0))
+    assert torch.allclose(solar, torch.full_like(solar, 0.2), atol=1e-4)
+    plain = unnormalise(batch_view(x, 32, 1.0, g(1), jitter_p=0, grey_p=0))
+    jittered = unnormalise(batch_view(x, 32, 1.0, g(1), jitter_p=1.0, grey_p=0))
+    assert jittered.min() >= 0 and jittered.max() <= 1
+    per_image = (jittered - plain).abs().flatten(1).mean(1)
+    assert (per_image > 0.005).all()  # every image's colours moved
+
+
+def test_blur_only_on_large_views_and_it_smooths():
+    x = photos(4, 128)
+    sharp = unnormalise(batch_view(x, 112, 1.0, g(2), jitter_p=0, grey_p=0, blur_p=0.0))
+    blurred = unnormalise(batch_view(x, 112, 1.0, g(2), jitter_p=0, grey_p=0, blur_p=1.0))
+
+    def roughness(t):
+        return (t[..., 1:] - t[..., :-1]).abs().mean()
+
+    assert roughness(blurred) < roughness(sharp)
+    assert BatchTwoViews(32).view1["blur_p"] == 0 and BatchTwoViews(224).view1["blur_p"] == 1.0
+    assert store_size(32) == 64 and store_size(224) == 256
+
+
+@pytest.fixture(scope="module")
+def linked_dir(tmp_path_factory):
+    """12 photos plus a second folder of links to them (a repeated dataset) and one bad file."""
+    root = tmp_path_factory.mktemp("mem")
+    photo = sample_photo("coffee")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    for i in range(12):
+        photo.crop((i * 20, i * 10, i * 20 + 200, i * 10 + 200)).resize((48, 48)).save(root / "a" / f"{i}.png")
+        (root / "b" / f"{i}.png").symlink_to(root / "a" / f"{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16)
+
+
+def test_training_from_memory_runs_resumes_exactly_and_stores_links_once(tmp_path, linked_dir, monkeypatch):
+    import filterkit.train as train
+
+    stored = []
+    real = train._decode_store
+
+    def spy(*args, **kw):
+        result = real(*args, **kw)
+        stored.append(result)
+        return result
+
+    monkeypatch.setattr(train, "_decode_store", spy)
+    opts = TrainOptions(max_steps=6, epochs=10, data_in_memory=True, **TINY)
+    straight = pretrain(linked_dir, tmp_path / "a", opts, device="cpu", workers=0, progress=False)
+    store, rows, kept, skips = stored[0]
+    assert len(store) == 12 and len(kept) == 24 and sorted(set(rows.tolist())) == list(range(12))
+    assert [s.path.name for s in skips] == ["broken.png"]
+    assert any(s.path.name == "broken.png" for s in straight.skipped)
+
+    pretrain(linked_dir, tmp_path / "b", opts, device="cpu", workers=0, progress=False, stop_at_step=3)
+    resumed = pretrain(linked_dir, tmp_path / "b", TrainOptions(), resume=True, device="cpu", workers=0,
+                       progress=False)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["training"]["data_in_memory"] is True
+
+
+def test_memory_estimate_refuses_what_cannot_fit(tmp_path, linked_dir, monkeypatch):
+    import os
+
+    from filterkit import FilterkitError
+
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
+    with pytest.raises(FilterkitError, match="--data-in-memory needs"):
+        pretrain(linked_dir, tmp_path / "m", TrainOptions(max_steps=1, data_in_memory=True, **TINY),
+                 device="cpu", workers=0, progress=False)
