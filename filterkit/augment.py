@@ -76,17 +76,21 @@ class TwoViews:
 # random parameters, so a GPU run is not held back by per-image PIL work on the CPU.
 # Differences from the PIL path: crops are resampled by RoI-Align (bilinear, averaged over
 # each output pixel's footprint), the colour-jitter order is random per batch rather than per
-# image, and hue is rotated in YIQ space (a linear stand-in for the HSV hue shift).
+# image, hue is rotated in YIQ space (a linear stand-in for the HSV hue shift), and crops come
+# from the centre square kept in memory (see store_transform), not from the whole photo.
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_RGB_TO_YIQ = torch.tensor(((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)))
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
+# Random parameters are drawn on the CPU from one generator and then moved: the same seed
+# gives the same views on any device, and no draw waits on the GPU.
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+    return (lo + (hi - lo) * torch.rand(n, generator=g)).to(device)
 
 
 def _chance(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) < p
+    return (torch.rand(n, generator=g) < p).to(device)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,7 @@ def _jitter(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.T
         "saturation": torch.where(apply, _uniform(n, 0.8, 1.2, g, dev), one),
         "hue": torch.where(apply, _uniform(n, -0.1, 0.1, g, dev), one * 0),
     }
-    order = torch.randperm(4, generator=g, device=dev).tolist()
+    order = torch.randperm(4, generator=g).tolist()
     for name in [list(factors)[i] for i in order]:
         f = factors[name].view(n, 1, 1, 1)
         if name == "brightness":
@@ -131,31 +135,45 @@ def _jitter(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.T
         elif name == "saturation":
             x = f * x + (1 - f) * _grey(x)
         else:  # rotate the chroma plane (I, Q) by 2*pi*hue
-            to_yiq = torch.tensor(_RGB_TO_YIQ, device=dev, dtype=x.dtype)
             angle = 2 * math.pi * factors["hue"]
             cos, sin = angle.cos(), angle.sin()
             rot = torch.zeros(n, 3, 3, device=dev, dtype=x.dtype)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-            m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [n, 3, 3]
+            m = _YIQ_TO_RGB.to(dev, x.dtype) @ rot @ _RGB_TO_YIQ.to(dev, x.dtype)  # [n, 3, 3]
             x = torch.einsum("nij,njhw->nihw", m, x)
         x = x.clamp(0, 1)
     return x
 
 
-def _blur(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Gaussian blur, sigma U(0.1, 2.0) per image, kernel ~10 % of the side (as TwoViews)."""
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable Gaussian blur of each image with its own sigma [n], reflect padding."""
     n, c, h, w = x.shape
-    size = max(3, int(0.1 * h) // 2 * 2 + 1)
-    sigma = _uniform(n, 0.1, 2.0, g, x.device).view(n, 1)
     offsets = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
-    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma ** 2))
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(n, 1).to(x.dtype) ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, size]
     flat = x.reshape(1, n * c, h, w)
     pad = size // 2
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
     flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c)
-    return torch.where(apply.view(n, 1, 1, 1), flat.view(n, c, h, w), x)
+    return flat.view(n, c, h, w)
+
+
+def _blur(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur, sigma U(0.1, 2.0) per image, kernel ~10 % of the side (as TwoViews)."""
+    size = max(3, int(0.1 * x.shape[2]) // 2 * 2 + 1)
+    sigma = _uniform(x.shape[0], 0.1, 2.0, g, x.device)
+    return torch.where(apply.view(-1, 1, 1, 1), _gaussian_blur(x, sigma, size), x)
+
+
+def _resample(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each uint8 image to its box [x0, y0, x1, y1] (pixel edges) and resize to
+    ``size``: float [n, 3, size, size] in 0..1. RoI-Align with an adaptive sampling ratio
+    averages each output pixel's whole footprint, so shrinking does not alias."""
+    n = images.shape[0]
+    rois = torch.cat([torch.arange(n, device=images.device, dtype=boxes.dtype).view(n, 1), boxes], 1)
+    x = roi_align(images.float() / 255, rois, (size, size), sampling_ratio=0, aligned=True)
+    return x.clamp(0, 1)
 
 
 def batch_view(images: torch.Tensor, img_size: int, min_scale: float, g: torch.Generator,
@@ -164,11 +182,7 @@ def batch_view(images: torch.Tensor, img_size: int, min_scale: float, g: torch.G
     """One random view of each image of a uint8 batch [B, 3, H, W]: normalised float [B, 3, S, S]."""
     n, _, height, width = images.shape
     dev = images.device
-    boxes = _crop_boxes(n, height, width, min_scale, g, dev)
-    rois = torch.cat([torch.arange(n, device=dev, dtype=boxes.dtype).view(n, 1), boxes], 1)
-    # sampling_ratio 0: each output pixel averages its whole footprint (no aliasing on shrink)
-    x = roi_align(images.float() / 255, rois, (img_size, img_size), sampling_ratio=0, aligned=True)
-    x = x.clamp(0, 1)
+    x = _resample(images, _crop_boxes(n, height, width, min_scale, g, dev), img_size)
     x = _jitter(x, _chance(n, jitter_p, g, dev), g)
     x = torch.where(_chance(n, grey_p, g, dev).view(n, 1, 1, 1), _grey(x).expand_as(x), x)
     if blur_p > 0:
@@ -202,6 +216,7 @@ def store_size(img_size: int) -> int:
 
 
 def store_transform(size: int) -> v2.Compose:
-    """PIL RGB -> uint8 [3, size, size]: shorter side to ``size``, centre crop."""
+    """PIL RGB -> uint8 [3, size, size]: shorter side to ``size``, centre crop. Random crops
+    are then taken from that square: the edges of a non-square photo are never seen."""
     return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(size), v2.PILToTensor()])

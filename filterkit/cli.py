@@ -481,8 +481,6 @@ def pretrain(
     from .train import TrainOptions
     from .train import pretrain as run_pretrain
 
-    if preset is None:
-        preset = _init_preset(init_from) if init_from and not resume else None
     if preset is not None and preset not in PRESETS:
         raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     given = dict(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
@@ -504,17 +502,9 @@ def pretrain(
     _print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
     typer.echo(f"trained {result.steps} steps (final loss {result.final_loss:.4f}{knn}); model written to {out}")
-    if stop_at_step is not None and result.steps == stop_at_step:
-        typer.echo(f"stopped at step {stop_at_step} (--stop-at-step); continue with "
+    if result.steps < result.total_steps:
+        typer.echo(f"stopped at step {result.steps} of {result.total_steps} (--stop-at-step); continue with "
                    f"`filterkit pretrain {folder} --out {out} --resume`")
-
-
-def _init_preset(spec: str) -> str | None:
-    """The preset of the model --init-from names (None for a custom architecture)."""
-    from .encoder import Encoder
-    from .train import _resolve_init_path
-
-    return Encoder.load(_resolve_init_path(spec), device="cpu").config.preset
 
 
 @app.command("eval")

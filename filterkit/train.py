@@ -62,11 +62,14 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+DEFAULT_PRESET = "vit-tiny-4-32"
+
+
 @dataclass
 class TrainOptions:
     """Everything that defines a pretraining run. ``None`` fields come from the preset's recipe."""
 
-    preset: str = "vit-tiny-4-32"
+    preset: str | None = None  # None: the --init-from model's preset, else DEFAULT_PRESET
     epochs: int | None = None
     max_steps: int | None = None  # the schedules' horizon: min(epochs x steps/epoch, max_steps)
     batch_size: int | None = None  # global batch
@@ -89,8 +92,10 @@ class TrainOptions:
     data_in_memory: bool = False  # decode once to uint8, augment whole batches on the device
 
     def resolved(self, device_kind: str) -> TrainOptions:
-        recipe = RECIPES.get(self.preset, RECIPES["vit-tiny-4-32"])["gpu" if device_kind == "cuda" else "cpu"]
+        preset = self.preset or DEFAULT_PRESET
+        recipe = RECIPES.get(preset, RECIPES[DEFAULT_PRESET])["gpu" if device_kind == "cuda" else "cpu"]
         values = asdict(self)
+        values["preset"] = preset
         for key, value in recipe.items():
             if values.get(key) is None:
                 values[key] = value
@@ -116,6 +121,7 @@ class TrainResult:
     knn_top1: list[tuple[int, float]]  # (epoch, accuracy) of the online monitor
     skipped: list[Skip]
     model: MoCo  # the trained base + momentum encoders and heads
+    total_steps: int = 0  # the schedule's length (steps < total_steps: stopped early)
 
 
 class TrainingStopped(FilterkitError):
@@ -190,49 +196,79 @@ class _TwoViewDataset(Dataset):
         raise FilterkitError("no training image could be decoded")
 
 
-def _decode_store(paths: list[Path], img_size: int, workers: int | None,
-                  progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[Path], list[Skip]]:
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit; None
+    where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _decode_store(paths: list[Path], img_size: int, workers: int | None, progress: bool,
+                  local_world: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[Path], list[Skip]]:
     """Every image decoded once to uint8 [U, 3, S, S] (S = ``store_size``), for
     ``data_in_memory``: (store, store row of each kept path, kept paths, skips). Links to one
-    file (a dataset repeated by linking) are decoded and stored once. Refuses up front when
-    the store would not fit in half the free memory."""
+    file (a dataset repeated by linking) are decoded and stored once. Each of the
+    ``local_world`` processes on this machine holds its own copy; refuses up front when those
+    would not fit in half the available memory."""
     file_ids: dict[tuple[int, int], int] = {}
     unique: list[Path] = []
-    slot = []  # path -> position in ``unique``
-    for path in paths:
-        st = path.stat()
-        key = (st.st_dev, st.st_ino)
+    slot: list[int] = []  # path -> position in ``unique``, -1: unreadable
+    unreadable: dict[int, str] = {}
+    for n, path in enumerate(paths):
+        try:
+            st = path.stat()
+        except OSError as e:
+            unreadable[n] = f"cannot read file: {e.strerror or e}"
+            slot.append(-1)
+            continue
+        key = (st.st_dev, st.st_ino) if st.st_ino else (-1, n)  # some filesystems report inode 0
         if key not in file_ids:
             file_ids[key] = len(unique)
             unique.append(path)
         slot.append(file_ids[key])
     side = store_size(img_size)
-    need = len(unique) * 3 * side * side
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    need = len(unique) * 3 * side * side * local_world
+    free = available_memory()
     if free is not None and need > free / 2:
+        copies = f" x {local_world} processes" if local_world > 1 else ""
         raise FilterkitError(f"--data-in-memory needs {need / 2**30:.1f} GiB for {len(unique)} images at "
-                             f"{side} px but {free / 2**30:.1f} GiB is free: leave it out to decode "
-                             "per step, or train on fewer images")
-    with progress_bar(f"decode to memory ({need / 2**30:.2f} GiB)", len(unique), progress) as advance:
+                             f"{side} px{copies} but {free / 2**30:.1f} GiB is available: leave it out to "
+                             "decode per step, or train on fewer images")
+    if workers is None and local_world > 1:  # the processes of one machine share its cores
+        workers = max(1, default_workers() // local_world)
+    with progress_bar(f"decode to memory ({need / local_world / 2**30:.2f} GiB)", len(unique), progress) as advance:
         store, kept, failures = decode_all(unique, store_transform(side), side, workers=workers,
                                            on_batch=advance)
     row_of = {u: row for row, u in enumerate(kept)}
     failed = dict(failures)
     rows = [row_of[u] for u in slot if u in row_of]
     kept_paths = [p for p, u in zip(paths, slot) if u in row_of]
-    skips = [Skip(p, failed[u]) for p, u in zip(paths, slot) if u in failed]
+    skips = [Skip(p, unreadable[n] if u < 0 else failed[u]) for n, (p, u) in enumerate(zip(paths, slot))
+             if u not in row_of]
     return store, torch.tensor(rows, dtype=torch.long), kept_paths, skips
 
 
 def _memory_batches(store: torch.Tensor, rows: torch.Tensor, views: BatchTwoViews, sampler: Sampler,
                     per_rank: int, device: torch.device):
     """This rank's batches of the in-memory store, in the sampler's order, augmented on
-    ``device``. The generator is seeded by the batch's first sample seed, so a resumed run or
-    any device count sees the same views."""
+    ``device``. The generator is seeded by the batch's first sample seed, so a resumed run sees
+    the same views (a run on another number of processes draws them differently)."""
     items = iter(sampler)
     while len(chunk := list(itertools.islice(items, per_rank))) == per_rank:
         index = rows[torch.tensor([i for i, _ in chunk])]
-        g = torch.Generator(device=device).manual_seed(chunk[0][1] % 2**63)
+        g = torch.Generator().manual_seed(chunk[0][1] % 2**63)  # parameters are drawn on the CPU
         x1, x2 = views(store[index].to(device, non_blocking=True), g)
         yield x1, x2, []
 
@@ -342,10 +378,12 @@ class _Init:
 
 
 def _resolve_init_path(spec: str) -> Path:
-    """``default`` names the shipped model unless a folder of that name exists here."""
+    """``default`` names the shipped model unless ./default is a model directory."""
     from .encoder import default_model_path
 
-    return default_model_path() if spec == "default" and not Path(spec).exists() else Path(spec)
+    if spec == "default" and not (Path(spec) / "config.json").is_file():
+        return default_model_path()
+    return Path(spec)
 
 
 def _load_init(spec: str) -> _Init:
@@ -363,6 +401,7 @@ def _load_init(spec: str) -> _Init:
     if (path / CHECKPOINT).is_file():
         state = load_checkpoint(path / CHECKPOINT)
         moco_state = state["model"]
+        info["steps"] = int(state["step"])  # the checkpoint may be ahead of the exported model
         heads = {k: state["options"].get(k) for k in ("out_dim", "proj_hidden", "pred_hidden", "predictor")}
     return _Init(encoder.config, info, encoder.backbone.state_dict(), moco_state, heads)
 
@@ -379,8 +418,24 @@ def _apply_init(moco: MoCo, init: _Init, options: TrainOptions) -> str:
     return "backbone"
 
 
-def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    return replace(a, preset=None) == replace(b, preset=None)
+def _options_from_init(options: TrainOptions, init: _Init) -> TrainOptions:
+    """Fill what the caller left unset from the init model (preset, depth, head shapes);
+    refuse a preset or depth its architecture contradicts."""
+    arch, spec = init.config, options.init_from
+    preset = options.preset or arch.preset or DEFAULT_PRESET
+    if arch.preset is not None and preset != arch.preset:
+        raise FilterkitError(f"--init-from {spec} is a {arch.preset} model: --preset {preset} does not "
+                             "fit it (leave --preset out)")
+    if options.depth is not None and options.depth != arch.depth:
+        raise FilterkitError(f"--init-from {spec} has {arch.depth} blocks: --depth {options.depth} does not "
+                             "fit it (leave --depth out)")
+    depth = options.depth
+    if arch.preset is not None and arch.depth != ModelConfig.from_preset(arch.preset).depth:
+        depth = arch.depth
+    defaults = TrainOptions()
+    heads = {k: v for k, v in init.heads.items()
+             if v is not None and getattr(options, k) == getattr(defaults, k)}
+    return replace(options, preset=preset, depth=depth, **heads)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -413,6 +468,9 @@ def pretrain(
     options = (options or TrainOptions())
 
     checkpoint = None
+    if resume and options.init_from:
+        raise FilterkitError("--init-from starts a new run and --resume continues OUT's own checkpoint: "
+                             "give one or the other")
     if resume:
         if not (out_dir / CHECKPOINT).is_file():
             raise FilterkitError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
@@ -421,24 +479,21 @@ def pretrain(
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise FilterkitError(f"{out_dir} already holds files: pass --resume to continue its training, "
                              "or choose a new --out folder")
+    init = None
+    if options.init_from and checkpoint is None:
+        init = _load_init(options.init_from)
+        options = _options_from_init(options, init)
     lr_given = options.lr is not None
     options = options.resolved(dev.type)
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
 
-    overrides = {"depth": options.depth} if options.depth else {}
-    init = _load_init(options.init_from) if options.init_from and checkpoint is None else None
     if checkpoint is not None:
         cfg = ModelConfig.from_dict(checkpoint["model_config"])
     elif init is not None:
         cfg = init.config  # the architecture is the init model's, whatever its origin
-        asked = ModelConfig.from_preset(options.preset, **overrides)
-        if init.config.preset is not None and not _same_architecture(asked, cfg):
-            raise FilterkitError(
-                f"--init-from {options.init_from} is a {cfg.preset} model, not {options.preset}: "
-                f"pass --preset {cfg.preset} (or leave --preset out)")
     else:
-        cfg = ModelConfig.from_preset(options.preset, **overrides)
+        cfg = ModelConfig.from_preset(options.preset, **({"depth": options.depth} if options.depth else {}))
 
     paths = discover_images(data_dir, follow_symlinks=follow_symlinks)
     refused: list[Skip] = []
@@ -450,10 +505,13 @@ def pretrain(
     _check_decodable(paths)
     store = None
     if options.data_in_memory:
-        store, store_rows, paths, failed = _decode_store(paths, cfg.img_size, workers, progress and is_main)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        store, store_rows, paths, failed = _decode_store(paths, cfg.img_size, workers, progress and is_main,
+                                                         local_world)
         refused += failed
         if len(paths) < 2:
-            raise FilterkitError(f"{data_dir}: only {len(paths)} images decode; pretraining needs at least 2")
+            reason = f" (e.g. {failed[0].path.name}: {failed[0].reason})" if failed else ""
+            raise FilterkitError(f"{data_dir}: only {len(paths)} images decode{reason}; pretraining needs at least 2")
     global_batch = min(options.batch_size, len(paths) // world * world)
     if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
         options = replace(options, batch_size=global_batch,
@@ -599,7 +657,7 @@ def pretrain(
     save(step)
     elapsed = time.perf_counter() - t_start
     return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,
-                       refused + [Skip(paths[i], r) for i, r in sorted(skipped.items())], moco)
+                       refused + [Skip(paths[i], r) for i, r in sorted(skipped.items())], moco, total)
 
 
 def _knn_monitor(moco: MoCo, cfg: ModelConfig, knn_sets, workers: int) -> float:
@@ -644,8 +702,9 @@ def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOp
         value = getattr(given, f.name)
         if value == getattr(defaults, f.name):
             continue  # not set by the caller
-        if f.name in _SCHEDULE_KEYS and saved.get(f.name) is not None and saved[f.name] != value:
-            conflicts.append(f"{f.name} (checkpoint {saved[f.name]!r}, now {value!r})")
+        saved_value = saved.get(f.name, getattr(defaults, f.name))  # older checkpoints lack newer keys
+        if f.name in _SCHEDULE_KEYS and saved_value is not None and saved_value != value:
+            conflicts.append(f"{f.name} (checkpoint {saved_value!r}, now {value!r})")
         merged[f.name] = value
     if conflicts:
         raise FilterkitError("--resume with options that differ from the checkpoint: " + ", ".join(conflicts))

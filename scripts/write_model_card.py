@@ -17,6 +17,18 @@ from filterkit.encoder import CARD_FILE, CONFIG_FILE, Encoder, update_model_conf
 from filterkit.fsutil import atomic_write_text
 
 
+def recipe(training: dict) -> str:
+    return (f"batch {training['batch_size']}, AdamW lr {training['lr']:g} (warmup "
+            f"{training['warmup_epochs']:g} epochs, then half-cosine), weight decay {training['weight_decay']:g}, "
+            f"temperature {training['temperature']:g}, momentum {training['momentum']:g} → 1 (cosine), "
+            f"projector/predictor hidden {training['proj_hidden']}/{training['pred_hidden']}, out "
+            f"{training['out_dim']}, crops from {training['min_crop_scale']:g} of the area, "
+            f"{training['steps']} steps" + (f" of the {training['total_steps']} its LR schedule spans (stopped early, "
+                                            "late in the cosine decay)"
+                                            if training["steps"] < training["total_steps"] else "")
+            + f", seed {training['seed']}.")
+
+
 def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> str:
     arch, training, quality = doc["architecture"], doc["training"], doc["quality"]
     compute = training.get("compute", {})
@@ -38,18 +50,26 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
         data_note,
         "",
         "## Recipe",
-        f"- MoCo v3: batch {training['batch_size']}, AdamW lr {training['lr']:g} (warmup "
-        f"{training['warmup_epochs']:g} epochs, then half-cosine), weight decay {training['weight_decay']:g}, "
-        f"temperature {training['temperature']:g}, momentum {training['momentum']:g} → 1 (cosine), "
-        f"projector/predictor hidden {training['proj_hidden']}/{training['pred_hidden']}, out "
-        f"{training['out_dim']}, crops from {training['min_crop_scale']:g} of the area, "
-        f"{training['steps']} steps" + (f" of the {training['total_steps']} its LR schedule spans (stopped early, "
-                                         "late in the cosine decay)"
-                                         if training["steps"] < training["total_steps"] else "")
-        + f", seed {training['seed']}.",
-        f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
-        f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
-        f"{compute.get('wall_seconds', 0) / 60:.0f} minutes wall-clock.",
+    ]
+    stage1 = doc.get("stage1")
+    if stage1:  # trained in two stages: --init-from a first run
+        t1, c1 = stage1["training"], stage1["training"].get("compute", {})
+        lines += [
+            f"- Stage 1, MoCo v3: {recipe(t1)}",
+            f"- Stage 2 (`--init-from` stage 1: {training['init']['loaded']}; new AdamW and schedules): {recipe(training)}",
+            f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
+            f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
+            f"{(c1.get('wall_seconds', 0) + compute.get('wall_seconds', 0)) / 60:.0f} minutes wall-clock "
+            f"({c1.get('wall_seconds', 0) / 60:.0f} + {compute.get('wall_seconds', 0) / 60:.0f}).",
+        ]
+    else:
+        lines += [
+            f"- MoCo v3: {recipe(training)}",
+            f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
+            f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
+            f"{compute.get('wall_seconds', 0) / 60:.0f} minutes wall-clock.",
+        ]
+    lines += [
         "- Reproduce: `bash scripts/train_default_model.sh` (see the script for the data layout).",
         "",
         "## Measured quality",
@@ -94,6 +114,9 @@ def main() -> None:
     update_model_config(args.model_dir, quality=quality)
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
     doc["name"] = args.model_dir.name
+    init = (doc.get("training") or {}).get("init")
+    if init and (Path(init["from"]) / CONFIG_FILE).is_file():
+        doc["stage1"] = json.loads((Path(init["from"]) / CONFIG_FILE).read_text())
     atomic_write_text(args.model_dir / CARD_FILE, card(doc, args.speed_note, args.data_note, args.limitation))
     print(f"wrote {args.model_dir / CARD_FILE}")
 

@@ -257,10 +257,25 @@ def test_init_from_a_training_folder_or_a_model_directory(tmp_path, train_dir):
     assert not torch.equal(c_state["base.projector.0.weight"], a["base.projector.0.weight"])
     assert json.loads((tmp_path / "c" / CONFIG_FILE).read_text())["training"]["init"]["loaded"] == "backbone"
 
-    with pytest.raises(FilterkitError, match="pass --preset vit-mini-8-32"):
+    with pytest.raises(FilterkitError, match="is a vit-mini-8-32 model: --preset vit-tiny-4-32 does not fit"):
         pretrain(train_dir, tmp_path / "d", TrainOptions(**{**TINY, "preset": "vit-tiny-4-32", "depth": None,
                                                             "init_from": str(plain)}),
                  device="cpu", workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="has 1 blocks: --depth 2 does not fit"):
+        pretrain(train_dir, tmp_path / "d", TrainOptions(**{**TINY, "depth": 2, "init_from": str(plain)}),
+                 device="cpu", workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="give one or the other"):
+        pretrain(train_dir, tmp_path / "b", TrainOptions(init_from=str(plain)), resume=True, device="cpu",
+                 workers=0, progress=False)
+
+    # Nothing but --init-from: preset, depth (a --depth model) and head shapes come from the init.
+    e = pretrain(train_dir, tmp_path / "e", TrainOptions(init_from=str(tmp_path / "a"), max_steps=1, batch_size=8),
+                 device="cpu", workers=0, progress=False)
+    doc = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
+    assert doc["architecture"]["depth"] == 1 and doc["training"]["preset"] == "vit-mini-8-32"
+    assert doc["training"]["depth"] == 1 and doc["training"]["proj_hidden"] == 32
+    assert doc["training"]["init"]["loaded"] == "encoders and heads"
+    assert e.steps == 1
 
 
 def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, capsys):
