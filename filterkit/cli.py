@@ -6,6 +6,7 @@ Heavy imports (torch, timm, faiss) happen inside the commands so ``filterkit --h
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -501,7 +502,8 @@ def pretrain(
         raise
     _print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
-    typer.echo(f"trained {result.steps} steps (final loss {result.final_loss:.4f}{knn}); model written to {out}")
+    loss = f"final loss {result.final_loss:.4f}" if math.isfinite(result.final_loss) else "no step run in this call"
+    typer.echo(f"trained {result.steps} steps ({loss}{knn}); model written to {out}")
     if result.steps < result.total_steps:
         typer.echo(f"stopped at step {result.steps} of {result.total_steps} (--stop-at-step); continue with "
                    f"`filterkit pretrain {folder} --out {out} --resume`")
