@@ -51,17 +51,20 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
         "",
         "## Recipe",
     ]
-    stage1 = doc.get("stage1")
-    if stage1:  # trained in two stages: --init-from a first run
-        t1, c1 = stage1["training"], stage1["training"].get("compute", {})
-        lines += [
-            f"- Stage 1, MoCo v3: {recipe(t1)}",
-            f"- Stage 2 (`--init-from` stage 1: {training['init']['loaded']}; new AdamW and schedules): {recipe(training)}",
+    stages = doc.get("stages", [])  # earlier runs this one started from (--init-from), oldest first
+    if stages:
+        runs = [*stages, doc]
+        walls = [r["training"].get("compute", {}).get("wall_seconds", 0) for r in runs]
+        for i, run in enumerate(runs, 1):
+            t = run["training"]
+            start = (f" (`--init-from` stage {i - 1}: {t['init']['loaded']}; new AdamW and schedules)"
+                     if i > 1 else "")
+            lines.append(f"- Stage {i}{start}, data {Path(run['data']['folder']).name} "
+                         f"({run['data']['images']} images): {recipe(t)}")
+        lines.append(
             f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
             f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
-            f"{(c1.get('wall_seconds', 0) + compute.get('wall_seconds', 0)) / 60:.0f} minutes wall-clock "
-            f"({c1.get('wall_seconds', 0) / 60:.0f} + {compute.get('wall_seconds', 0) / 60:.0f}).",
-        ]
+            f"{sum(walls) / 60:.0f} minutes wall-clock ({' + '.join(f'{w / 60:.0f}' for w in walls)}).")
     else:
         lines += [
             f"- MoCo v3: {recipe(training)}",
@@ -114,9 +117,12 @@ def main() -> None:
     update_model_config(args.model_dir, quality=quality)
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
     doc["name"] = args.model_dir.name
+    doc["stages"] = []
     init = (doc.get("training") or {}).get("init")
-    if init and (Path(init["from"]) / CONFIG_FILE).is_file():
-        doc["stage1"] = json.loads((Path(init["from"]) / CONFIG_FILE).read_text())
+    while init and (Path(init["from"]) / CONFIG_FILE).is_file():
+        earlier = json.loads((Path(init["from"]) / CONFIG_FILE).read_text())
+        doc["stages"].insert(0, earlier)
+        init = (earlier.get("training") or {}).get("init")
     atomic_write_text(args.model_dir / CARD_FILE, card(doc, args.speed_note, args.data_note, args.limitation))
     print(f"wrote {args.model_dir / CARD_FILE}")
 
