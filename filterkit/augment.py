@@ -123,7 +123,7 @@ def _jitter(x: torch.Tensor, apply: torch.Tensor, g: torch.Generator) -> torch.T
         "brightness": torch.where(apply, _uniform(n, 0.6, 1.4, g, dev), one),
         "contrast": torch.where(apply, _uniform(n, 0.6, 1.4, g, dev), one),
         "saturation": torch.where(apply, _uniform(n, 0.8, 1.2, g, dev), one),
-        "hue": torch.where(apply, _uniform(n, -0.1, 0.1, g, dev), one * 0),
+        "hue": torch.where(apply, _uniform(n, -0.1, 0.1, g, dev), torch.zeros_like(one)),
     }
     order = torch.randperm(4, generator=g).tolist()
     for name in [list(factors)[i] for i in order]:
