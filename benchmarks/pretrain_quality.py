@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--warmup-epochs", type=float, default=None)
+    parser.add_argument("--data-in-memory", action="store_true",
+                        help="decode CIFAR once and augment whole batches (no per-image loader)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -36,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
 
     options = TrainOptions(preset=args.preset, epochs=args.epochs, max_steps=args.max_steps,
-                           batch_size=args.batch_size, lr=args.lr, checkpoint_every=100)
+                           batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                           data_in_memory=args.data_in_memory, checkpoint_every=100)
     start = time.perf_counter()
     result = pretrain(args.cifar / "train", args.out, options, resume=args.resume, device=args.device,
                       workers=args.workers, knn_train=args.cifar / "train", knn_test=args.cifar / "test",
@@ -58,7 +62,9 @@ def main() -> None:
     margin = report.knn_top1 - max(report.baselines.values())
     print(f"  margin over the best baseline: {100 * margin:+.1f} points")
     summary = {**report.to_dict(), "train_minutes": train_s / 60, "steps": result.steps,
-               "online_knn": result.knn_top1, "preset": args.preset}
+               "online_knn": result.knn_top1, "preset": args.preset,
+               "options": {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr",
+                                                          "warmup_epochs", "data_in_memory")}}
     (args.out / "quality.json").write_text(json.dumps(summary, indent=2))
 
 

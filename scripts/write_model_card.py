@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--speed-note", required=True)
     parser.add_argument("--data-note", required=True)
     parser.add_argument("--limitation", action="append", default=[])
+    parser.add_argument("--name", help="the card's title (default: the folder's name)")
     args = parser.parse_args()
     quality = {}
     for item in args.eval:
@@ -116,7 +117,7 @@ def main() -> None:
     Encoder.load(args.model_dir, device="cpu")  # refuse a directory that does not load
     update_model_config(args.model_dir, quality=quality)
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
-    doc["name"] = args.model_dir.name
+    doc["name"] = args.name or args.model_dir.name
     doc["stages"] = []
     init = (doc.get("training") or {}).get("init")
     while init and (Path(init["from"]) / CONFIG_FILE).is_file():
