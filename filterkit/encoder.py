@@ -333,15 +333,22 @@ class Encoder:
         return cls(backbone, cfg, meta=meta, model_id=_model_id(weights_sha256, cfg),
                    device=device, precision=precision)
 
-    def _weights_blob(self) -> bytes:
+    def _weights_blob(self, dtype: torch.dtype = torch.float32) -> bytes:
         """The safetensors bytes ``save`` writes; the model id hashes exactly these."""
         from safetensors.torch import save as save_safetensors
 
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.backbone.state_dict().items()}
         return save_safetensors(state, metadata={"format": FORMAT})
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False, card: str | None = None) -> Path:
-        """Write the model directory; each file is replaced atomically, weights first."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False, card: str | None = None,
+             weights_dtype: torch.dtype = torch.float32) -> Path:
+        """Write the model directory; each file is replaced atomically, weights first.
+
+        ``weights_dtype=torch.float16`` halves the file; ``load`` still returns fp32.
+        """
+        if weights_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FilterkitError(f"weights can be stored as float32, float16 or bfloat16, not {weights_dtype}")
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FilterkitError(f"{path} exists and is not a folder")
@@ -350,7 +357,7 @@ class Encoder:
             hint = "pass --force to replace it" if is_model else "choose an empty or new folder"
             raise FilterkitError(f"{path} is not empty; {hint}")
         path.mkdir(parents=True, exist_ok=True)
-        blob = self._weights_blob()
+        blob = self._weights_blob(weights_dtype)
         weights_sha256 = hashlib.sha256(blob).hexdigest()
         doc = {
             "format": FORMAT,
@@ -368,7 +375,8 @@ class Encoder:
         atomic_write_bytes(path / WEIGHTS_FILE, blob)
         atomic_write_text(path / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
         atomic_write_text(path / CARD_FILE, card or default_model_card(self.config, self.meta))
-        self._model_id = doc["model_id"]
+        if weights_dtype == torch.float32:  # else this object's fp32 weights are not the file's
+            self._model_id = doc["model_id"]
         return path
 
     # -- properties ---------------------------------------------------------------------

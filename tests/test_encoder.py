@@ -88,6 +88,21 @@ def test_save_refuses_to_overwrite_without_permission(tmp_path, small_encoder):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_fp16_weights_halve_the_file_and_load_as_fp32(tmp_path, small_encoder):
+    small_encoder.save(tmp_path / "fp32")
+    small_encoder.save(tmp_path / "fp16", weights_dtype=torch.float16)
+    size32 = (tmp_path / "fp32" / WEIGHTS_FILE).stat().st_size
+    size16 = (tmp_path / "fp16" / WEIGHTS_FILE).stat().st_size
+    assert size16 < 0.55 * size32
+    loaded = Encoder.load(tmp_path / "fp16", device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.backbone.parameters())
+    for (name, a), (_, b) in zip(small_encoder.backbone.state_dict().items(), loaded.backbone.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+    assert loaded.model_id != Encoder.load(tmp_path / "fp32", device="cpu").model_id
+    with pytest.raises(FilterkitError, match="float16"):
+        small_encoder.save(tmp_path / "int8", weights_dtype=torch.int8)
+
+
 def test_load_explains_a_broken_model_directory(tmp_path, small_encoder):
     with pytest.raises(FilterkitError, match="not found"):
         Encoder.load(tmp_path / "missing")

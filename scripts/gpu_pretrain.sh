@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Pretrain on a lent GPU within one device call (/work/.library/device/README.md), then measure.
+#
+# CIFAR-10 train is decoded once into GPU memory (--data-in-memory: crops, jitter, grey,
+# solarize run batched on the GPU), bf16 autocast. A short probe run measures steady
+# images/s; the real run's schedule (epochs, --max-steps) is sized from it to fit MINUTES,
+# so the cosine schedules end when the budget does. Then `filterkit eval` on CIFAR-10 test
+# with the random-init and raw-pixel baselines, and benchmarks/pretrain_speed.py on the GPU.
+# What comes back through $OUT (at most 8 files, 16 MiB each): model/config.json,
+# model/model.safetensors (fp16 to fit; Encoder.load returns fp32), model/MODEL_CARD.md,
+# eval.json, log.jsonl, speed.txt, run.txt. The training checkpoint stays on the device machine (too large to fetch).
+#
+# Here, once:  mkdir -p .gpudata && cp ../shared/data/cifar10.tar.gz .gpudata/   (.gitignore lists .gpudata)
+# Device call: run(command="bash scripts/gpu_pretrain.sh", carry=[".gpudata"], timeout_s=580)
+# CPU dry run of this script: OUT=/tmp/gpu-dry DEVICE=cpu PRECISION=fp32 BATCH=32 PROBE_STEPS=3 \
+#   MINUTES=0.3 EVAL_PER_CLASS=50 PY=.venv/bin/python bash scripts/gpu_pretrain.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT: the device tool sets it}
+DEVICE=${DEVICE:-cuda}
+PRECISION=${PRECISION:-bf16}
+PRESET=${PRESET:-vit-tiny-4-32}  # ViT-Tiny, patch 4 on 32 px: the usual CIFAR ViT
+BATCH=${BATCH:-512}
+LR=${LR:-}                       # empty: the preset's GPU recipe (1.5e-4 x batch / 256)
+MINUTES=${MINUTES:-5}          # the training run's wall-clock budget
+PROBE_STEPS=${PROBE_STEPS:-40}
+EVAL_PER_CLASS=${EVAL_PER_CLASS:-}  # empty: the whole of CIFAR-10 train and test
+DATA=${DATA:-/tmp/fk-data}
+RUN=${RUN:-/tmp/fk-gpu-run}
+PY=${PY:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from the tree: no install needed there
+FK=("$PY" -m filterkit)
+mkdir -p "$DATA"
+exec > >(tee "$OUT/run.txt") 2>&1
+
+[ -d "$DATA/cifar10/train" ] || tar xzf .gpudata/cifar10.tar.gz -C "$DATA"
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; } 2>/dev/null
+"$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+COMMON=(--preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --precision "$PRECISION" --data-in-memory --quiet)
+[ -n "$LR" ] && COMMON+=(--lr "$LR")
+
+# 1. Probe: steady images/s (median of the second half of the steps: the first ones warm up), on
+# one class hard-linked apart so that its decode takes a tenth of the time.
+rm -rf /tmp/fk-probe /tmp/fk-probe-data && mkdir -p /tmp/fk-probe-data
+cp -al "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/
+"${FK[@]}" pretrain /tmp/fk-probe-data --out /tmp/fk-probe "${COMMON[@]}" --max-steps "$PROBE_STEPS" \
+    --checkpoint-every 100000
+read -r STEPS EPOCHS WARMUP IPS < <("$PY" - "$MINUTES" "$BATCH" <<'EOF'
+import json, math, statistics, sys
+minutes, batch = float(sys.argv[1]), int(sys.argv[2])
+rows = [json.loads(line) for line in open("/tmp/fk-probe/training/log.jsonl") if '"images_per_s"' in line]
+ips = statistics.median(r["images_per_s"] for r in rows[len(rows) // 2:])
+steps = max(1, int(minutes * 60 * ips / batch))
+epochs = max(1, math.ceil(steps * batch / 50000))
+warmup = round(min(10.0, 0.1 * steps * batch / 50000), 2)  # 10 % of the run, at most the recipe's 10
+print(steps, epochs, warmup, round(ips, 1))
+EOF
+)
+echo "probe: $IPS img/s at batch $BATCH -> $STEPS steps ($EPOCHS epochs, warmup $WARMUP) in $MINUTES min"
+
+# 2. The run, sized to the budget.
+rm -rf "$RUN"
+start=$(date +%s)
+"${FK[@]}" pretrain "$DATA/cifar10/train" --out "$RUN" "${COMMON[@]}" --epochs "$EPOCHS" --max-steps "$STEPS" \
+    --warmup-epochs "$WARMUP" \
+    --checkpoint-every 1000
+echo "trained $STEPS steps in $(( $(date +%s) - start )) s"
+cp "$RUN/training/log.jsonl" "$OUT/log.jsonl"
+
+# 3. kNN on CIFAR-10 test with both baselines, same run.
+EVAL=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --device "$DEVICE" --json --quiet)
+[ -n "$EVAL_PER_CLASS" ] && EVAL+=(--max-per-class "$EVAL_PER_CLASS")
+"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json"
+"$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json"
+
+# 4. The model directory, weights in fp16 so the file comes back (Encoder.load returns fp32).
+"$PY" -c "import sys, torch; from filterkit import Encoder; \
+Encoder.load(sys.argv[1], device='cpu').save(sys.argv[2], overwrite=True, weights_dtype=torch.float16)" \
+    "$RUN" "$OUT/model"
+
+# 5. Training-step speed against the paper-pseudocode reference, alternated in one run.
+"$PY" benchmarks/pretrain_speed.py --preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --steps 5 --rounds 3 \
+    | tee "$OUT/speed.txt"
