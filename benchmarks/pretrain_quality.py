@@ -1,12 +1,12 @@
 """Pretrain on CIFAR-10 train for a fixed CPU budget, then weighted kNN on CIFAR-10 test with
 the random-init and raw-pixel baselines measured in the same run.
 
-    python benchmarks/pretrain_quality.py --cifar ~/.cache/filterkit-data/cifar10 --out /tmp/fk-quality
+    python benchmarks/pretrain_quality.py --cifar ~/.cache/filterkit-data/cifar10 --out /tmp/fk-quality --data-in-memory
 
 The default budget (preset vit-mini-8-32, its CPU recipe: batch 128, lr 5e-4, 7 epochs = 2,730
-steps) takes about an hour on a 2-core CPU with --data-in-memory (97 img/s; the per-image loader
-trains 1.38x slower on CIFAR-10 here, benchmarks/pretrain_data.py). An online kNN monitor on 200 images per class prints
-each epoch. Results go to stdout and OUT/quality.json.
+steps) takes about an hour on a 2-core CPU with --data-in-memory (97 img/s; the per-image
+loader trains 1.38x slower on CIFAR-10 here, benchmarks/pretrain_data.py). An online kNN
+monitor on 200 images per class prints each epoch. Results go to stdout and OUT/quality.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 # with the random-init and raw-pixel baselines, and benchmarks/pretrain_speed.py on the GPU.
 # What comes back through $OUT (at most 8 files, 16 MiB each): model/config.json,
 # model/model.safetensors (fp16 to fit; Encoder.load returns fp32), model/MODEL_CARD.md,
-# eval.json, log.jsonl, speed.txt, run.txt. The training checkpoint stays on the device machine (too large to fetch).
+# eval.json, log.jsonl, speed.txt, run.txt. The training checkpoint stays on the device
+# machine (too large to fetch).
 #
 # Here, once:  mkdir -p .gpudata && cp ../shared/data/cifar10.tar.gz .gpudata/   (.gitignore lists .gpudata)
 # Device call: run(command="bash scripts/gpu_pretrain.sh", carry=[".gpudata"], timeout_s=580)
@@ -30,7 +31,7 @@ RUN=${RUN:-/tmp/fk-gpu-run}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from the tree: no install needed there
 FK=("$PY" -m filterkit)
-mkdir -p "$DATA"
+mkdir -p "$OUT" "$DATA"
 exec > >(tee "$OUT/run.txt") 2>&1
 
 [ -d "$DATA/cifar10/train" ] || tar xzf .gpudata/cifar10.tar.gz -C "$DATA"
@@ -45,14 +46,15 @@ rm -rf /tmp/fk-probe /tmp/fk-probe-data && mkdir -p /tmp/fk-probe-data
 cp -al "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/
 "${FK[@]}" pretrain /tmp/fk-probe-data --out /tmp/fk-probe "${COMMON[@]}" --max-steps "$PROBE_STEPS" \
     --checkpoint-every 100000
-read -r STEPS EPOCHS WARMUP IPS < <("$PY" - "$MINUTES" "$BATCH" <<'EOF'
+N_TRAIN=$(find "$DATA/cifar10/train" -type f | wc -l)
+read -r STEPS EPOCHS WARMUP IPS < <("$PY" - /tmp/fk-probe/training/log.jsonl "$MINUTES" "$BATCH" "$N_TRAIN" <<'EOF'
 import json, math, statistics, sys
-minutes, batch = float(sys.argv[1]), int(sys.argv[2])
-rows = [json.loads(line) for line in open("/tmp/fk-probe/training/log.jsonl") if '"images_per_s"' in line]
+log, minutes, batch, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rows = [json.loads(line) for line in open(log) if '"images_per_s"' in line]
 ips = statistics.median(r["images_per_s"] for r in rows[len(rows) // 2:])
 steps = max(1, int(minutes * 60 * ips / batch))
-epochs = max(1, math.ceil(steps * batch / 50000))
-warmup = round(min(10.0, 0.1 * steps * batch / 50000), 2)  # 10 % of the run, at most the recipe's 10
+epochs = max(1, math.ceil(steps * batch / n))
+warmup = round(min(10.0, 0.1 * steps * batch / n), 2)  # 10 % of the run, at most the recipe's 10
 print(steps, epochs, warmup, round(ips, 1))
 EOF
 )

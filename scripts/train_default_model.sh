@@ -32,21 +32,24 @@ $PY scripts/make_splits.py --data "$DATA" --out "$SPLITS" --imagenette-repeat 3
 # restart). Stage 3 (~0.7 h): the same again for 1,200 steps on CIFAR-10 train alone. Stage 4
 # (~0.9 h): once more on CIFAR-10 train, 1,500 steps (stage 3 left CIFAR-10 0.5 point short).
 KNN=(--knn-train "$SPLITS/imagenette-train" --knn-test "$SPLITS/imagenette-heldout" --knn-max-per-class 100)
-RESUME=()
-[ -f "$RUN1/training/checkpoint.pt" ] && RESUME=(--resume)  # a finished stage 1 stops at once
-$FK pretrain "$SPLITS/pretrain" --out "$RUN1" "${RESUME[@]}" --follow-symlinks \
+# stage OUT FROM DATA ARGS...: pretrain DATA into OUT, starting from the model in FROM (none if
+# empty); once OUT holds a checkpoint, --resume it instead (a finished stage stops at once).
+stage() {
+  local out=$1 from=$2 data=$3 start=()
+  shift 3
+  if [ -f "$out/training/checkpoint.pt" ]; then start=(--resume); elif [ -n "$from" ]; then start=(--init-from "$from"); fi
+  $FK pretrain "$data" --out "$out" "${start[@]}" "$@" --quiet
+}
+stage "$RUN1" "" "$SPLITS/pretrain" --follow-symlinks \
     --preset vit-mini-8-32 --batch-size 128 --lr 5e-4 --epochs 5 --warmup-epochs 0.5 --stop-at-step 2200 \
-    --checkpoint-every 200 "${KNN[@]}" --quiet
-if [ -f "$RUN2/training/checkpoint.pt" ]; then STAGE2=(--resume); else STAGE2=(--init-from "$RUN1"); fi
-$FK pretrain "$SPLITS/pretrain" --out "$RUN2" "${STAGE2[@]}" --follow-symlinks \
+    --checkpoint-every 200 "${KNN[@]}"
+stage "$RUN2" "$RUN1" "$SPLITS/pretrain" --follow-symlinks \
     --preset vit-mini-8-32 --batch-size 128 --lr 4e-4 --epochs 5 --max-steps 2500 --warmup-epochs 0.25 \
-    --seed 1 --checkpoint-every 250 "${KNN[@]}" --quiet
-if [ -f "$RUN3/training/checkpoint.pt" ]; then STAGE3=(--resume); else STAGE3=(--init-from "$RUN2"); fi
-$FK pretrain "$DATA/cifar10/train" --out "$RUN3" "${STAGE3[@]}" \
-    --batch-size 128 --lr 3e-4 --epochs 4 --max-steps 1200 --warmup-epochs 0.1 --seed 2 --checkpoint-every 200 --quiet
-if [ -f "$RUN/training/checkpoint.pt" ]; then STAGE4=(--resume); else STAGE4=(--init-from "$RUN3"); fi
-$FK pretrain "$DATA/cifar10/train" --out "$RUN" "${STAGE4[@]}" \
-    --batch-size 128 --lr 3e-4 --epochs 4 --max-steps 1500 --warmup-epochs 0.1 --seed 3 --checkpoint-every 200 --quiet
+    --seed 1 --checkpoint-every 250 "${KNN[@]}"
+stage "$RUN3" "$RUN2" "$DATA/cifar10/train" \
+    --batch-size 128 --lr 3e-4 --epochs 4 --max-steps 1200 --warmup-epochs 0.1 --seed 2 --checkpoint-every 200
+stage "$RUN" "$RUN3" "$DATA/cifar10/train" \
+    --batch-size 128 --lr 3e-4 --epochs 4 --max-steps 1500 --warmup-epochs 0.1 --seed 3 --checkpoint-every 200
 
 mkdir -p "$RUN/eval"
 $FK eval --model "$RUN" --train "$SPLITS/imagenette-train" --test "$SPLITS/imagenette-heldout" --json --quiet \
