@@ -30,6 +30,7 @@ DATA=${DATA:-/tmp/fk-data}
 RUN=${RUN:-/tmp/fk-gpu-run}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from the tree: no install needed there
+export PYTHONUNBUFFERED=1  # run.txt keeps what was printed even if the call is cut off
 FK=("$PY" -m filterkit)
 mkdir -p "$OUT" "$DATA"
 exec > >(tee "$OUT/run.txt") 2>&1
@@ -64,21 +65,22 @@ echo "probe: $IPS img/s at batch $BATCH -> $STEPS steps ($EPOCHS epochs, warmup 
 rm -rf "$RUN"
 start=$(date +%s)
 "${FK[@]}" pretrain "$DATA/cifar10/train" --out "$RUN" "${COMMON[@]}" --epochs "$EPOCHS" --max-steps "$STEPS" \
-    --warmup-epochs "$WARMUP" \
+    --warmup-epochs "$WARMUP" --json-log "$OUT/log.jsonl" \
     --checkpoint-every 1000
 echo "trained $STEPS steps in $(( $(date +%s) - start )) s"
-cp "$RUN/training/log.jsonl" "$OUT/log.jsonl"
+# From here on each step reports its failure and the next one still runs: one device call.
+set +e
 
 # 3. kNN on CIFAR-10 test with both baselines, same run.
 EVAL=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --device "$DEVICE" --json --quiet)
 [ -n "$EVAL_PER_CLASS" ] && EVAL+=(--max-per-class "$EVAL_PER_CLASS")
-"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json"
+"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json" || echo "eval FAILED"
 "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json"
 
 # 4. The model directory, weights in fp16 so the file comes back (Encoder.load returns fp32).
 "$PY" -c "import sys, torch; from filterkit import Encoder; \
 Encoder.load(sys.argv[1], device='cpu').save(sys.argv[2], overwrite=True, weights_dtype=torch.float16)" \
-    "$RUN" "$OUT/model"
+    "$RUN" "$OUT/model" || echo "fp16 model directory FAILED"
 
 # 5. Training-step speed against the paper-pseudocode reference, alternated in one run.
 "$PY" benchmarks/pretrain_speed.py --preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --steps 5 --rounds 3 \
