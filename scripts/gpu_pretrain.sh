@@ -13,6 +13,7 @@
 #
 # Here, once:  mkdir -p .gpudata && cp ../shared/data/cifar10.tar.gz .gpudata/   (.gitignore lists .gpudata)
 # Device call: run(command="bash scripts/gpu_pretrain.sh", carry=[".gpudata"], timeout_s=580)
+#   (with the defaults the command took 431 s on one H200; benchmarks/README.md has its figures)
 # CPU dry run of this script: OUT=/tmp/gpu-dry DEVICE=cpu PRECISION=fp32 BATCH=32 PROBE_STEPS=3 \
 #   MINUTES=0.3 EVAL_PER_CLASS=50 PY=.venv/bin/python bash scripts/gpu_pretrain.sh
 set -euo pipefail
