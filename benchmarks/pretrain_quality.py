@@ -68,7 +68,8 @@ def main() -> None:
     summary = {**report.to_dict(), "train_minutes": train_s / 60, "steps": result.steps,
                "online_knn": result.knn_top1, "preset": args.preset,
                "options": {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr",
-                                                          "warmup_epochs", "data_in_memory")}}
+                                                          "warmup_epochs", "data_in_memory", "depth",
+                                                          "min_crop_scale")}}
     (args.out / "quality.json").write_text(json.dumps(summary, indent=2))
 
 

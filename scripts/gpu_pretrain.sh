@@ -75,8 +75,9 @@ set +e
 # 3. kNN on CIFAR-10 test with both baselines, same run.
 EVAL=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --device "$DEVICE" --json --quiet)
 [ -n "$EVAL_PER_CLASS" ] && EVAL+=(--max-per-class "$EVAL_PER_CLASS")
-"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json" || echo "eval FAILED"
-"$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json"
+"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json" \
+  && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json" \
+  || echo "eval FAILED"
 
 # 4. The model directory, weights in fp16 so the file comes back (Encoder.load returns fp32).
 "$PY" -c "import sys, torch; from filterkit import Encoder; \
