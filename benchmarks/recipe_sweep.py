@@ -1,0 +1,167 @@
+"""Search the CPU-hour pretraining recipe on a GPU: many short CIFAR-10 runs side by side.
+
+    python benchmarks/recipe_sweep.py --cifar DIR --out OUT [--parallel 8] [--only NAME,...]
+
+Each candidate is the CPU recipe of benchmarks/pretrain_quality.py (vit-mini-8-32 at 4 blocks,
+batch 128, lr 5e-4, 10 epochs = 3,900 steps: one hour on this project's 2-core CPU) with one
+or two settings changed. Candidates that change the per-step cost (depth, batch) get the number
+of steps the same CPU hour affords, from images/s measured on that CPU (CPU_IMG_PER_S below).
+A GPU runs the same steps in a minute or two, so a dozen candidates fit one device call; the
+winner must still be confirmed by a real CPU hour (pretrain_quality.py), since GPU arithmetic
+and timing differ.
+
+Every candidate reports the weighted kNN (DESIGN.md protocol) of both its base backbone (what
+`filterkit pretrain` exports) and its momentum backbone, and the run prints the random-init and
+raw-pixel baselines measured in the same run. Results: OUT/sweep.jsonl (one line per finished
+candidate, written as each ends) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Training images/s of `filterkit pretrain --preset vit-mini-8-32 --data-in-memory` on a 2-core
+# AVX2 EPYC (median of steps 20-40 on one CIFAR class, 2026-12-01; (4, 128) is the mean of two
+# probes, 92.8 and 96.4), keyed by (depth, batch). Only the ratios matter: a faster CPU of the
+# same kind scales them all alike.
+CPU_IMG_PER_S = {(4, 128): 94.6, (4, 64): 88.4, (3, 128): 118.1, (2, 128): 164.8}
+BASE = dict(depth=4, batch_size=128, lr=5e-4, temperature=0.2, momentum=0.99, min_crop_scale=0.2,
+            weight_decay=0.1, warmup_epochs=0.5, predictor=True, seed=0)
+BASE_STEPS = 3900  # 10 epochs of CIFAR-10 train at batch 128: the measured CPU hour (66 min)
+
+# name -> changes to BASE, in the order they run (most informative first).
+CANDIDATES: dict[str, dict] = {
+    "base": {},
+    "seed1": dict(seed=1),  # the noise floor of one comparison
+    "T0.1": dict(temperature=0.1),
+    "T0.3": dict(temperature=0.3),
+    "lr1e-3": dict(lr=1e-3),
+    "lr2.5e-4": dict(lr=2.5e-4),
+    "m0.97": dict(momentum=0.97),
+    "m0.996": dict(momentum=0.996),
+    "crop0.08": dict(min_crop_scale=0.08),
+    "crop0.35": dict(min_crop_scale=0.35),
+    "batch64": dict(batch_size=64, lr=2.5e-4),
+    "depth2": dict(depth=2),
+    "depth3": dict(depth=3),
+    "nopred": dict(predictor=False),
+    "wd0.05": dict(weight_decay=0.05),
+    "T0.5": dict(temperature=0.5),
+}
+
+
+def budget_steps(cfg: dict) -> int:
+    """Steps the reference CPU hour affords this candidate, scaled by its measured CPU speed."""
+    key = (cfg["depth"], cfg["batch_size"])
+    ref = CPU_IMG_PER_S[(BASE["depth"], BASE["batch_size"])]
+    ips = CPU_IMG_PER_S.get(key)
+    if ips is None:
+        raise SystemExit(f"no CPU images/s measured for depth {key[0]}, batch {key[1]}: add it to CPU_IMG_PER_S")
+    return round(BASE_STEPS * (ips / ref) * (BASE["batch_size"] / cfg["batch_size"]))
+
+
+def run_one(name: str, cifar: Path, out: Path, device: str, precision: str, scale: float) -> dict:
+    from filterkit import Encoder
+    from filterkit.evaluate import evaluate
+    from filterkit.train import TrainOptions, pretrain
+
+    cfg = {**BASE, **CANDIDATES[name]}
+    steps = max(1, round(budget_steps(cfg) * scale))
+    epochs = -(-steps * cfg["batch_size"] // 50000)  # the schedules end at max_steps
+    options = TrainOptions(preset="vit-mini-8-32", depth=cfg["depth"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                           temperature=cfg["temperature"], momentum=cfg["momentum"],
+                           min_crop_scale=cfg["min_crop_scale"], weight_decay=cfg["weight_decay"],
+                           warmup_epochs=cfg["warmup_epochs"], predictor=cfg["predictor"], seed=cfg["seed"],
+                           proj_hidden=1024, pred_hidden=1024,  # the CPU recipe's heads (the GPU one has 4096)
+                           epochs=epochs, max_steps=steps, data_in_memory=True, checkpoint_every=10**9)
+    model_dir = out / name
+    start = time.perf_counter()
+    result = pretrain(cifar / "train", model_dir, options, device=device, precision=precision, workers=2,
+                      knn_train=cifar / "train", knn_test=cifar / "test", knn_max_per_class=200, progress=False)
+    train_s = time.perf_counter() - start
+    base = Encoder.load(model_dir, device=device)
+    knn_base = evaluate(base, cifar / "train", cifar / "test", baselines=False, workers=2).knn_top1
+    base.backbone.load_state_dict(result.model.momentum.backbone.state_dict())
+    knn_momentum = evaluate(base, cifar / "train", cifar / "test", baselines=False, workers=2).knn_top1
+    return dict(name=name, **cfg, steps=result.steps, train_s=round(train_s, 1), final_loss=result.final_loss,
+                online_knn=result.knn_top1, knn_base=knn_base, knn_momentum=knn_momentum)
+
+
+def baselines(cifar: Path, device: str, depths: set[int]) -> dict:
+    from filterkit import Encoder
+    from filterkit.evaluate import evaluate
+
+    found = {}
+    for depth in sorted(depths):
+        enc = Encoder.random("vit-mini-8-32", depth=depth)
+        enc = Encoder(enc.backbone, enc.config, device=device)
+        report = evaluate(enc, cifar / "train", cifar / "test", workers=4)
+        found[f"random_init_depth{depth}"] = report.baselines["random_init"]
+        found["raw_pixels"] = report.baselines["raw_pixels"]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar", type=Path, required=True, help="folder with train/ and test/")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the runs and sweep.jsonl")
+    parser.add_argument("--parallel", type=int, default=8, help="candidates trained at once")
+    parser.add_argument("--only", default=None, help="comma-separated candidate names")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="fp32", help="fp32: closest to the CPU run it stands in for")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every budget (a dry run: 0.002)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per candidate (default: 2 on cuda, cores / --parallel on cpu)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker mode
+    args = parser.parse_args()
+
+    if args.one:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        row = run_one(args.one, args.cifar, args.out, args.device, args.precision, args.scale)
+        with open(args.out / "sweep.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
+
+    names = args.only.split(",") if args.only else list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or (2 if args.device.startswith("cuda") else max(1, (os.cpu_count() or 2) // args.parallel))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    pending, running = list(names), {}
+    start = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            log = open(args.out / f"{name}.log", "w")
+            cmd = [sys.executable, __file__, "--cifar", str(args.cifar), "--out", str(args.out), "--one", name,
+                   "--device", args.device, "--precision", args.precision, "--scale", str(args.scale)]
+            running[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            print(f"[{time.perf_counter() - start:5.0f} s] started {name}", flush=True)
+        time.sleep(2)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                print(f"[{time.perf_counter() - start:5.0f} s] {name} ended, rc {proc.returncode}", flush=True)
+    print(f"all candidates ended in {time.perf_counter() - start:.0f} s", flush=True)
+    rows = [json.loads(line) for line in open(args.out / "sweep.jsonl")] if (args.out / "sweep.jsonl").exists() else []
+    base_line = baselines(args.cifar, args.device, {r["depth"] for r in rows} or {BASE["depth"]})
+    (args.out / "baselines.json").write_text(json.dumps(base_line, indent=2))
+    print("\nbaselines (same run):", {k: round(v, 4) for k, v in base_line.items()})
+    print(f"{'candidate':<10} {'steps':>6} {'train s':>8} {'kNN base':>9} {'kNN momentum':>13}  online kNN by epoch")
+    for r in sorted(rows, key=lambda r: -r["knn_base"]):
+        online = " ".join(f"{a:.3f}" for _, a in r["online_knn"])
+        print(f"{r['name']:<10} {r['steps']:>6} {r['train_s']:>8.0f} {r['knn_base']:>9.4f} {r['knn_momentum']:>13.4f}  {online}")
+
+
+if __name__ == "__main__":
+    main()
