@@ -31,12 +31,12 @@ app.add_typer(cache_app, name="cache")
 FollowOpt = Annotated[bool, typer.Option(
     "--follow-symlinks", help="Read symlinks that point outside the folder, and descend into linked folders.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Model directory [default: the shipped model, or $FILTERKIT_MODEL].")]
+    "--model", "-m", help="Model directory.", show_default="the shipped model, or $FILTERKIT_MODEL")]
 CacheOpt = Annotated[Optional[Path], typer.Option(
-    "--cache", help="Embedding cache file [default: $FILTERKIT_CACHE or ~/.cache/filterkit/embeddings.sqlite].")]
+    "--cache", help="Embedding cache file.", show_default="$FILTERKIT_CACHE or ~/.cache/filterkit/embeddings.sqlite")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=0, help="Decode processes [default: cores - 1; 0 = decode in-process].")]
+    "--workers", min=0, help="Decode processes.", show_default="cores - 1; 0 = decode in-process")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -70,7 +70,7 @@ def embed(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: embed only the I-th of N deterministic parts (merge the caches with `filterkit cache merge`).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", help="Embed on Ray: 'local', 'auto' (running cluster) or an address; needs the ray extra.")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="Encoder actors [default: the cluster's CPUs].")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="Encoder actors.", show_default="the cluster's CPUs")] = None,
     follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -446,17 +446,17 @@ def cluster(
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (any depth, no labels needed).")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
-    preset: Annotated[Optional[str], typer.Option("--preset", help="Architecture preset; its recipe fills unset options [default: vit-tiny-4-32, or the --init-from model's].")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Architecture preset; its recipe fills unset options.", show_default="vit-tiny-4-32, or the --init-from model's")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over FOLDER.", show_default="the preset's recipe")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR [default: 1.5e-4 x batch / 256].")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature [default: 0.2].")] = None,
-    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0 [default: 0.99].")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default="1.5e-4 x batch / 256")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.", show_default="0.1")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature.", show_default="0.2")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0.", show_default="0.99")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear LR warmup before the half-cosine.", show_default="the preset's recipe")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Override the preset's number of blocks.")] = None,
-    min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area [default: the preset's recipe, else 0.08].")] = None,
+    min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area.", show_default="the preset's recipe, else 0.08")] = None,
     no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
     freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
     data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="Decode every image once into memory (uint8, 2x the model's side up to 64 px, 8/7 above) and augment whole batches on the training device: for GPUs, where per-image CPU decoding is the bottleneck.")] = False,
@@ -465,14 +465,14 @@ def pretrain(
     workers: WorkersOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/training/checkpoint.pt.")] = False,
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from this model directory instead of random weights (\"default\": the shipped model); a training folder also gives the heads. New optimiser and schedules.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints [default: 500].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds weights, augmentation and data order.", show_default="0")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.", show_default="500")] = None,
     stop_at_step: Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Stop after this step as an interruption would: checkpoint written, --resume continues the same schedule.")] = None,
     knn_train: Annotated[Optional[Path], typer.Option("--knn-train", help="Labelled folder for the online kNN monitor.")] = None,
     knn_test: Annotated[Optional[Path], typer.Option("--knn-test", help="Labelled folder for the online kNN monitor.")] = None,
     knn_max_per_class: Annotated[Optional[int], typer.Option("--knn-max-per-class", min=1, help="Monitor on the first N images of each class.")] = None,
     follow_symlinks: FollowOpt = False,
-    json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines [default: OUT/training/log.jsonl].")] = None,
+    json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines.", show_default="OUT/training/log.jsonl")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a ViT on FOLDER with MoCo v3 and write a model directory to --out."""
@@ -563,7 +563,7 @@ app.add_typer(index_app, name="index")
 def index_build(
     caches: Annotated[list[Path], typer.Option("--cache", help="Embedding cache(s) to index, one per shard (repeat).")],
     out: Annotated[Path, typer.Option("--out", help="New index directory.")],
-    nlist: Annotated[Optional[int], typer.Option("--nlist", min=1, help="IVF lists [default: 4 sqrt(N)].")] = None,
+    nlist: Annotated[Optional[int], typer.Option("--nlist", min=1, help="IVF lists.", show_default="4 sqrt(N)")] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.5, max=1.0, help="recall@10 that nprobe is tuned for.")] = 0.99,
     model: ModelOpt = None,
     quiet: QuietOpt = False,
@@ -596,7 +596,7 @@ def cache_merge(
 
 @model_app.command("info")
 def model_info(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Model directory [default: the shipped model].")] = None,
+    model_dir: Annotated[Optional[Path], typer.Argument(help="Model directory.", show_default="the shipped model")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a model directory's configuration."""
@@ -651,7 +651,7 @@ def model_calibrate(
 def model_import(
     checkpoint: Annotated[Path, typer.Argument(help="Official MoCo v3 checkpoint (.pth.tar) or a timm ViT state dict (.safetensors/.pth).")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],
-    num_heads: Annotated[Optional[int], typer.Option("--num-heads", min=1, help="Attention heads (not readable from the weights) [default: MoCo's for its arch, else timm's for the width].")] = None,
+    num_heads: Annotated[Optional[int], typer.Option("--num-heads", min=1, help="Attention heads (not readable from the weights).", show_default="MoCo's for its arch, else timm's for the width")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
 ) -> None:
     """Convert a MoCo v3 checkpoint or a plain timm ViT into a filterkit model directory."""

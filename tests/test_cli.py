@@ -132,3 +132,13 @@ def test_the_error_list_in_docs_is_current():
     done = subprocess.run([sys.executable, str(root / "scripts" / "list_errors.py"), "--check"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_pretrain_help_shows_defaults(capsys, monkeypatch):
+    # Help texts once wrote "[default: ...]" themselves; rich read it as markup and dropped it.
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_cli(capsys, "pretrain", "--help")
+    assert code == 0
+    lines = {line.split()[1]: line for line in out.splitlines() if line.lstrip("│ *").startswith("--")}
+    assert "0.99" in lines["--momentum"] and "1.5e-4 x batch / 256" in lines["--lr"]
+    assert not any(" ." in line for line in lines.values())
