@@ -112,7 +112,7 @@ def main() -> None:
             fn()
             sync()
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
-    print(f"{args.preset}, batch {args.batch_size}, {device}, precision {amp or 'fp32'}, torch "
+    print(f"{args.preset}, batch {args.batch_size}, {device}, precision {str(amp).removeprefix('torch.') if amp else 'fp32'}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} alternating rounds "
           f"of {args.steps} steps")
     for name, values in rates.items():
