@@ -1,14 +1,21 @@
-"""Search the CPU-hour pretraining recipe on a GPU: many short CIFAR-10 runs side by side.
+"""Search the CPU-hour pretraining recipe: many CIFAR-10 runs side by side, on a GPU (or on the CPU
+at a fraction of the budget, --scale).
 
     python benchmarks/recipe_sweep.py --cifar DIR --out OUT [--parallel 8] [--only NAME,...]
 
 Each candidate is the CPU recipe of benchmarks/pretrain_quality.py (vit-mini-8-32 at 4 blocks,
-batch 128, lr 5e-4, 10 epochs = 3,900 steps: one hour on this project's 2-core CPU) with one
+batch 128, lr 5e-4, 10 epochs = 3,900 steps: 66 min on the 2-core CPU of 2026-11-28, 88 min on
+the slower one of 2026-12-01) with one
 or two settings changed. Candidates that change the per-step cost (depth, batch) get the number
 of steps the same CPU hour affords, from images/s measured on that CPU (CPU_IMG_PER_S below).
 A GPU runs the same steps in a minute or two, so a dozen candidates fit one device call; the
 winner must still be confirmed by a real CPU hour (pretrain_quality.py), since GPU arithmetic
 and timing differ.
+
+On a lent GPU (/work/.library/device/README.md), one device call, model directories kept there:
+    run(command="mkdir -p /tmp/d && tar xzf .gpudata/cifar10.tar.gz -C /tmp/d && PYTHONPATH=$PWD "
+                "python3 benchmarks/recipe_sweep.py --cifar /tmp/d/cifar10 --out $OUT --runs /tmp/runs",
+        carry=[".gpudata"])      (.gpudata/cifar10.tar.gz: see scripts/gpu_pretrain.sh)
 
 Every candidate reports the weighted kNN (DESIGN.md protocol) of both its base backbone (what
 `filterkit pretrain` exports) and its momentum backbone, and the run prints the random-init and
@@ -33,7 +40,7 @@ from pathlib import Path
 CPU_IMG_PER_S = {(4, 128): 94.6, (4, 64): 88.4, (3, 128): 118.1, (2, 128): 164.8}
 BASE = dict(depth=4, batch_size=128, lr=5e-4, temperature=0.2, momentum=0.99, min_crop_scale=0.2,
             weight_decay=0.1, warmup_epochs=0.5, predictor=True, seed=0)
-BASE_STEPS = 3900  # 10 epochs of CIFAR-10 train at batch 128: the measured CPU hour (66 min)
+BASE_STEPS = 3900  # 10 epochs of CIFAR-10 train at batch 128: the measured CPU hour (66 min, 2026-11-28)
 
 # name -> changes to BASE, in the order they run (most informative first).
 CANDIDATES: dict[str, dict] = {
@@ -66,7 +73,7 @@ def budget_steps(cfg: dict) -> int:
     return round(BASE_STEPS * (ips / ref) * (BASE["batch_size"] / cfg["batch_size"]))
 
 
-def run_one(name: str, cifar: Path, out: Path, device: str, precision: str, scale: float) -> dict:
+def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, scale: float) -> dict:
     from filterkit import Encoder
     from filterkit.evaluate import evaluate
     from filterkit.train import TrainOptions, pretrain
@@ -80,7 +87,7 @@ def run_one(name: str, cifar: Path, out: Path, device: str, precision: str, scal
                            warmup_epochs=cfg["warmup_epochs"], predictor=cfg["predictor"], seed=cfg["seed"],
                            proj_hidden=1024, pred_hidden=1024,  # the CPU recipe's heads (the GPU one has 4096)
                            epochs=epochs, max_steps=steps, data_in_memory=True, checkpoint_every=10**9)
-    model_dir = out / name
+    model_dir = runs / name
     start = time.perf_counter()
     result = pretrain(cifar / "train", model_dir, options, device=device, precision=precision, workers=2,
                       knn_train=cifar / "train", knn_test=cifar / "test", knn_max_per_class=200, progress=False)
@@ -110,7 +117,9 @@ def baselines(cifar: Path, device: str, depths: set[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", type=Path, required=True, help="folder with train/ and test/")
-    parser.add_argument("--out", type=Path, required=True, help="new folder for the runs and sweep.jsonl")
+    parser.add_argument("--out", type=Path, required=True, help="folder for sweep.jsonl and baselines.json")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="folder for the candidates' model directories and logs [default: --out]")
     parser.add_argument("--parallel", type=int, default=8, help="candidates trained at once")
     parser.add_argument("--only", default=None, help="comma-separated candidate names")
     parser.add_argument("--device", default="cuda")
@@ -120,12 +129,13 @@ def main() -> None:
                         help="CPU threads per candidate (default: 2 on cuda, cores / --parallel on cpu)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    args.runs = args.runs or args.out
 
     if args.one:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        row = run_one(args.one, args.cifar, args.out, args.device, args.precision, args.scale)
+        row = run_one(args.one, args.cifar, args.runs, args.device, args.precision, args.scale)
         with open(args.out / "sweep.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         return
@@ -135,6 +145,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.runs.mkdir(parents=True, exist_ok=True)
     threads = args.threads or (2 if args.device.startswith("cuda") else max(1, (os.cpu_count() or 2) // args.parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     pending, running = list(names), {}
@@ -142,8 +153,9 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
-            log = open(args.out / f"{name}.log", "w")
-            cmd = [sys.executable, __file__, "--cifar", str(args.cifar), "--out", str(args.out), "--one", name,
+            log = open(args.runs / f"{name}.log", "w")
+            cmd = [sys.executable, __file__, "--cifar", str(args.cifar), "--out", str(args.out), "--runs", str(args.runs),
+                   "--one", name,
                    "--device", args.device, "--precision", args.precision, "--scale", str(args.scale)]
             running[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"[{time.perf_counter() - start:5.0f} s] started {name}", flush=True)
