@@ -8,9 +8,11 @@ batch 128, lr 5e-4, 10 epochs = 3,900 steps: 66 min on the 2-core CPU of 2026-11
 the slower one of 2026-12-01) with one
 or two settings changed. Candidates that change the per-step cost (depth, batch) get the number
 of steps the same CPU hour affords, from images/s measured on that CPU (CPU_IMG_PER_S below).
-A GPU runs the same steps in a minute or two, so a dozen candidates fit one device call; the
-winner must still be confirmed by a real CPU hour (pretrain_quality.py), since GPU arithmetic
-and timing differ.
+On a GPU the candidates should take minutes each rather than an hour (not yet run there: the
+full sweep may need two device calls, e.g. --only with half the names each); the winner must
+still be confirmed by a real CPU hour (pretrain_quality.py), since GPU arithmetic and timing
+differ. On the CPU, compare candidates against the seed1 row: at --scale 0.2 the seed alone
+moved the kNN by 1.8 points (benchmarks/README.md).
 
 On a lent GPU (/work/.library/device/README.md), one device call, model directories kept there:
     run(command="mkdir -p /tmp/d && tar xzf .gpudata/cifar10.tar.gz -C /tmp/d && PYTHONPATH=$PWD "
