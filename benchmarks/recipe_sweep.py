@@ -106,16 +106,17 @@ def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, sca
 
 
 def baselines(cifar: Path, device: str, depths: set[int]) -> dict:
-    from filterkit import Encoder
-    from filterkit.evaluate import evaluate
+    from filterkit.encoder import ModelConfig
+    from filterkit.evaluate import baseline_knn_top1, labelled_images
 
+    train, test = labelled_images(cifar / "train"), labelled_images(cifar / "test")
+    kw = dict(workers=min(4, os.cpu_count() or 1), k=20, temperature=0.07, batch_size=128, progress=False)
     found = {}
-    for depth in sorted(depths):
-        enc = Encoder.random("vit-mini-8-32", depth=depth)
-        enc = Encoder(enc.backbone, enc.config, device=device)
-        report = evaluate(enc, cifar / "train", cifar / "test", workers=min(4, os.cpu_count() or 1))
-        found[f"random_init_depth{depth}"] = report.baselines["random_init"]
-        found["raw_pixels"] = report.baselines["raw_pixels"]
+    for i, depth in enumerate(sorted(depths)):
+        cfg = ModelConfig.from_preset("vit-mini-8-32", depth=depth)
+        scores = baseline_knn_top1(cfg, train, test, device, raw_pixels=i == 0, **kw)  # raw pixels once
+        found[f"random_init_depth{depth}"] = scores.pop("random_init")
+        found.update(scores)
     return found
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import eval_transform
-from .encoder import Encoder, build_backbone
+from .encoder import Encoder, ModelConfig, build_backbone
 from .errors import FilterkitError
 from .images import discover_images
 from .loader import embed_all
@@ -145,9 +145,18 @@ def evaluate(encoder: Encoder, train_dir: str | os.PathLike, test_dir: str | os.
     report = EvalReport(encoder_knn_top1(encoder, train, test, name="model", **kw), len(train.paths),
                         len(test.paths), train.classes, k, temperature)
     if baselines:
-        torch.manual_seed(0)
-        random_init = Encoder(build_backbone(encoder.config), encoder.config, device=str(encoder.device))
-        report.baselines["random_init"] = encoder_knn_top1(random_init, train, test, name="random init", **kw)
-        report.baselines["raw_pixels"] = knn_top1(
-            train, test, eval_transform(RAW_PIXEL_SIZE), RAW_PIXEL_SIZE, raw_pixel_embed, name="raw pixels", **kw)
+        report.baselines = baseline_knn_top1(encoder.config, train, test, str(encoder.device), **kw)
     return report
+
+
+def baseline_knn_top1(config: ModelConfig, train: LabelledImages, test: LabelledImages, device: str,
+                      raw_pixels: bool = True, **kw) -> dict[str, float]:
+    """Weighted kNN of ``config``'s architecture at random initialisation (seed 0) and, unless
+    ``raw_pixels`` is false, of raw 32x32 pixels: the baselines every quality figure prints."""
+    torch.manual_seed(0)
+    random_init = Encoder(build_backbone(config), config, device=device)
+    found = {"random_init": encoder_knn_top1(random_init, train, test, name="random init", **kw)}
+    if raw_pixels:
+        found["raw_pixels"] = knn_top1(
+            train, test, eval_transform(RAW_PIXEL_SIZE), RAW_PIXEL_SIZE, raw_pixel_embed, name="raw pixels", **kw)
+    return found
