@@ -42,6 +42,7 @@ CARD_FILE = "MODEL_CARD.md"
 # arch name -> (timm model whose defaults we start from, width, depth, heads)
 ARCHS: dict[str, tuple[str, int, int, int]] = {
     "vit-mini": ("vit_tiny_patch16_224", 192, 6, 3),  # ViT-Tiny at half depth, for CPUs
+    "vit-nano": ("vit_tiny_patch16_224", 96, 4, 3),  # half ViT-Tiny's width, a third of its depth: CPUs
     "vit-tiny": ("vit_tiny_patch16_224", 192, 12, 3),
     "vit-small": ("vit_small_patch16_224", 384, 12, 6),
     "vit-base": ("vit_base_patch16_224", 768, 12, 12),
@@ -51,6 +52,7 @@ PRESETS: dict[str, tuple[str, int, int]] = {
     "vit-mini-8-32": ("vit-mini", 8, 32),
     "vit-mini-8-64": ("vit-mini", 8, 64),
     "vit-mini-16-112": ("vit-mini", 16, 112),
+    "vit-nano-4-32": ("vit-nano", 4, 32),
     "vit-tiny-4-32": ("vit-tiny", 4, 32),
     "vit-tiny-8-64": ("vit-tiny", 8, 64),
     "vit-tiny-16-224": ("vit-tiny", 16, 224),

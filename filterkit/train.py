@@ -57,6 +57,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                       "gpu": _recipe(512, 10, 4096, 200)},
     "vit-mini-16-112": {"cpu": _recipe(128, 1, 1024, 10, base_lr=1e-3, **_SMALL),
                         "gpu": _recipe(512, 10, 4096, 200)},
+    "vit-nano-4-32": {"cpu": _recipe(128, 0.5, 1024, 10, base_lr=1e-3, **_SMALL),
+                      "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
     "vit-tiny-4-32": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-8-64": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-16-224": {"cpu": _recipe(64, 1, 1024, 5), "gpu": _recipe(512, 20, 4096, 100)},

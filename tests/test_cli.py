@@ -142,3 +142,19 @@ def test_pretrain_help_shows_defaults(capsys, monkeypatch):
     lines = {line.split()[1]: line for line in out.splitlines() if line.lstrip("│ *").startswith("--")}
     assert "0.99" in lines["--momentum"] and "1.5e-4 x batch / 256" in lines["--lr"]
     assert not any(" ." in line for line in lines.values())
+    # The CLI cannot import train.py (torch) to render --help, so it repeats these defaults.
+    from filterkit.train import TrainOptions
+
+    for field in ("weight_decay", "temperature", "momentum", "seed", "checkpoint_every"):
+        shown = lines["--" + field.replace("_", "-")]
+        assert f"[default: ({getattr(TrainOptions, field)})" in shown, (field, shown)
+
+
+def test_model_init_help_lists_every_preset(capsys, monkeypatch):
+    from filterkit.encoder import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(capsys, "model", "init", "--help")
+    assert code == 0
+    missing = [name for name in PRESETS if name not in out]
+    assert not missing, missing
