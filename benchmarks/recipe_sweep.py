@@ -6,7 +6,7 @@ at a fraction of the budget, --scale).
 Each candidate is the CPU recipe of benchmarks/pretrain_quality.py (vit-mini-8-32 at 4 blocks,
 batch 128, lr 5e-4, 10 epochs = 3,900 steps: 66 min on the 2-core CPU of 2026-11-28, 88 min on
 the slower one of 2026-12-01) with one
-or two settings changed. Candidates that change the per-step cost (depth, batch) get the number
+or two settings changed. Candidates that change the per-step cost (preset, depth, batch) get the number
 of steps the same CPU hour affords, from images/s measured on that CPU (CPU_IMG_PER_S below).
 On a GPU the candidates should take minutes each rather than an hour (not yet run there: the
 full sweep may need two device calls, e.g. --only with half the names each); the winner must
@@ -37,11 +37,15 @@ from pathlib import Path
 
 # Training images/s of `filterkit pretrain --preset vit-mini-8-32 --data-in-memory` on a 2-core
 # AVX2 EPYC (median of steps 20-40 on one CIFAR class, 2026-12-01; (4, 128) is the mean of two
-# probes, 92.8 and 96.4), keyed by (depth, batch). Only the ratios matter: a faster CPU of the
-# same kind scales them all alike.
+# probes, 92.8 and 96.4), keyed by (preset, depth, batch). Only the ratios matter: a faster CPU
+# of the same kind scales them all alike.
 # (4, 32): mean of two probes (83.7, 81.6) taken beside a (4, 128) one of 93.0.
-CPU_IMG_PER_S = {(4, 128): 94.6, (4, 64): 88.4, (4, 32): 82.7, (3, 128): 118.1, (2, 128): 164.8}
-BASE = dict(depth=4, batch_size=128, lr=5e-4, temperature=0.2, momentum=0.99, min_crop_scale=0.2,
+# vit-nano-4-32: 0.795x vit-mini-8-32 at (4, 128) in alternated probes (77.3, 74.2 vs 95.1, 95.5;
+# 2026-12-02), applied to 94.6.
+CPU_IMG_PER_S = {("vit-mini-8-32", 4, 128): 94.6, ("vit-mini-8-32", 4, 64): 88.4, ("vit-mini-8-32", 4, 32): 82.7,
+                 ("vit-mini-8-32", 3, 128): 118.1, ("vit-mini-8-32", 2, 128): 164.8,
+                 ("vit-nano-4-32", 4, 128): 75.2}
+BASE = dict(preset="vit-mini-8-32", depth=4, batch_size=128, lr=5e-4, temperature=0.2, momentum=0.99, min_crop_scale=0.2,
             weight_decay=0.1, warmup_epochs=0.5, predictor=True, seed=0)
 BASE_STEPS = 3900  # 10 epochs of CIFAR-10 train at batch 128: the measured CPU hour (66 min, 2026-11-28)
 
@@ -65,16 +69,18 @@ CANDIDATES: dict[str, dict] = {
     "nopred": dict(predictor=False),
     "wd0.05": dict(weight_decay=0.05),
     "T0.5": dict(temperature=0.5),
+    "nano": dict(preset="vit-nano-4-32"),  # 64 tokens of width 96 instead of 16 of width 192
 }
 
 
 def budget_steps(cfg: dict) -> int:
     """Steps the reference CPU hour affords this candidate, scaled by its measured CPU speed."""
-    key = (cfg["depth"], cfg["batch_size"])
-    ref = CPU_IMG_PER_S[(BASE["depth"], BASE["batch_size"])]
+    key = (cfg["preset"], cfg["depth"], cfg["batch_size"])
+    ref = CPU_IMG_PER_S[(BASE["preset"], BASE["depth"], BASE["batch_size"])]
     ips = CPU_IMG_PER_S.get(key)
     if ips is None:
-        raise SystemExit(f"no CPU images/s measured for depth {key[0]}, batch {key[1]}: add it to CPU_IMG_PER_S")
+        raise SystemExit(f"no CPU images/s measured for {key[0]} at depth {key[1]}, batch {key[2]}: "
+                         "add it to CPU_IMG_PER_S")
     return round(BASE_STEPS * (ips / ref) * (BASE["batch_size"] / cfg["batch_size"]))
 
 
@@ -86,7 +92,7 @@ def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, sca
     cfg = {**BASE, **CANDIDATES[name]}
     steps = max(1, round(budget_steps(cfg) * scale))
     epochs = -(-steps * cfg["batch_size"] // 50000)  # the schedules end at max_steps
-    options = TrainOptions(preset="vit-mini-8-32", depth=cfg["depth"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+    options = TrainOptions(preset=cfg["preset"], depth=cfg["depth"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                            temperature=cfg["temperature"], momentum=cfg["momentum"],
                            min_crop_scale=cfg["min_crop_scale"], weight_decay=cfg["weight_decay"],
                            warmup_epochs=cfg["warmup_epochs"], predictor=cfg["predictor"], seed=cfg["seed"],
@@ -105,17 +111,17 @@ def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, sca
                 online_knn=result.knn_top1, knn_base=knn_base, knn_momentum=knn_momentum)
 
 
-def baselines(cifar: Path, device: str, depths: set[int]) -> dict:
+def baselines(cifar: Path, device: str, archs: set[tuple[str, int]]) -> dict:
     from filterkit.encoder import ModelConfig
     from filterkit.evaluate import baseline_knn_top1, labelled_images
 
     train, test = labelled_images(cifar / "train"), labelled_images(cifar / "test")
     kw = dict(workers=min(4, os.cpu_count() or 1), k=20, temperature=0.07, batch_size=128, progress=False)
     found = {}
-    for i, depth in enumerate(sorted(depths)):
-        cfg = ModelConfig.from_preset("vit-mini-8-32", depth=depth)
+    for i, (preset, depth) in enumerate(sorted(archs)):
+        cfg = ModelConfig.from_preset(preset, depth=depth)
         scores = baseline_knn_top1(cfg, train, test, device, raw_pixels=i == 0, **kw)  # raw pixels once
-        found[f"random_init_depth{depth}"] = scores.pop("random_init")
+        found[f"random_init_{preset}_depth{depth}"] = scores.pop("random_init")
         found.update(scores)
     return found
 
@@ -172,7 +178,8 @@ def main() -> None:
                 print(f"[{time.perf_counter() - start:5.0f} s] {name} ended, rc {proc.returncode}", flush=True)
     print(f"all candidates ended in {time.perf_counter() - start:.0f} s", flush=True)
     rows = [json.loads(line) for line in open(args.out / "sweep.jsonl")] if (args.out / "sweep.jsonl").exists() else []
-    base_line = baselines(args.cifar, args.device, {r["depth"] for r in rows} or {BASE["depth"]})
+    base_line = baselines(args.cifar, args.device, {(r.get("preset", BASE["preset"]), r["depth"]) for r in rows}
+                          or {(BASE["preset"], BASE["depth"])})
     (args.out / "baselines.json").write_text(json.dumps(base_line, indent=2))
     print("\nbaselines (same run):", {k: round(v, 4) for k, v in base_line.items()})
     print(f"{'candidate':<10} {'steps':>6} {'train s':>8} {'kNN base':>9} {'kNN momentum':>13}  online kNN by epoch")
