@@ -41,10 +41,10 @@ from pathlib import Path
 # of the same kind scales them all alike.
 # (4, 32): mean of two probes (83.7, 81.6) taken beside a (4, 128) one of 93.0.
 # vit-nano-4-32: 0.795x vit-mini-8-32 at (4, 128) in alternated probes (77.3, 74.2 vs 95.1, 95.5;
-# 2026-12-02), applied to 94.6.
+# 2026-12-02).
 CPU_IMG_PER_S = {("vit-mini-8-32", 4, 128): 94.6, ("vit-mini-8-32", 4, 64): 88.4, ("vit-mini-8-32", 4, 32): 82.7,
                  ("vit-mini-8-32", 3, 128): 118.1, ("vit-mini-8-32", 2, 128): 164.8,
-                 ("vit-nano-4-32", 4, 128): 75.2}
+                 ("vit-nano-4-32", 4, 128): round(0.795 * 94.6, 1)}
 BASE = dict(preset="vit-mini-8-32", depth=4, batch_size=128, lr=5e-4, temperature=0.2, momentum=0.99, min_crop_scale=0.2,
             weight_decay=0.1, warmup_epochs=0.5, predictor=True, seed=0)
 BASE_STEPS = 3900  # 10 epochs of CIFAR-10 train at batch 128: the measured CPU hour (66 min, 2026-11-28)
