@@ -450,7 +450,7 @@ def pretrain(
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over FOLDER.", show_default="the preset's recipe")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default="the recipe's: 1.5e-4 x batch / 256; 1e-3 x batch / 256 for vit-mini and vit-nano on a CPU")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default="the recipe's: 1.5e-4 x batch / 256; on a CPU 1e-3 x batch / 256 for vit-mini and vit-nano, 5e-4 x batch / 256 for vit-mini-conv")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.", show_default="0.1")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature.", show_default="0.2")] = None,
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0.", show_default="0.99")] = None,
@@ -542,7 +542,7 @@ def eval_command(
 @model_app.command("init")
 def model_init(
     out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],
-    preset: Annotated[str, typer.Option("--preset", help="vit-mini-8-32 | vit-mini-8-64 | vit-mini-16-112 | vit-nano-4-32 | vit-tiny-4-32 | vit-tiny-8-64 | vit-tiny-16-224 | vit-small-16-224.")] = "vit-tiny-16-224",
+    preset: Annotated[str, typer.Option("--preset", help="vit-mini-8-32 | vit-mini-8-64 | vit-mini-16-112 | vit-nano-4-32 | vit-mini-conv-8-32 | vit-tiny-4-32 | vit-tiny-8-64 | vit-tiny-16-224 | vit-small-16-224.")] = "vit-tiny-16-224",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
 ) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .encoder import ARCHS, Encoder, ModelConfig, build_backbone
+from .encoder import ARCHS, STEM_STRIDE, Encoder, ModelConfig, build_backbone
 from .errors import FilterkitError
 
 MOCO_PREFIX = "module.base_encoder."
 MOCO_HEADS = {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12}
-_ARCH_BY_WIDTH = {width: name for name, (_, width, _, _) in ARCHS.items() if name != "vit-mini"}
+_ARCH_BY_WIDTH = {width: name for name, (timm_name, width, _, _) in ARCHS.items()
+                  if name != "vit-mini" and timm_name not in STEM_STRIDE}
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -38,6 +38,10 @@ from .progress import progress_bar
 
 CHECKPOINT = Path("training") / "checkpoint.pt"
 LOG = Path("training") / "log.jsonl"
+# Collapse floor for the feature std, in units of the healthy 1/sqrt(D). The conv-stem ViT's ReLU
+# stem gives every image a large shared component: 0.19 at init and 0.078-0.082 at the end of its
+# best CPU run (kNN 0.559), which a floor of 0.1 stopped. A collapsed run falls towards 0.
+COLLAPSE_STD = 0.05
 
 # Recipes per preset and device kind. CPU recipes are small enough to move in minutes to an
 # hour on a laptop; GPU recipes follow the paper's ViT recipe scaled to the preset.
@@ -59,6 +63,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                         "gpu": _recipe(512, 10, 4096, 200)},
     "vit-nano-4-32": {"cpu": _recipe(128, 0.5, 1024, 10, base_lr=1e-3, **_SMALL),
                       "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
+    "vit-mini-conv-8-32": {"cpu": _recipe(128, 0.5, 1024, 6, base_lr=5e-4, **_SMALL),
+                           "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
     "vit-tiny-4-32": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-8-64": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
     "vit-tiny-16-224": {"cpu": _recipe(64, 1, 1024, 5), "gpu": _recipe(512, 20, 4096, 100)},
@@ -620,11 +626,11 @@ def pretrain(
                     feature_std = float(F.normalize(feats.float(), dim=1).std(dim=0).mean())
                     # Collapse: every image maps to one point. Judged after warmup only, since a
                     # random-init ViT already maps images close together.
-                    if step > warmup_steps and feature_std < 0.1 / math.sqrt(dim):
+                    if step > warmup_steps and feature_std < COLLAPSE_STD / math.sqrt(dim):
                         low_std_checks += 1
                         if low_std_checks >= collapse_patience:
                             raise TrainingStopped(
-                                f"features collapsed at step {step}: std {feature_std:.2e} < 0.1/sqrt({dim}) "
+                                f"features collapsed at step {step}: std {feature_std:.2e} < {COLLAPSE_STD}/sqrt({dim}) "
                                 f"for {low_std_checks} steps. Lower --lr or raise --temperature")
                     else:
                         low_std_checks = 0

@@ -150,6 +150,23 @@ def test_pretrain_help_shows_defaults(capsys, monkeypatch):
         assert f"[default: ({getattr(TrainOptions, field)})" in shown, (field, shown)
 
 
+def test_pretrain_lr_help_names_every_cpu_base_lr(capsys, monkeypatch):
+    import re
+
+    from filterkit.train import RECIPES
+
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(capsys, "pretrain", "--help")
+    text = re.sub(r"[│\s]+", " ", out)  # rich may wrap the long default onto a second line
+
+    def short(value: float) -> str:  # 0.0005 -> "5e-4", as the help writes it
+        mantissa, exp = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+    missing = {short(r["cpu"]["base_lr"]) for r in RECIPES.values()} - set(re.findall(r"(\S+) x batch / 256", text))
+    assert code == 0 and not missing, missing
+
+
 def test_model_init_help_lists_every_preset(capsys, monkeypatch):
     from filterkit.encoder import PRESETS
 

@@ -181,3 +181,29 @@ def test_a_huge_config_next_to_small_weights_is_refused_before_allocating(tmp_pa
     weights.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(FilterkitError, match="header length"):
         Encoder.load(tmp_path / "m", device="cpu")
+
+
+def test_conv_stem_preset_has_16_tokens_and_loads_into_plain_timm(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+    from timm.layers import build_sincos2d_pos_embed
+
+    enc = Encoder.random("vit-mini-conv-8-32", depth=1)
+    pos = enc.backbone.pos_embed
+    # 32 px / (stem stride 4 x patch 2) = a 4x4 grid of tokens, with the fixed sin-cos rows
+    assert enc.config.token_stride == 8 and pos.shape == (1, 1 + 4 * 4, 192) and not pos.requires_grad
+    torch.testing.assert_close(pos[0, 1:], build_sincos2d_pos_embed([4, 4], dim=192))
+    enc.save(tmp_path / "m")
+    assert "conv stem (stride 4) then patch 2" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    doc = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    plain = timm.create_model(doc["timm"]["model_name"], pretrained=False, **doc["timm"]["kwargs"])
+    plain.load_state_dict(load_file(tmp_path / "m" / WEIGHTS_FILE), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(plain.eval()(x), dim=-1).numpy()
+    np.testing.assert_allclose(ours, Encoder.load(tmp_path / "m", device="cpu").embed(x), atol=1e-5)
+
+
+def test_image_size_must_divide_by_the_conv_stems_token_stride():
+    with pytest.raises(FilterkitError, match="not divisible by patch_size 2 x stem stride 4"):
+        ModelConfig.from_preset("vit-mini-conv-8-32", img_size=36)
