@@ -73,7 +73,7 @@ CANDIDATES: dict[str, dict] = {
     "nano": dict(preset="vit-nano-4-32"),  # 64 tokens of width 96 instead of 16 of width 192
     "conv": dict(preset="vit-mini-conv-8-32", lr=2.5e-4),  # ResNet stem before the patches (the CPU-hour winner)
     "conv-lr5e-4": dict(preset="vit-mini-conv-8-32"),
-    "lr2.5e-4-seed1": dict(lr=2.5e-4, seed=1),  # with lr2.5e-4: separates the stem from the lr
+    "lr2.5e-4-seed1": dict(lr=2.5e-4, seed=1),  # the patch ViT at the conv recipe's lr, second seed
 }
 
 

@@ -97,7 +97,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise bad(f"{name}={value!r} is outside {lo}..{hi}")
         if self.img_size % self.token_stride:
-            stem = f" x stem stride {self.token_stride // self.patch_size}" if self.token_stride != self.patch_size else ""
+            stem = f" x stem stride {self.stem_stride}" if self.stem_stride > 1 else ""
             raise bad(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}{stem}")
         if self.embed_dim % 4 or self.embed_dim % self.num_heads:
             raise bad(f"embed_dim {self.embed_dim} must divide by 4 and by num_heads {self.num_heads}")
@@ -129,9 +129,14 @@ class ModelConfig:
         return ARCHS[self.arch][0]
 
     @property
+    def stem_stride(self) -> int:
+        """Pixels per conv-stem output position (1: no stem, the patches are pixels)."""
+        return STEM_STRIDE.get(self.timm_name, 1)
+
+    @property
     def token_stride(self) -> int:
-        """Pixels per token side: the patch size times the conv stem's stride, if any."""
-        return self.patch_size * STEM_STRIDE.get(self.timm_name, 1)
+        """Pixels per token side."""
+        return self.patch_size * self.stem_stride
 
     @property
     def timm_kwargs(self) -> dict[str, Any]:
@@ -224,10 +229,9 @@ def update_model_config(path: str | os.PathLike, **fields: Any) -> None:
 
 
 def _patching(cfg: ModelConfig) -> str:
-    if cfg.token_stride == cfg.patch_size:
+    if cfg.stem_stride == 1:
         return f"patch {cfg.patch_size}"
-    stem = cfg.token_stride // cfg.patch_size
-    return f"conv stem (stride {stem}) then patch {cfg.patch_size}: {cfg.token_stride} px per token"
+    return f"conv stem (stride {cfg.stem_stride}) then patch {cfg.patch_size}: {cfg.token_stride} px per token"
 
 
 def default_model_card(cfg: ModelConfig, meta: dict[str, Any]) -> str:
