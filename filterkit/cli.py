@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from .errors import FilterkitError
@@ -677,21 +676,20 @@ def model_export(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
+    """Run the CLI and return its exit status; user errors become one line on stderr.
+
+    Typer runs in standalone mode so that it reports its own usage errors (unknown command or
+    option, missing value: exit status 2) with whatever click it bundles: typer 0.29 vendors
+    one, whose exceptions are not the ``click`` package's. Only filterkit's errors are ours.
+    """
     try:
-        app(args=argv, prog_name="filterkit", standalone_mode=False)
+        app(args=argv, prog_name="filterkit", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except FilterkitError as e:
         _echo_err(f"error: {e}")
         return 1
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        _echo_err("aborted")
-        return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # typers that do not turn Ctrl-C into exit status 130 themselves
         _echo_err("interrupted")
         return 130
     return 0

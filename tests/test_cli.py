@@ -81,6 +81,30 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, ar
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["dedupe", "."], "No such command"),
+        (["dedup", ".", "--no-such-option"], "No such option"),
+        (["filter", ".", "--keep-like"], "requires an argument"),
+        (["model", "inf"], "No such command"),
+    ],
+)
+def test_usage_mistakes_get_typers_message_not_a_traceback(capsys, args, message):
+    # Whatever click typer bundles (typer 0.29 vendors its own), its usage errors reach the
+    # user as a message and exit status 2.
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err + out
+
+
+def test_the_installed_command_reports_a_typo_without_a_traceback():
+    done = subprocess.run([sys.executable, "-m", "filterkit", "dedup", ".", "--no-such-option"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "No such option" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_help_does_not_import_torch():
     code = "import sys; from filterkit.cli import app; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
