@@ -93,7 +93,7 @@ def main() -> None:
         encoders.append(("model", trained))
         cfg = trained.config
     else:
-        from filterkit.encoder import ModelConfig
+        from filterkit.modeldir import ModelConfig
 
         cfg = ModelConfig.from_preset(args.preset)
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from filterkit.encoder import Encoder, ModelConfig, build_backbone
+from filterkit.encoder import Encoder, build_backbone
+from filterkit.modeldir import ModelConfig
 from filterkit.evaluate import evaluate
 from filterkit.moco import MoCo
 from filterkit.train import TrainOptions, pretrain

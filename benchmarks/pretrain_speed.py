@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from filterkit.devices import autocast_dtype, pick_device
-from filterkit.encoder import ModelConfig, build_backbone
+from filterkit.encoder import build_backbone
+from filterkit.modeldir import ModelConfig
 from filterkit.moco import MoCo, mlp
 from filterkit.train import RECIPES, make_optimizer, train_step
 

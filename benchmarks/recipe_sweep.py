@@ -116,7 +116,7 @@ def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, sca
 
 
 def baselines(cifar: Path, device: str, archs: set[tuple[str, int]]) -> dict:
-    from filterkit.encoder import ModelConfig
+    from filterkit.modeldir import ModelConfig
     from filterkit.evaluate import baseline_knn_top1, labelled_images
 
     train, test = labelled_images(cifar / "train"), labelled_images(cifar / "test")

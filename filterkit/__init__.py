@@ -1,28 +1,34 @@
 """filterkit: turn an unlabelled image collection into a trustworthy image filter.
 
-    from filterkit import Encoder, EmbeddingCache, embed_folder
-    enc = Encoder.load("models/my-encoder")
-    vecs = enc.embed(["a.jpg", "b.jpg"])       # float32 [N, D], unit rows
+    from filterkit import Encoder, ImageFilter, find_duplicates, search_folder, cluster_folder
+    enc = Encoder.load()                                   # the shipped default model
+    vecs = enc.embed(["a.jpg", "b.jpg"])                   # float32 [N, D], unit rows
+    result = ImageFilter(enc).keep_like("exemplars").run("incoming")
+    dups = find_duplicates("photos", encoder=enc)          # or find_duplicates(vecs, threshold=0.95)
 
 Names are imported lazily so that ``import filterkit`` (and ``filterkit --help``) does not
-pay for torch.
+pay for torch; ``dir(filterkit)`` and type checkers still see all of them.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "Encoder": "encoder",
-    "ModelConfig": "encoder",
-    "PRESETS": "encoder",
+    "ModelConfig": "modeldir",
+    "PRESETS": "presets",
     "EmbeddingCache": "cache",
     "embed_folder": "pipeline",
     "EmbeddedFolder": "pipeline",
     "build_index": "index",
     "search": "index",
+    "search_folder": "neighbours",
+    "search_index": "neighbours",
+    "Neighbours": "neighbours",
     "discover_images": "images",
     "load_image": "images",
     "pretrain": "train",
@@ -34,13 +40,32 @@ _EXPORTS = {
     "Decision": "filtering",
     "find_duplicates": "dedup",
     "duplicate_groups": "dedup",
+    "DedupResult": "dedup",
     "DuplicateGroup": "dedup",
+    "cluster_folder": "cluster",
     "cluster_vectors": "cluster",
     "select_fraction": "cluster",
     "FilterkitError": "errors",
     "ImageError": "errors",
 }
 __all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
+    from .cache import EmbeddingCache
+    from .cluster import cluster_folder, cluster_vectors, select_fraction
+    from .dedup import DedupResult, DuplicateGroup, duplicate_groups, find_duplicates
+    from .encoder import Encoder
+    from .errors import FilterkitError, ImageError
+    from .evaluate import evaluate as evaluate_encoder
+    from .filtering import Decision, FilterResult, ImageFilter
+    from .images import discover_images, load_image
+    from .index import build_index, search
+    from .moco import MoCo
+    from .modeldir import ModelConfig
+    from .pipeline import EmbeddedFolder, embed_folder
+    from .presets import PRESETS
+    from .neighbours import Neighbours, search_folder, search_index
+    from .train import TrainOptions, pretrain
 
 
 def __getattr__(name: str):
@@ -50,3 +75,7 @@ def __getattr__(name: str):
         module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
         return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'filterkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -182,3 +182,22 @@ def apply_actions(plan: list[PlannedAction], out: Path) -> list[PlannedAction]:
             _journal_append(journal, {"state": "done", "source": str(item.source)})
         done.append(item)
     return done
+
+
+def check_action(action: str, out: Path | None, allowed: tuple[str, ...] = ACTIONS) -> None:
+    """Refuse an unknown action, or one that writes without a destination."""
+    if action not in allowed:
+        raise FilterkitError(f"--action must be one of {', '.join(allowed)}, got {action!r}")
+    if action != "report" and out is None:
+        raise FilterkitError(f"--action {action} needs --out DIR")
+
+
+def run_actions(items: list[tuple[Path, str]], root: Path, out: Path | None, action: str,
+                dry_run: bool = False) -> tuple[list[PlannedAction], list[PlannedAction]]:
+    """(plan, done) of ``action`` on (file, category) items; nothing happens for "report"
+    (empty plan) or a dry run (empty done)."""
+    if action == "report":
+        return [], []
+    check_action(action, out)
+    plan = plan_actions(items, root, out, action)
+    return plan, [] if dry_run else apply_actions(plan, out)

@@ -7,16 +7,20 @@ fraction suits large data sets, keeping the easiest suits small ones (their find
 
     >>> c = cluster_vectors(vectors, k=50)
     >>> keep = select_fraction(c.distance, 0.7, keep="hard")
+    >>> result = cluster_folder("./photos", Encoder.load(), k=50, keep_fraction=0.7)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .errors import FilterkitError
-from .index import search, build_index, spherical_kmeans
+from .images import Skip
+from .index import build_index, search, spherical_kmeans
 
 
 @dataclass(frozen=True)
@@ -47,3 +51,54 @@ def select_fraction(distance: np.ndarray, fraction: float, keep: str = "hard") -
     mask = np.zeros(len(distance), dtype=bool)
     mask[order[:n_keep]] = True
     return mask
+
+
+@dataclass
+class FolderClusters:
+    """A folder's images with their cluster and prototype distance; ``selected`` when a
+    fraction was selected."""
+
+    paths: list[Path]
+    clustering: Clustering
+    selected: np.ndarray | None = None  # [N] bool
+    keep: str | None = None  # "hard" | "easy" when selected
+    skipped: list[Skip] = field(default_factory=list)
+
+    def categories(self) -> list[tuple[Path, str]]:
+        """(image, "selected" | "pruned") for file actions; empty without a selection."""
+        if self.selected is None:
+            return []
+        return [(p, "selected" if sel else "pruned") for p, sel in zip(self.paths, self.selected)]
+
+    def examples(self, n: int = 3) -> dict[int, list[Path]]:
+        """The first ``n`` images of each cluster."""
+        out: dict[int, list[Path]] = {}
+        for p, c in zip(self.paths, self.clustering.assignment):
+            if len(out.setdefault(int(c), [])) < n:
+                out[int(c)].append(p)
+        return out
+
+    def to_dict(self) -> dict:
+        c = self.clustering
+        rows = [{"path": str(p), "cluster": int(a), "distance": round(float(d), 6),
+                 **({"selected": bool(self.selected[i])} if self.selected is not None else {})}
+                for i, (p, a, d) in enumerate(zip(self.paths, c.assignment, c.distance))]
+        return {"clusters": [{"id": i, "size": int(n)} for i, n in enumerate(c.sizes())], "images": rows,
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
+def cluster_folder(folder: str | os.PathLike, encoder, k: int, keep_fraction: float | None = None,
+                   keep: str = "hard", seed: int = 0, cache=None, batch_size: int = 64,
+                   workers: int | None = None, progress: bool = False,
+                   follow_symlinks: bool = False) -> FolderClusters:
+    """Embed ``folder`` (through ``cache``, an open ``EmbeddingCache``; None: the default),
+    cluster it into ``k`` prototypes, and select ``keep_fraction`` of it when given."""
+    from .pipeline import embed_folder
+
+    found = embed_folder(folder, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
+    if len(found.paths) < k:
+        raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded")
+    clustering = cluster_vectors(found.vectors, k, seed=seed)
+    selected = select_fraction(clustering.distance, keep_fraction, keep) if keep_fraction is not None else None
+    return FolderClusters(found.paths, clustering, selected, keep if selected is not None else None,
+                          found.skipped)

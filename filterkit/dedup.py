@@ -1,42 +1,69 @@
 """Exact and near duplicates: identical bytes by content hash, near copies by cosine similarity
 (FAISS range search), grouped with union-find; each group keeps its best image.
 
-The keeper of a group is the largest resolution, then the larger file, then the first path.
+``find_duplicates`` takes a folder (with an encoder) or an ``[N, D]`` array of unit vectors
+(groups of row indices, as imagededup's ``encoding_map`` takes precomputed encodings). In a
+folder the keeper of a group is the largest resolution, then the larger file, then the first
+path; among vectors it is the first row.
 
-    >>> groups = find_duplicates("./photos", Encoder.load("models/x"), threshold=0.95)
-    >>> [(g.keep, [d.path for d in g.duplicates]) for g in groups]
+    >>> result = find_duplicates("./photos", encoder=Encoder.load("models/x"), threshold=0.95)
+    >>> [(g.keep, [d.path for d in g.duplicates]) for g in result.groups]
+    >>> find_duplicates(vectors, threshold=0.95).groups[0].keep      # a row index
 """
 
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
 from .errors import FilterkitError
+from .images import Skip
 from .index import range_pairs
 
 
 @dataclass(frozen=True)
 class Duplicate:
-    path: Path
+    path: Path | int  # a file, or a row of the vectors given
     score: float  # cosine similarity to the kept image (1.0 for identical bytes)
     exact: bool  # identical bytes
 
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    keep: Path
+    keep: Path | int
     duplicates: list[Duplicate]
 
     def to_dict(self) -> dict:
-        return {"keep": str(self.keep),
-                "duplicates": [{"path": str(d.path), "score": round(d.score, 6), "exact": d.exact}
+        def name(p: Path | int):
+            return p if isinstance(p, int) else str(p)
+        return {"keep": name(self.keep),
+                "duplicates": [{"path": name(d.path), "score": round(d.score, 6), "exact": d.exact}
                                for d in self.duplicates]}
+
+
+@dataclass
+class DedupResult:
+    """Duplicate groups (sorted by keeper), the threshold used, and the inputs skipped."""
+
+    groups: list[DuplicateGroup]
+    threshold: float
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def n_duplicates(self) -> int:
+        return sum(len(g.duplicates) for g in self.groups)
+
+    def summary_line(self) -> str:
+        return f"{len(self.groups)} group(s), {self.n_duplicates} duplicate(s) at cosine >= {self.threshold:.4f}"
+
+    def to_dict(self) -> dict:
+        return {"groups": [g.to_dict() for g in self.groups], "threshold": round(self.threshold, 6),
+                "skipped": [s.to_dict() for s in self.skipped]}
 
 
 class _UnionFind:
@@ -87,6 +114,12 @@ def keeper_order(paths: list[Path]) -> list[int]:
     return sorted(range(len(paths)), key=key)
 
 
+def _check_threshold(threshold: float) -> float:
+    if not -1.0 <= threshold <= 1.0:
+        raise FilterkitError(f"a cosine threshold lies in [-1, 1], got {threshold}")
+    return float(threshold)
+
+
 def duplicate_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray,
                      threshold: float, index=None) -> list[DuplicateGroup]:
     """Groups of exact (same hash) and near (cosine >= threshold) duplicates, sorted by keeper.
@@ -95,8 +128,7 @@ def duplicate_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray,
     """
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
-    if not -1.0 <= threshold <= 1.0:
-        raise FilterkitError(f"a cosine threshold lies in [-1, 1], got {threshold}")
+    _check_threshold(threshold)
     rows, cols, _ = range_pairs(vectors, threshold, index=index) if len(vectors) else (np.empty(0), np.empty(0), None)
     first_of_hash: dict[str, int] = {}
     exact_rows, exact_cols = [], []
@@ -118,33 +150,60 @@ def duplicate_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray,
     return sorted(groups, key=lambda g: str(g.keep))
 
 
-def find_duplicates(folder: str | os.PathLike, encoder, threshold: float | None = None, cache=None,
-                    batch_size: int = 64, workers: int | None = None, progress: bool = False,
-                    follow_symlinks: bool = False):
-    """Embed ``folder`` (through the cache) and group its duplicates.
+def vector_groups(vectors: np.ndarray, threshold: float) -> list[DuplicateGroup]:
+    """Groups of rows of unit ``vectors`` linked by cosine >= threshold; each keeps its first row."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise FilterkitError(f"expected vectors [N, D], got an array of shape {list(vectors.shape)}")
+    _check_threshold(threshold)
+    rows, cols, _ = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), None)
+    groups = []
+    for members in group_indices(len(vectors), (rows.astype(np.int64), cols.astype(np.int64))):
+        keep, rest = members[0], members[1:]  # members are in row order
+        groups.append(DuplicateGroup(int(keep), [Duplicate(int(i), float(vectors[i] @ vectors[keep]), False)
+                                                 for i in rest]))
+    return groups
 
-    ``threshold=None`` uses the dedup threshold calibrated into the model directory.
-    Returns (groups, skipped images).
+
+def model_threshold(encoder) -> float:
+    """The dedup threshold calibrated into the encoder's model directory."""
+    threshold = (encoder.meta.get("thresholds") or {}).get("dedup")
+    if threshold is None:
+        raise FilterkitError("this model has no calibrated dedup threshold: pass --threshold "
+                             "(cosine, e.g. 0.95) or calibrate the model first")
+    return float(threshold)
+
+
+def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, threshold: float | str | None = "auto",
+                    cache=None, batch_size: int = 64, workers: int | None = None, progress: bool = False,
+                    follow_symlinks: bool = False) -> DedupResult:
+    """Group the duplicates of a folder (embedded through the cache by ``encoder``) or of the
+    rows of an ``[N, D]`` array of unit vectors.
+
+    ``threshold="auto"`` (or None) uses the dedup threshold calibrated into the encoder's model
+    directory; vectors without an encoder need a number. ``cache``: an open ``EmbeddingCache``
+    (None: the default cache).
     """
+    if threshold in ("auto", None):
+        if encoder is None:
+            raise FilterkitError("threshold='auto' reads the encoder's calibrated threshold: pass encoder= "
+                                 "or a cosine threshold")
+        threshold = model_threshold(encoder)
+    threshold = _check_threshold(float(threshold))
+    if isinstance(source, np.ndarray):
+        return DedupResult(vector_groups(source, threshold), threshold)
+    if encoder is None:
+        raise FilterkitError("find_duplicates(folder) needs encoder= to embed the folder")
+    from .index import cached_index
     from .pipeline import embed_folder
 
-    if threshold is None:
-        threshold = (encoder.meta.get("thresholds") or {}).get("dedup")
-        if threshold is None:
-            raise FilterkitError("this model has no calibrated dedup threshold: pass --threshold "
-                                 "(cosine, e.g. 0.95) or calibrate the model first")
-    from .cache import EmbeddingCache
-    from .index import cached_index
-
-    if cache is None:
-        with EmbeddingCache() as default_cache:
-            return find_duplicates(folder, encoder, threshold, default_cache, batch_size, workers, progress,
-                                   follow_symlinks)
-    found = embed_folder(folder, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
+    found = embed_folder(source, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
     index = None
     if len(found.vectors):
-        index = cached_index(found.vectors, f"{encoder.model_id}:{','.join(found.hashes)}", cache.index_dir)
-    return duplicate_groups(found.paths, found.hashes, found.vectors, float(threshold), index), found.skipped
+        index = cached_index(found.vectors, f"{encoder.model_id}:{','.join(found.hashes)}",
+                             cache.index_dir if cache is not None else None)
+    groups = duplicate_groups(found.paths, found.hashes, found.vectors, threshold, index)
+    return DedupResult(groups, threshold, found.skipped)
 
 
 def near_duplicate_variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -225,3 +284,21 @@ def calibrate_dedup(encoder, paths: list[Path], target_precision: float = 0.99, 
     is_dup = (j - i == n)  # image k and its variant k + n
     t, precision, recall = threshold_for_precision(sims[i, j], is_dup, target_precision)
     return DedupCalibration(t, precision, recall, target_precision, n)
+
+
+def calibrate_model_dir(model_dir: str | os.PathLike, images: str | os.PathLike, target_precision: float = 0.99,
+                        max_images: int = 300, seed: int = 0) -> DedupCalibration:
+    """Calibrate the dedup threshold of a model directory on a random sample of the real
+    images under ``images`` (which it was not trained on) and store it in its config.json."""
+    from .encoder import Encoder
+    from .images import discover_images
+    from .modeldir import update_model_config
+
+    encoder = Encoder.load(model_dir)
+    paths = discover_images(images)
+    order = np.random.default_rng(seed).permutation(len(paths))[:max_images] if paths else []
+    result = calibrate_dedup(encoder, [paths[i] for i in order], target_precision, max_images, seed)
+    thresholds = dict(encoder.meta.get("thresholds") or {}, dedup=result.threshold,
+                      dedup_calibration=result.to_dict())
+    update_model_config(model_dir, thresholds=thresholds)
+    return result

@@ -46,6 +46,16 @@ class Threshold:
     est_precision: float | None = None  # at equal prevalence of keep-like and reject-like images
     target_recall: float | None = None
 
+    def describe(self) -> str:
+        """'0.812 auto (calibrated on the exemplars: est. recall 0.95, ...)'."""
+        text = f"{self.value:.3f} {self.source}"
+        if self.est_recall is not None:
+            text += f" (calibrated on the exemplars: est. recall {self.est_recall:.2f}"
+            if self.est_precision is not None:
+                text += f", est. precision {self.est_precision:.2f} at equal prevalence"
+            text += ")"
+        return text
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -89,6 +99,21 @@ class FilterResult:
         for d in self.decisions:
             out[d.decision] += 1
         return out
+
+    def summary(self) -> dict:
+        t = self.threshold
+        return {**self.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
+                "est_recall": t.est_recall, "est_precision": t.est_precision, "exemplars": self.exemplars,
+                "negatives": self.negatives, "prototypes": self.prototypes,
+                "skipped_exemplars": [s.to_dict() for s in self.skipped_exemplars]}
+
+    def summary_line(self) -> str:
+        c = self.counts()
+        return (f"kept {c['keep']}, rejected {c['reject']}, errors {c['error']}; "
+                f"threshold {self.threshold.describe()}")
+
+    def to_dict(self) -> dict:
+        return {"images": [d.to_dict() for d in self.decisions], "summary": self.summary()}
 
 
 # -- scores --------------------------------------------------------------------------------------

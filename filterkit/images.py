@@ -39,6 +39,9 @@ class Skip:
     path: Path
     reason: str
 
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "reason": self.reason}
+
 
 def _heif_available() -> bool:
     global _heif_state

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .encoder import ARCHS, STEM_STRIDE, Encoder, ModelConfig, build_backbone
+from .encoder import Encoder, build_backbone
+from .modeldir import ModelConfig
+from .presets import ARCHS
 from .errors import FilterkitError
 
 MOCO_PREFIX = "module.base_encoder."
 MOCO_HEADS = {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12}
-_ARCH_BY_WIDTH = {width: name for name, (timm_name, width, _, _) in ARCHS.items()
-                  if name != "vit-mini" and timm_name not in STEM_STRIDE}
+_ARCH_BY_WIDTH = {a.width: a.name for a in ARCHS.values() if a.imports_width}
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -79,7 +80,7 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None) -> Model
         raise FilterkitError("cannot read the image size: pos_embed is missing or not a square grid + class token")
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
     arch = _ARCH_BY_WIDTH.get(width, "vit-small")
-    heads = num_heads or ARCHS[arch][3]
+    heads = num_heads or ARCHS[arch].heads
     return ModelConfig(arch=arch, patch_size=patch, img_size=grid * patch, embed_dim=width, depth=depth,
                        num_heads=heads, mlp_ratio=mlp_ratio)
 

@@ -33,6 +33,10 @@ class EmbeddedFolder:
     n_embedded: int = 0  # distinct contents embedded by this run
     n_cached: int = 0  # distinct contents found in the cache
 
+    def summary(self) -> dict:
+        return {"images": len(self.paths) + len(self.skipped), "embedded": self.n_embedded,
+                "cached": self.n_cached, "skipped": [s.to_dict() for s in self.skipped]}
+
 
 def embed_folder(
     root: str | os.PathLike,

@@ -81,12 +81,8 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
 def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter") -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for a FilterResult; returns their paths."""
     html_path = _html_path(html_path)
-    rows = [d.to_dict() for d in result.decisions]
-    t = result.threshold
-    summary_doc = {**result.counts(), "threshold": t.value, "threshold_source": t.source,
-                   "est_recall": t.est_recall, "est_precision": t.est_precision,
-                   "exemplars": result.exemplars, "negatives": result.negatives}
-    _write_table(html_path, rows, {"images": rows, "summary": summary_doc})
+    document = result.to_dict()
+    _write_table(html_path, document["images"], document)
 
     budget = [MAX_THUMBS]
     sections = []
@@ -100,16 +96,8 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
                 f'<div class="name">{html.escape(str(d.path))}</div>'
                 f'<div class="reason">{html.escape(d.reason)}</div></div>')
         sections.append(f"<h2>{label} ({len(chosen)})</h2><div class=\"grid\">{''.join(cards)}</div>")
-    estimate = ""
-    if t.est_recall is not None:
-        estimate = f"; estimated recall {t.est_recall:.2f}"
-        if t.est_precision is not None:
-            estimate += f", precision {t.est_precision:.2f} (equal prevalence)"
-    counts = result.counts()
-    summary = html.escape(f"kept {counts['keep']}, rejected {counts['reject']}, errors {counts['error']}; "
-                          f"threshold {t.value:.3f} ({t.source}{estimate}); {result.exemplars} keep-like and "
-                          f"{result.negatives} reject-like exemplars. Each card: the image, then its nearest "
-                          "keep-like exemplar.")
+    summary = html.escape(f"{result.summary_line()}; {result.exemplars} keep-like and {result.negatives} "
+                          "reject-like exemplars. Each card: the image, then its nearest keep-like exemplar.")
     atomic_write_text(html_path, _page(title, summary, "".join(sections)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 

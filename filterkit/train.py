@@ -34,6 +34,7 @@ from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image, split_outside_links
 from .loader import decode_all, default_workers
 from .moco import MoCo, momentum_at
+from .presets import default_preset, get_preset, preset_for_arch
 from .progress import progress_bar
 
 CHECKPOINT = Path("training") / "checkpoint.pt"
@@ -43,43 +44,11 @@ LOG = Path("training") / "log.jsonl"
 # best CPU run (kNN 0.559), which a floor of 0.1 stopped. A collapsed run falls towards 0.
 COLLAPSE_STD = 0.05
 
-# Recipes per preset and device kind. CPU recipes are small enough to move in minutes to an
-# hour on a laptop; GPU recipes follow the paper's ViT recipe scaled to the preset.
-def _recipe(batch: int, warmup: float, hidden: int, epochs: int, base_lr: float = 1.5e-4, **extra: Any) -> dict:
-    return dict(batch_size=batch, base_lr=base_lr, warmup_epochs=warmup, proj_hidden=hidden,
-                pred_hidden=hidden, epochs=epochs, **extra)
-
-
-# 32-px inputs crop from 20 % of the area up (an 8 % crop of a 32-px image is 9x9 pixels).
-_SMALL = dict(min_crop_scale=0.2)
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    # CPU: batch 128 rather than 256 for twice the steps in the same hour (benchmarks/README:
-    # CIFAR-10 kNN 0.494 vs 0.463 from ~1 h of pretrain_quality.py).
-    "vit-mini-8-32": {"cpu": _recipe(128, 0.5, 1024, 7, base_lr=1e-3, **_SMALL),
-                      "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
-    "vit-mini-8-64": {"cpu": _recipe(128, 1, 1024, 10, base_lr=1e-3, **_SMALL),
-                      "gpu": _recipe(512, 10, 4096, 200)},
-    "vit-mini-16-112": {"cpu": _recipe(128, 1, 1024, 10, base_lr=1e-3, **_SMALL),
-                        "gpu": _recipe(512, 10, 4096, 200)},
-    "vit-nano-4-32": {"cpu": _recipe(128, 0.5, 1024, 10, base_lr=1e-3, **_SMALL),
-                      "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
-    "vit-mini-conv-8-32": {"cpu": _recipe(128, 0.5, 1024, 6, base_lr=5e-4, **_SMALL),
-                           "gpu": _recipe(512, 10, 4096, 200, **_SMALL)},
-    "vit-tiny-4-32": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
-    "vit-tiny-8-64": {"cpu": _recipe(128, 1, 1024, 10), "gpu": _recipe(512, 10, 4096, 200)},
-    "vit-tiny-16-224": {"cpu": _recipe(64, 1, 1024, 5), "gpu": _recipe(512, 20, 4096, 100)},
-    "vit-small-16-224": {"cpu": _recipe(64, 1, 1024, 3), "gpu": _recipe(1024, 40, 4096, 100)},
-}
-
-
-DEFAULT_PRESET = "vit-tiny-4-32"
-
-
 @dataclass
 class TrainOptions:
     """Everything that defines a pretraining run. ``None`` fields come from the preset's recipe."""
 
-    preset: str | None = None  # None: the --init-from model's preset, else DEFAULT_PRESET
+    preset: str | None = None  # None: the --init-from model's, else presets.default_preset(device)
     epochs: int | None = None
     max_steps: int | None = None  # the schedules' horizon: min(epochs x steps/epoch, max_steps)
     batch_size: int | None = None  # global batch
@@ -102,8 +71,8 @@ class TrainOptions:
     data_in_memory: bool = False  # decode once to uint8, augment whole batches on the device
 
     def resolved(self, device_kind: str) -> TrainOptions:
-        preset = self.preset or DEFAULT_PRESET
-        recipe = RECIPES.get(preset, RECIPES[DEFAULT_PRESET])["gpu" if device_kind == "cuda" else "cpu"]
+        preset = self.preset or default_preset(device_kind)
+        recipe = get_preset(preset).recipe(device_kind).options()
         values = asdict(self)
         values["preset"] = preset
         for key, value in recipe.items():
@@ -389,7 +358,7 @@ class _Init:
 
 def _resolve_init_path(spec: str) -> Path:
     """``default`` names the shipped model unless ./default is a model directory."""
-    from .encoder import default_model_path
+    from .modeldir import default_model_path
 
     if spec == "default" and not (Path(spec) / "config.json").is_file():
         return default_model_path()
@@ -432,16 +401,14 @@ def _options_from_init(options: TrainOptions, init: _Init) -> TrainOptions:
     """Fill what the caller left unset from the init model (preset, depth, head shapes);
     refuse a preset or depth its architecture contradicts."""
     arch, spec = init.config, options.init_from
-    preset = options.preset or arch.preset or DEFAULT_PRESET
+    preset = options.preset or arch.preset or preset_for_arch(arch.arch)  # imported weights have none
     if arch.preset is not None and preset != arch.preset:
         raise FilterkitError(f"--init-from {spec} is a {arch.preset} model: --preset {preset} does not "
                              "fit it (leave --preset out)")
     if options.depth is not None and options.depth != arch.depth:
         raise FilterkitError(f"--init-from {spec} has {arch.depth} blocks: --depth {options.depth} does not "
                              "fit it (leave --depth out)")
-    depth = options.depth
-    if arch.preset is not None and arch.depth != ModelConfig.from_preset(arch.preset).depth:
-        depth = arch.depth
+    depth = arch.depth  # the init model's, never a recipe's
     defaults = TrainOptions()
     heads = {k: v for k, v in init.heads.items()
              if v is not None and getattr(options, k) == getattr(defaults, k)}

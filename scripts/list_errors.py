@@ -34,7 +34,7 @@ def _text(node: ast.expr) -> str | None:
 
 def messages() -> list[tuple[str, str, str]]:
     found = []
-    for path in sorted((ROOT / "filterkit").glob("*.py")):
+    for path in sorted((ROOT / "filterkit").rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
@@ -43,7 +43,8 @@ def messages() -> list[tuple[str, str, str]]:
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
             if name in ERRORS and node.exc.args:
                 text = _text(node.exc.args[0]) or "{" + ast.unparse(node.exc.args[0]) + "}"
-                found.append((path.stem, ERRORS[name], " ".join(text.split())))
+                where = ".".join(path.relative_to(ROOT / "filterkit").with_suffix("").parts).removesuffix(".__init__")
+                found.append((where, ERRORS[name], " ".join(text.split())))
     return sorted(set(found))
 
 

@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from filterkit.encoder import CARD_FILE, CONFIG_FILE, Encoder, update_model_config
+from filterkit.encoder import Encoder
+from filterkit.modeldir import CARD_FILE, CONFIG_FILE, update_model_config
 from filterkit.fsutil import atomic_write_text
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from filterkit.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTwoViews, batch_view, store_size
-from filterkit.encoder import CONFIG_FILE
+from filterkit.modeldir import CONFIG_FILE
 from filterkit.train import TrainOptions, pretrain
 
 from conftest import sample_photo

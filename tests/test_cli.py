@@ -163,7 +163,14 @@ def test_pretrain_help_shows_defaults(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     code, out, _ = run_cli(capsys, "pretrain", "--help")
     assert code == 0
-    lines = {line.split()[1]: line for line in out.splitlines() if line.lstrip("│ *").startswith("--")}
+    lines: dict[str, str] = {}  # option -> its help, wrapped lines joined
+    for line in out.splitlines():
+        text = line.strip("│ ")
+        if text.lstrip("* ").startswith("--"):
+            option = text.lstrip("* ").split()[0]
+            lines[option] = text
+        elif lines and text and not text.startswith(("╭", "╰")):
+            lines[option] += " " + text
     assert "0.99" in lines["--momentum"] and "1.5e-4 x batch / 256" in lines["--lr"]
     assert not any(" ." in line for line in lines.values())
     # The CLI cannot import train.py (torch) to render --help, so it repeats these defaults.
@@ -174,25 +181,22 @@ def test_pretrain_help_shows_defaults(capsys, monkeypatch):
         assert f"[default: ({getattr(TrainOptions, field)})" in shown, (field, shown)
 
 
-def test_pretrain_lr_help_names_every_cpu_base_lr(capsys, monkeypatch):
+def test_pretrain_lr_help_names_every_base_lr_of_the_preset_table(capsys, monkeypatch):
     import re
 
-    from filterkit.train import RECIPES
+    from filterkit.presets import PRESETS, _short
 
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = run_cli(capsys, "pretrain", "--help")
     text = re.sub(r"[│\s]+", " ", out)  # rich may wrap the long default onto a second line
-
-    def short(value: float) -> str:  # 0.0005 -> "5e-4", as the help writes it
-        mantissa, exp = f"{value:e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
-
-    missing = {short(r["cpu"]["base_lr"]) for r in RECIPES.values()} - set(re.findall(r"(\S+) x batch / 256", text))
+    lrs = {_short(r.base_lr) for p in PRESETS.values() for r in (p.cpu, p.gpu) if r is not None}
+    missing = lrs - set(re.findall(r"(\S+) x batch / 256", text))
     assert code == 0 and not missing, missing
+    assert _short(0.0005) == "5e-4" and _short(0.00015) == "1.5e-4"
 
 
 def test_model_init_help_lists_every_preset(capsys, monkeypatch):
-    from filterkit.encoder import PRESETS
+    from filterkit.presets import PRESETS
 
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = run_cli(capsys, "model", "init", "--help")

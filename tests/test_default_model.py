@@ -15,7 +15,7 @@ import pytest
 
 from filterkit import Encoder
 from filterkit.cli import main
-from filterkit.encoder import DEFAULT_MODEL, default_model_path
+from filterkit.modeldir import DEFAULT_MODEL, default_model_path
 from filterkit.errors import FilterkitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_env_var_overrides_and_missing_default_is_a_clear_error(tmp_path, monkey
     monkeypatch.setenv("FILTERKIT_MODEL", str(tmp_path / "mine"))
     assert Encoder.load(device="cpu").model_id == small_encoder.model_id
     monkeypatch.delenv("FILTERKIT_MODEL")
-    monkeypatch.setattr("filterkit.encoder.DEFAULT_MODEL", "no-such-model")
+    monkeypatch.setattr("filterkit.modeldir.DEFAULT_MODEL", "no-such-model")
     with pytest.raises(FilterkitError, match="default model 'no-such-model' is not installed"):
         Encoder.load()
 
@@ -65,7 +65,7 @@ def _run(args, cwd, env_extra=None, timeout=300):
 
 
 def test_editable_install_finds_the_model_from_anywhere(tmp_path):
-    code = "from filterkit.encoder import default_model_path; print(default_model_path())"
+    code = "from filterkit.modeldir import default_model_path; print(default_model_path())"
     done = _run([sys.executable, "-c", code], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == SHIPPED.resolve()
@@ -91,7 +91,7 @@ def test_wheel_ships_the_model_and_filter_runs_from_it(tmp_path):
     assert installed.returncode == 0, installed.stderr
     shutil.rmtree(src)  # nothing may come from the source tree
     env = {"PYTHONPATH": str(site), "FILTERKIT_CACHE": str(tmp_path / "cache.sqlite")}
-    where = _run([sys.executable, "-c", "import filterkit.encoder as e; print(e.__file__); print(e.default_model_path())"],
+    where = _run([sys.executable, "-c", "import filterkit.modeldir as e; print(e.__file__); print(e.default_model_path())"],
                  cwd=tmp_path, env_extra=env)
     assert where.returncode == 0, where.stderr
     module_file, model_dir = where.stdout.split()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from filterkit import Encoder, FilterkitError, ModelConfig, PRESETS
-from filterkit.encoder import CONFIG_FILE, WEIGHTS_FILE, build_backbone
+from filterkit.encoder import build_backbone
+from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

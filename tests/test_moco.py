@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from filterkit.augment import TwoViews
-from filterkit.encoder import ModelConfig, build_backbone
+from filterkit.encoder import build_backbone
+from filterkit.modeldir import ModelConfig
 from filterkit.moco import MoCo, contrastive_loss, mlp, momentum_at
 from filterkit.train import lr_at
 

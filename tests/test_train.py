@@ -7,7 +7,8 @@ from PIL import Image
 
 from filterkit import FilterkitError
 from filterkit.cli import main
-from filterkit.encoder import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, build_backbone
+from filterkit.encoder import build_backbone
+from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainingStopped, TrainOptions, load_checkpoint, pretrain
 
 from conftest import sample_photo

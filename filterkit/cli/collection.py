@@ -1,0 +1,259 @@
+"""Commands over image collections: embed, search, filter, dedup, cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import FilterkitError
+from .common import (BatchOpt, CacheOpt, DeviceOpt, DryRunOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt, ReportOpt,
+                     WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, threshold_arg)
+
+
+@app.command()
+def embed(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: embed only the I-th of N deterministic parts (merge the caches with `filterkit cache merge`).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", help="Embed on Ray: 'local', 'auto' (running cluster) or an address; needs the ray extra.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="Encoder actors.", show_default="the cluster's CPUs")] = None,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image in FOLDER into the cache (only what is new or changed)."""
+    from ..cache import EmbeddingCache
+    from ..images import parse_shard
+    from ..pipeline import embed_folder
+
+    shard_spec = parse_shard(shard) if shard is not None else None
+    runner = None
+    if ray_address is not None:
+        from ..raydata import ray_runner
+
+        runner = ray_runner(ray_address, ray_actors)
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
+                              progress=not quiet, shard=shard_spec, runner=runner, follow_symlinks=follow_symlinks)
+        cache_path = store.path
+    if as_json:
+        typer.echo(json.dumps({**result.summary(), "model_id": encoder.model_id, "cache": str(cache_path)}, indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    typer.echo(
+        f"{len(result.paths)} images have vectors: {result.n_embedded} embedded now, "
+        f"{result.n_cached} from the cache, {len(result.skipped)} skipped (cache: {cache_path})"
+    )
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="Query image file(s).")],
+    folder: Annotated[Optional[Path], typer.Option("--in", help="Folder to search in.")] = None,
+    index_path: Annotated[Optional[Path], typer.Option("--index", help="Search an index directory from `filterkit index build` instead of --in.")] = None,
+    follow_symlinks: FollowOpt = False,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the K images in --in (or --index) most similar to each query image (cosine)."""
+    if (folder is None) == (index_path is None):
+        raise FilterkitError("give exactly one of --in FOLDER and --index DIR")
+    from ..cache import EmbeddingCache
+    from ..neighbours import search_folder, search_index
+
+    encoder = load_encoder(model, device)
+    if index_path is not None:
+        result = search_index(queries, index_path, encoder, k, caches=[cache] if cache else [], batch_size=batch_size)
+    else:
+        with EmbeddingCache(cache) as store:
+            result = search_folder(queries, folder, encoder, k, store, batch_size, workers, not quiet, follow_symlinks)
+    if as_json:
+        typer.echo(json.dumps([q.to_dict() for q in result.queries], indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for answer in result.queries:
+        table = Table(title=f"nearest to {answer.query}", title_justify="left")
+        for column, justify in (("#", "right"), ("score", "right"), ("path", "left")):
+            table.add_column(column, justify=justify)
+        for rank, hit in enumerate(answer.hits, 1):
+            table.add_row(str(rank), f"{hit.score:.4f}", hit.to_dict()["path"])
+        console.print(table)
+
+
+@app.command("filter")
+def filter_command(
+    incoming: Annotated[Path, typer.Argument(help="Folder of images to sort.")],
+    keep_like: Annotated[Path, typer.Option("--keep-like", help="Folder of exemplars to keep images like.")],
+    reject_like: Annotated[Optional[Path], typer.Option("--reject-like", help="Folder of exemplars to reject images like.")] = None,
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
+    prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
+    target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
+    dry_run: DryRunOpt = False,
+    report: ReportOpt = None,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep or reject each image in INCOMING by its similarity to the exemplars, with reasons."""
+    threshold_value = threshold_arg(threshold)
+    from ..actions import check_action, run_actions
+    from ..cache import EmbeddingCache
+    from ..filtering import ImageFilter
+
+    check_action(action, out)
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
+                                   batch_size=batch_size, workers=workers, progress=not quiet,
+                                   follow_symlinks=follow_symlinks)
+        image_filter.keep_like(keep_like)
+        if reject_like is not None:
+            image_filter.reject_like(reject_like)
+        result = image_filter.run(incoming)
+    if report is not None:  # before any move, while every image is where its path says
+        from ..report import write_filter_report
+
+        write_filter_report(result, report)
+    plan, done = run_actions(result.categories(), incoming, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped_exemplars, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"filter {incoming}", title_justify="left")
+    for column in ("decision", "score", "path", "reason"):
+        table.add_column(column, overflow="fold")
+    shown = sorted(result.decisions, key=lambda d: (d.decision != "keep", -(d.score or -9)))
+    for d in shown[:50]:
+        colour = {"keep": "green", "reject": "red", "error": "yellow"}[d.decision]
+        table.add_row(f"[{colour}]{d.decision}[/]", "" if d.score is None else f"{d.score:.3f}", str(d.path), d.reason)
+    Console().print(table)
+    if len(shown) > 50:
+        typer.echo(f"... {len(shown) - 50} more rows (use --json for all)")
+    typer.echo(result.summary_line())
+    print_actions(plan, done, dry_run)
+    print_report(report)
+
+
+@app.command()
+def dedup(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (the model's calibrated value) or a cosine similarity.")] = "auto",
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
+    dry_run: DryRunOpt = False,
+    report: ReportOpt = None,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find exact and near duplicates; each group keeps its largest-resolution image."""
+    threshold_value = threshold_arg(threshold)
+    from ..actions import check_action, run_actions
+    from ..cache import EmbeddingCache
+    from ..dedup import find_duplicates
+
+    check_action(action, out, ("report", "move"))
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
+                                 follow_symlinks)
+    if report is not None:
+        from ..report import write_dedup_report
+
+        write_dedup_report(result.groups, report)
+    items = [(d.path, "duplicates") for g in result.groups for d in g.duplicates]
+    plan, done = run_actions(items, folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    for g in result.groups[:50]:
+        typer.echo(f"keep {g.keep}")
+        for d in g.duplicates:
+            typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}")
+    if len(result.groups) > 50:
+        typer.echo(f"... {len(result.groups) - 50} more groups (use --json for all)")
+    typer.echo(result.summary_line())
+    print_actions(plan, done, dry_run)
+    print_report(report)
+
+
+@app.command()
+def cluster(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    k: Annotated[int, typer.Option("--k", min=1, help="Number of clusters.")],
+    keep_fraction: Annotated[Optional[float], typer.Option("--keep-fraction", help="Select this fraction of the images by prototype distance.")] = None,
+    keep: Annotated[str, typer.Option("--keep", help="hard (far from their prototype) | easy (near it).")] = "hard",
+    action: Annotated[str, typer.Option("--action", help="report | copy | link | move, into --out/selected and --out/pruned.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
+    dry_run: DryRunOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spherical k-means: each image's cluster and distance to its prototype; optional pruning."""
+    from ..actions import check_action, run_actions
+    from ..cache import EmbeddingCache
+    from ..cluster import cluster_folder
+
+    check_action(action, out)
+    if action != "report" and keep_fraction is None:
+        raise FilterkitError("--action needs --keep-fraction (which images are selected)")
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = cluster_folder(folder, encoder, k, keep_fraction, keep, seed, store, batch_size, workers,
+                                not quiet, follow_symlinks)
+    plan, done = run_actions(result.categories(), folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    examples = result.examples(3)
+    for i, n in enumerate(result.clustering.sizes()):
+        typer.echo(f"cluster {i}: {n} image(s), e.g. {', '.join(p.name for p in examples.get(i, []))}")
+    if result.selected is not None:
+        typer.echo(f"selected {int(result.selected.sum())} of {len(result.paths)} "
+                   f"({keep}est by prototype distance)")
+    print_actions(plan, done, dry_run)

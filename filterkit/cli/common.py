@@ -1,0 +1,88 @@
+"""What the commands share: the app and its sub-apps, option types, and output helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import FilterkitError
+
+app = typer.Typer(
+    name="filterkit",
+    help="Turn an unlabelled image collection into a trustworthy image filter.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+index_app = typer.Typer(help="Build indexes for collections too large for memory.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+cache_app = typer.Typer(help="Manage embedding caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Read symlinks that point outside the folder, and descend into linked folders.")]
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Model directory.", show_default="the shipped model, or $FILTERKIT_MODEL")]
+CacheOpt = Annotated[Optional[Path], typer.Option(
+    "--cache", help="Embedding cache file.", show_default="$FILTERKIT_CACHE or ~/.cache/filterkit/embeddings.sqlite")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, help="Decode processes.", show_default="cores - 1; 0 = decode in-process")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")]
+ReportOpt = Annotated[Optional[Path], typer.Option(
+    "--report", help="Write an HTML report here, with .csv and .json beside it.")]
+
+
+def echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def load_encoder(model: Optional[Path], device: str = "auto"):
+    from ..encoder import Encoder
+
+    return Encoder.load(model, device=device)  # None: the shipped default model
+
+
+def print_skips(skipped, quiet: bool) -> None:
+    if quiet or not skipped:
+        return
+    echo_err(f"skipped {len(skipped)} file(s):")
+    for s in skipped[:20]:
+        echo_err(f"  {s.path}: {s.reason}")
+    if len(skipped) > 20:
+        echo_err(f"  ... and {len(skipped) - 20} more (use --json for all)")
+
+
+def print_report(report: Optional[Path]) -> None:
+    if report is not None:
+        typer.echo(f"report: {report} (+ {report.with_suffix('.csv').name}, {report.with_suffix('.json').name})")
+
+
+def print_actions(plan, done, dry_run: bool) -> None:
+    if not plan:
+        return
+    if dry_run:
+        typer.echo(f"dry run: would {plan[0].action} {len(plan)} file(s):")
+        for p in plan[:50]:
+            typer.echo(f"  {p.source} -> {p.destination}")
+        if len(plan) > 50:
+            typer.echo(f"  ... and {len(plan) - 50} more (use --json for all)")
+    else:
+        typer.echo(f"{plan[0].action}: {len(done)} of {len(plan)} file(s) done")
+
+
+def threshold_arg(value: str) -> float | str:
+    """--threshold: 'auto' or a cosine similarity."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise FilterkitError(f"--threshold must be 'auto' or a number, got {value!r}") from None
