@@ -484,13 +484,13 @@ def pretrain(
 
     if preset is not None and preset not in PRESETS:
         raise FilterkitError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    given = dict(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, temperature=temperature, momentum=momentum,
-                 warmup_epochs=warmup_epochs, depth=depth, min_crop_scale=min_crop_scale, seed=seed,
-                 checkpoint_every=checkpoint_every)
-    options = TrainOptions(**{k: v for k, v in given.items() if v is not None},
-                           predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed,
-                           data_in_memory=data_in_memory)
+    # None: not given (the recipe's or the checkpoint's value). A flag left out is not given either.
+    options = TrainOptions(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps,
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
+                           momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
+                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every,
+                           predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
+                           data_in_memory=data_in_memory or None)
     try:
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,

@@ -75,9 +75,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 DEFAULT_PRESET = "vit-tiny-4-32"
 
 
+# What a field left unset becomes when no recipe sets it (see TrainOptions.resolved).
+DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentum=0.99, out_dim=256, predictor=True,
+                                freeze_patch_embed=False, seed=0, checkpoint_every=500, data_in_memory=False)
+
+
 @dataclass
 class TrainOptions:
-    """Everything that defines a pretraining run. ``None`` fields come from the preset's recipe."""
+    """Everything that defines a pretraining run. ``None`` means "not given": ``resolved``
+    fills it from the preset's recipe, else from DEFAULTS. A value given equal to its default
+    still counts as given (on --resume it must match the checkpoint's, or replaces it)."""
 
     preset: str | None = None  # None: the --init-from model's preset, else DEFAULT_PRESET
     epochs: int | None = None
@@ -85,21 +92,21 @@ class TrainOptions:
     batch_size: int | None = None  # global batch
     lr: float | None = None  # None: base_lr * batch_size / 256
     base_lr: float | None = None
-    weight_decay: float = 0.1
-    temperature: float = 0.2
-    momentum: float = 0.99
+    weight_decay: float | None = None
+    temperature: float | None = None
+    momentum: float | None = None
     warmup_epochs: float | None = None
-    out_dim: int = 256
+    out_dim: int | None = None
     proj_hidden: int | None = None
     pred_hidden: int | None = None
-    predictor: bool = True
-    freeze_patch_embed: bool = False
+    predictor: bool | None = None
+    freeze_patch_embed: bool | None = None
     min_crop_scale: float | None = None  # recipe's, else 0.08 (the BYOL recipe)
     depth: int | None = None  # override the preset's depth (smaller CPU models)
-    seed: int = 0
-    checkpoint_every: int = 500  # steps
+    seed: int | None = None
+    checkpoint_every: int | None = None  # steps
     init_from: str | None = None  # a model directory (or "default") to start from instead of random
-    data_in_memory: bool = False  # decode once to uint8, augment whole batches on the device
+    data_in_memory: bool | None = None  # decode once to uint8, augment whole batches on the device
 
     def resolved(self, device_kind: str) -> TrainOptions:
         preset = self.preset or DEFAULT_PRESET
@@ -111,6 +118,9 @@ class TrainOptions:
                 values[key] = value
         if values["min_crop_scale"] is None:
             values["min_crop_scale"] = 0.08
+        for key, value in DEFAULTS.items():
+            if values[key] is None:
+                values[key] = value
         if values["lr"] is None:
             values["lr"] = values["base_lr"] * values["batch_size"] / 256
         return TrainOptions(**values)
@@ -442,9 +452,7 @@ def _options_from_init(options: TrainOptions, init: _Init) -> TrainOptions:
     depth = options.depth
     if arch.preset is not None and arch.depth != ModelConfig.from_preset(arch.preset).depth:
         depth = arch.depth
-    defaults = TrainOptions()
-    heads = {k: v for k, v in init.heads.items()
-             if v is not None and getattr(options, k) == getattr(defaults, k)}
+    heads = {k: v for k, v in init.heads.items() if v is not None and getattr(options, k) is None}
     return replace(options, preset=preset, depth=depth, **heads)
 
 
@@ -703,16 +711,15 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:
-    """The checkpoint's options, except where the caller set a value explicitly; a value that
+    """The checkpoint's options, except where the caller gave a value (not None); a value that
     would change the schedule must match."""
-    defaults = TrainOptions()
     merged = dict(saved)
     conflicts = []
     for f in fields(TrainOptions):
         value = getattr(given, f.name)
-        if value == getattr(defaults, f.name):
-            continue  # not set by the caller
-        saved_value = saved.get(f.name, getattr(defaults, f.name))  # older checkpoints lack newer keys
+        if value is None:
+            continue  # not given by the caller
+        saved_value = saved.get(f.name, DEFAULTS.get(f.name))  # older checkpoints lack newer keys
         if f.name in _SCHEDULE_KEYS and saved_value is not None and saved_value != value:
             conflicts.append(f"{f.name} (checkpoint {saved_value!r}, now {value!r})")
         merged[f.name] = value

@@ -294,3 +294,35 @@ def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, 
     assert doc["architecture"]["preset"] == Encoder.load().config.preset
     assert doc["training"]["init"]["model_id"] == Encoder.load().model_id
     assert doc["training"]["init"]["loaded"] == "backbone"
+
+
+def test_resume_treats_an_option_given_equal_to_its_default_like_any_other(tmp_path, train_dir, capsys):
+    out = tmp_path / "m"
+    first = dict(TINY, seed=1, freeze_patch_embed=True)
+    pretrain(train_dir, out, TrainOptions(max_steps=2, epochs=10, **first), device="cpu", workers=0,
+             progress=False, stop_at_step=1)
+    # seed 0 and no frozen patch projection are the defaults, and differ from the checkpoint.
+    with pytest.raises(FilterkitError, match=r"differ from the checkpoint: seed \(checkpoint 1, now 0\)"):
+        pretrain(train_dir, out, TrainOptions(seed=0), resume=True, device="cpu", workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="differ from the checkpoint: freeze_patch_embed"):
+        pretrain(train_dir, out, TrainOptions(freeze_patch_embed=False), resume=True, device="cpu", workers=0,
+                 progress=False)
+    common = ["pretrain", str(train_dir), "--out", str(out), "--resume", "--workers", "0", "-q"]
+    assert main([*common, "--seed", "0"]) == 1
+    assert "differ from the checkpoint: seed (checkpoint 1, now 0)" in capsys.readouterr().err
+    # --checkpoint-every 500 (the default) is honoured; what is not given stays the checkpoint's.
+    assert main([*common, "--checkpoint-every", "500"]) == 0
+    saved = load_checkpoint(out / CHECKPOINT)
+    assert saved["step"] == 2 and saved["options"]["checkpoint_every"] == 500
+    assert saved["options"]["seed"] == 1 and saved["options"]["freeze_patch_embed"] is True
+
+
+def test_init_from_keeps_head_widths_given_equal_to_the_defaults(tmp_path, train_dir):
+    pretrain(train_dir, tmp_path / "a", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu", workers=0,
+             progress=False)
+    # out_dim 256 is the default; the init's heads have 16, so only the backbone can be loaded.
+    b = pretrain(train_dir, tmp_path / "b", TrainOptions(**dict(TINY, out_dim=256), max_steps=1, epochs=10,
+                                                         init_from=str(tmp_path / "a")),
+                 device="cpu", workers=0, progress=False)
+    assert b.model.base.projector[-2].out_features == 256
+    assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["training"]["init"]["loaded"] == "backbone"
