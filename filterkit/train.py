@@ -340,7 +340,8 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, options: TrainOptions,
-                     cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None) -> None:
+                     cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None,
+                     images: int | None = None) -> None:
     import io
 
     state = {
@@ -354,6 +355,8 @@ def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, op
         "model_config": json.dumps(cfg.to_dict()),
         "wall_seconds": float(wall_seconds),
     }
+    if images is not None:  # the training images: a resume on another count is refused
+        state["images"] = int(images)
     if init:
         state["init"] = json.dumps(init)
     buffer = io.BytesIO()
@@ -530,6 +533,12 @@ def pretrain(
         if len(paths) < 2:
             reason = f" (e.g. {failed[0].path.name}: {failed[0].reason})" if failed else ""
             raise FilterkitError(f"{data_dir}: only {len(paths)} images decode{reason}; pretraining needs at least 2")
+    # The image count sets the steps per epoch, and with them the data order and the schedules.
+    # Checkpoints from before the count was stored resume as they always did.
+    if checkpoint is not None and checkpoint.get("images", len(paths)) != len(paths):
+        raise FilterkitError(f"{data_dir} has {len(paths)} training images but the checkpoint was trained on "
+                             f"{checkpoint['images']}: resuming would change the steps per epoch and shift the "
+                             "schedules. Resume on the same images, or start a new --out")
     global_batch = min(options.batch_size, len(paths) // world * world)
     if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
         options = replace(options, batch_size=global_batch,
@@ -599,7 +608,7 @@ def pretrain(
     def save(step: int) -> None:
         if is_main:
             wall = prior_seconds + time.perf_counter() - t_start  # over resumes too
-            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall, init_info)
+            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall, init_info, len(paths))
             device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
             precision_used = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
             compute = {"device": device_name, "processes": world, "torch_threads": torch.get_num_threads(),

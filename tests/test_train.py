@@ -326,3 +326,21 @@ def test_init_from_keeps_head_widths_given_equal_to_the_defaults(tmp_path, train
                  device="cpu", workers=0, progress=False)
     assert b.model.base.projector[-2].out_features == 256
     assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["training"]["init"]["loaded"] == "backbone"
+
+
+def test_resume_refuses_a_folder_whose_image_count_changed(tmp_path, train_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_dir, data)
+    opts = TrainOptions(max_steps=2, epochs=10, **TINY)
+    pretrain(data, tmp_path / "m", opts, device="cpu", workers=0, progress=False, stop_at_step=1)
+    shutil.copy(data / "part0" / "0.png", data / "extra.png")
+    with pytest.raises(FilterkitError, match="has 25 training images but the checkpoint was trained on 24"):
+        pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+    # A checkpoint from before the count was stored resumes as it always did.
+    state = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=True)
+    del state["images"]
+    torch.save(state, tmp_path / "m" / CHECKPOINT)
+    assert pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0,
+                    progress=False).steps == 2
