@@ -479,7 +479,7 @@ def pretrain(
     if (knn_train is None) != (knn_test is None):
         raise FilterkitError("--knn-train and --knn-test go together")
     from .encoder import PRESETS
-    from .train import TrainOptions
+    from .train import TrainingInterrupted, TrainOptions
     from .train import pretrain as run_pretrain
 
     if preset is not None and preset not in PRESETS:
@@ -497,8 +497,9 @@ def pretrain(
                               knn_max_per_class=knn_max_per_class, json_log=json_log,
                               follow_symlinks=follow_symlinks, stop_at_step=stop_at_step,
                               progress=not quiet)
-    except KeyboardInterrupt:
-        _echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")
+    except TrainingInterrupted as e:  # a plain KeyboardInterrupt came before any checkpoint was saved
+        _echo_err(f"interrupted: checkpoint saved at step {e.step}; continue with "
+                  f"`filterkit pretrain {folder} --out {out} --resume`")
         raise
     _print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""

@@ -148,6 +148,16 @@ class TrainingStopped(FilterkitError):
     """Training stopped on a health check (NaN/inf loss, collapsed features)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C in the training loop, after rank 0 saved a checkpoint of ``step`` to resume from.
+    An interrupt before the loop (discovery, decoding) stays a plain KeyboardInterrupt: then
+    this call saved nothing."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}: checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then half-cosine to 0 at the end."""
     if step < warmup_steps:
@@ -677,7 +687,7 @@ def pretrain(
                     break
     except KeyboardInterrupt:
         save(step)
-        raise
+        raise TrainingInterrupted(step, out_dir / CHECKPOINT) from None
     finally:
         if log:
             log.close()

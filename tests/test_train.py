@@ -14,6 +14,8 @@ from conftest import sample_photo
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
+TINY_CLI = ["--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--max-steps", "3",
+            "--workers", "0", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +346,32 @@ def test_resume_refuses_a_folder_whose_image_count_changed(tmp_path, train_dir):
     torch.save(state, tmp_path / "m" / CHECKPOINT)
     assert pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0,
                     progress=False).steps == 2
+
+
+def test_ctrl_c_before_training_starts_claims_no_checkpoint(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.train as train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "discover_images", interrupt)
+    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])  # its exit status is main()'s
+    assert "checkpoint" not in capsys.readouterr().err
+    assert not (tmp_path / "m" / CHECKPOINT).exists()
+
+
+def test_ctrl_c_in_the_loop_says_the_checkpoint_was_saved(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.train as train
+
+    real = train.momentum_at
+
+    def interrupt_at_step_1(step, total, base):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, total, base)
+
+    monkeypatch.setattr(train, "momentum_at", interrupt_at_step_1)
+    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert "interrupted: checkpoint saved at step 1" in err and "--resume" in err
+    assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 1
