@@ -549,6 +549,9 @@ def pretrain(
         raise FilterkitError(f"{data_dir} has {len(paths)} training images but the checkpoint was trained on "
                              f"{checkpoint['images']}: resuming would change the steps per epoch and shift the "
                              "schedules. Resume on the same images, or start a new --out")
+    if len(paths) < 2 * world:  # each process's batch needs 2 images (its projector's batch norm)
+        raise FilterkitError(f"{data_dir} has {len(paths)} images for {world} processes; pretraining needs at "
+                             "least 2 per process: use fewer processes or more images")
     global_batch = min(options.batch_size, len(paths) // world * world)
     if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
         options = replace(options, batch_size=global_batch,

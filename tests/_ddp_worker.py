@@ -26,3 +26,30 @@ def run(rank: int, world: int, port: int, data: str, out: str, dump: str) -> Non
     torch.save({"state": result.model.state_dict(), "gathered_rows": gathered.shape[0], "offset": offset,
                 "mean_loss": loss / world, "q_all": q_all, "k_all": k_all}, f"{dump}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, case: str) -> None:
+    """A gloo DDP run in which something goes wrong; writes this rank's outcome ("ok" or
+    "<exception type>: <message>") to dump/rank<rank>.txt. Cases:
+
+    few-images         a batch of 6 (the test gives fewer images than processes)
+    """
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import filterkit.train as train
+
+    options = train.TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=4, epochs=10,
+                                 proj_hidden=32, pred_hidden=32, out_dim=16, checkpoint_every=100)
+    kwargs = {}
+    if case == "few-images":
+        options.batch_size = 6  # divides by 3 processes
+    try:
+        train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
+        outcome = "ok"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(f"{dump}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -375,3 +375,38 @@ def test_ctrl_c_in_the_loop_says_the_checkpoint_was_saved(tmp_path, train_dir, m
     err = capsys.readouterr().err
     assert "interrupted: checkpoint saved at step 1" in err and "--resume" in err
     assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_outcomes(case, world, data, tmp_path, timeout=120):
+    """Each rank's outcome of _ddp_worker.run_case; fails the test when the ranks hang."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    import _ddp_worker
+
+    ctx = mp.start_processes(_ddp_worker.run_case,
+                             args=(world, _free_port(), str(data), str(tmp_path / "m"), str(tmp_path), case),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{case}: the ranks still run after {timeout} s (a hang)")
+    return [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(world)]
+
+
+def test_ddp_with_fewer_images_than_processes_is_a_clear_error(tmp_path, train_dir):
+    data = tmp_path / "two"
+    data.mkdir()
+    for path in sorted(train_dir.rglob("*.png"))[:2]:
+        (data / path.name).write_bytes(path.read_bytes())
+    outcomes = _ddp_outcomes("few-images", 3, data, tmp_path)
+    assert all(o.startswith("FilterkitError: ") and "2 images" in o and "3 processes" in o for o in outcomes), outcomes
