@@ -33,7 +33,7 @@ from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image, split_outside_links
 from .loader import decode_all, default_workers
-from .moco import MoCo, momentum_at
+from .moco import MoCo, gather_keys, momentum_at
 from .progress import progress_bar
 
 CHECKPOINT = Path("training") / "checkpoint.pt"
@@ -172,13 +172,21 @@ def train_step(model: torch.nn.Module, moco: MoCo, optimizer: torch.optim.Optimi
     """One MoCo v3 step: loss on both views, backward, AdamW, then the momentum update.
 
     ``model`` is ``moco`` or its DDP wrapper. Returns (loss, detached backbone features); a
-    non-finite loss returns before the weights are touched.
+    non-finite loss returns before the weights are touched. Under DDP a non-finite loss on any
+    rank returns a non-finite value (the sum over ranks) on every rank.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(x1.device, amp_dtype):
         loss, features = model(x1, x2)
     loss_value = float(loss.detach())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # The ranks must all return here or all go on: a rank that returned while the others
+        # entered backward's gradient all-reduce would leave them waiting for it forever.
+        summed = torch.tensor([loss_value], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(summed)  # non-finite when any rank's loss is
+        if not math.isfinite(float(summed)):
+            return float(summed), features
     if not math.isfinite(loss_value):
         return loss_value, features
     optimizer.zero_grad(set_to_none=True)
@@ -653,7 +661,9 @@ def pretrain(
                             f"loss became {loss_value} at step {step}: stopping. Lower --lr, try "
                             "--freeze-patch-embed, or --resume from the last checkpoint")
                     step += 1
-                    feature_std = float(F.normalize(feats.float(), dim=1).std(dim=0).mean())
+                    # Over the global batch (all ranks' features), as one process would see it:
+                    # every rank then takes the same collapse decision.
+                    feature_std = float(gather_keys(F.normalize(feats.float(), dim=1))[0].std(dim=0).mean())
                     # Collapse: every image maps to one point. Judged after warmup only, since a
                     # random-init ViT already maps images close together.
                     if step > warmup_steps and feature_std < COLLAPSE_STD / math.sqrt(dim):

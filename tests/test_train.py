@@ -410,3 +410,15 @@ def test_ddp_with_fewer_images_than_processes_is_a_clear_error(tmp_path, train_d
         (data / path.name).write_bytes(path.read_bytes())
     outcomes = _ddp_outcomes("few-images", 3, data, tmp_path)
     assert all(o.startswith("FilterkitError: ") and "2 images" in o and "3 processes" in o for o in outcomes), outcomes
+
+
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, train_dir):
+    outcomes = _ddp_outcomes("nan-on-rank1", 2, train_dir, tmp_path)
+    assert all(o.startswith("TrainingStopped: loss became nan at step 0") for o in outcomes), outcomes
+
+
+def test_ddp_ranks_agree_on_collapse(tmp_path, train_dir):
+    # Rank 1's half of the batch is one point, rank 0's is not: the ranks must take the same
+    # decision (the global batch's features are not collapsed, so both go on).
+    outcomes = _ddp_outcomes("collapse-on-rank1", 2, train_dir, tmp_path)
+    assert outcomes == ["ok", "ok"], outcomes
