@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ LOG = Path("training") / "log.jsonl"
 # stem gives every image a large shared component: 0.19 at init and 0.078-0.082 at the end of its
 # best CPU run (kNN 0.559), which a floor of 0.1 stopped. A collapsed run falls towards 0.
 COLLAPSE_STD = 0.05
+# How long the other ranks wait for rank 0's epoch-end kNN monitor: it encodes both kNN sets,
+# which can take far longer than a collective may (NCCL's default timeout is 10 min).
+MONITOR_WAIT = timedelta(hours=24)
 
 # Recipes per preset and device kind. CPU recipes are small enough to move in minutes to an
 # hour on a laptop; GPU recipes follow the paper's ViT recipe scaled to the preset.
@@ -617,6 +621,12 @@ def pretrain(
         from .evaluate import labelled_images
 
         knn_sets = (labelled_images(knn_train, knn_max_per_class), labelled_images(knn_test, knn_max_per_class))
+    # While rank 0 runs the monitor the other ranks wait at a barrier of a gloo group of their
+    # own, whose timeout bounds only that wait: waiting in the next step's collective instead
+    # would trip the training group's timeout, which stays short to catch real hangs.
+    monitor_wait = None
+    if knn_train and knn_test and world > 1:
+        monitor_wait = dist.new_group(backend="gloo", timeout=MONITOR_WAIT)
     knn_history: list[tuple[int, float]] = []
     skipped: dict[int, str] = {}
     low_std_checks = 0
@@ -694,6 +704,8 @@ def pretrain(
                         if log:
                             log.write(json.dumps({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc}) + "\n")
                             log.flush()
+                    if step % steps_per_epoch == 0 and monitor_wait is not None:
+                        dist.barrier(group=monitor_wait)
                     if step >= total or (stop_at_step is not None and step >= stop_at_step):
                         break
                 if stop_at_step is not None and step >= stop_at_step:
@@ -704,6 +716,8 @@ def pretrain(
     finally:
         if log:
             log.close()
+        if monitor_wait is not None:
+            dist.destroy_process_group(monitor_wait)
     save(step)
     elapsed = time.perf_counter() - t_start
     return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,

@@ -35,7 +35,11 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
     nan-on-rank1       rank 1's loss is NaN at the first step
     collapse-on-rank1  rank 1's features are one point (std 0) at every step
     few-images         a batch of 6 (the test gives fewer images than processes)
+    slow-monitor       rank 0's epoch-end kNN monitor takes 10 s; the process group times out
+                       after 4 s, so the other rank must not wait for it in a collective
     """
+    from datetime import timedelta
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -60,6 +64,15 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
             moco.MoCo.forward = collapsed
     elif case == "few-images":
         options.batch_size = 6  # divides by 3 processes
+    elif case == "slow-monitor":
+        kwargs.update(knn_train=data, knn_test=data)  # the folder's sub-folders as classes
+        # Rendezvous on a store with a generous timeout, so that only the collectives get 4 s.
+        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=4))
+        if rank == 0:
+            import time
+
+            train._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
     try:
         train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
         outcome = "ok"

@@ -422,3 +422,8 @@ def test_ddp_ranks_agree_on_collapse(tmp_path, train_dir):
     # decision (the global batch's features are not collapsed, so both go on).
     outcomes = _ddp_outcomes("collapse-on-rank1", 2, train_dir, tmp_path)
     assert outcomes == ["ok", "ok"], outcomes
+
+
+def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_path, train_dir):
+    outcomes = _ddp_outcomes("slow-monitor", 2, train_dir, tmp_path)
+    assert outcomes == ["ok", "ok"], outcomes
