@@ -88,7 +88,8 @@ DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentum=0.99
 class TrainOptions:
     """Everything that defines a pretraining run. ``None`` means "not given": ``resolved``
     fills it from the preset's recipe, else from DEFAULTS. A value given equal to its default
-    still counts as given (on --resume it must match the checkpoint's, or replaces it)."""
+    still counts as given: on --resume a schedule option must match the checkpoint's, and any
+    other replaces it."""
 
     preset: str | None = None  # None: the --init-from model's preset, else DEFAULT_PRESET
     epochs: int | None = None
