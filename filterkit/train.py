@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import BatchTwoViews, TwoViews, store_size, store_transform
 from .devices import autocast, autocast_dtype, pick_device
-from .encoder import Encoder, ModelConfig, build_backbone
+from .encoder import Encoder, build_backbone
+from .modeldir import ModelConfig
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image, split_outside_links
 from .loader import decode_all, default_workers
-from .moco import MoCo, momentum_at
+from .moco import MoCo, gather_keys, momentum_at
 from .presets import default_preset, get_preset, preset_for_arch
 from .progress import progress_bar
 
@@ -43,10 +45,22 @@ LOG = Path("training") / "log.jsonl"
 # stem gives every image a large shared component: 0.19 at init and 0.078-0.082 at the end of its
 # best CPU run (kNN 0.559), which a floor of 0.1 stopped. A collapsed run falls towards 0.
 COLLAPSE_STD = 0.05
+# How long the other ranks wait for rank 0's epoch-end kNN monitor: it encodes both kNN sets,
+# which can take far longer than a collective may (NCCL's default timeout is 10 min).
+MONITOR_WAIT = timedelta(hours=24)
+
+# What a field left unset becomes when no recipe sets it (see TrainOptions.resolved).
+DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentum=0.99, out_dim=256, predictor=True,
+                                freeze_patch_embed=False, seed=0, checkpoint_every=500, data_in_memory=False,
+                                min_crop_scale=0.08)  # the BYOL recipe's crop
+
 
 @dataclass
 class TrainOptions:
-    """Everything that defines a pretraining run. ``None`` fields come from the preset's recipe."""
+    """Everything that defines a pretraining run. ``None`` means "not given": ``resolved``
+    fills it from the preset's recipe, else from DEFAULTS. A value given equal to its default
+    still counts as given: on --resume a schedule option must match the checkpoint's, and any
+    other replaces it."""
 
     preset: str | None = None  # None: the --init-from model's, else presets.default_preset(device)
     epochs: int | None = None
@@ -54,21 +68,21 @@ class TrainOptions:
     batch_size: int | None = None  # global batch
     lr: float | None = None  # None: base_lr * batch_size / 256
     base_lr: float | None = None
-    weight_decay: float = 0.1
-    temperature: float = 0.2
-    momentum: float = 0.99
+    weight_decay: float | None = None
+    temperature: float | None = None
+    momentum: float | None = None
     warmup_epochs: float | None = None
-    out_dim: int = 256
+    out_dim: int | None = None
     proj_hidden: int | None = None
     pred_hidden: int | None = None
-    predictor: bool = True
-    freeze_patch_embed: bool = False
+    predictor: bool | None = None
+    freeze_patch_embed: bool | None = None
     min_crop_scale: float | None = None  # recipe's, else 0.08 (the BYOL recipe)
     depth: int | None = None  # override the preset's depth (smaller CPU models)
-    seed: int = 0
-    checkpoint_every: int = 500  # steps
+    seed: int | None = None
+    checkpoint_every: int | None = None  # steps
     init_from: str | None = None  # a model directory (or "default") to start from instead of random
-    data_in_memory: bool = False  # decode once to uint8, augment whole batches on the device
+    data_in_memory: bool | None = None  # decode once to uint8, augment whole batches on the device
 
     def resolved(self, device_kind: str) -> TrainOptions:
         preset = self.preset or default_preset(device_kind)
@@ -78,8 +92,9 @@ class TrainOptions:
         for key, value in recipe.items():
             if values.get(key) is None:
                 values[key] = value
-        if values["min_crop_scale"] is None:
-            values["min_crop_scale"] = 0.08
+        for key, value in DEFAULTS.items():
+            if values[key] is None:
+                values[key] = value
         if values["lr"] is None:
             values["lr"] = values["base_lr"] * values["batch_size"] / 256
         return TrainOptions(**values)
@@ -107,6 +122,16 @@ class TrainingStopped(FilterkitError):
     """Training stopped on a health check (NaN/inf loss, collapsed features)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C in the training loop, after rank 0 saved a checkpoint of ``step`` to resume from.
+    An interrupt before the loop (discovery, decoding) stays a plain KeyboardInterrupt: then
+    this call saved nothing."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}: checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then half-cosine to 0 at the end."""
     if step < warmup_steps:
@@ -121,13 +146,21 @@ def train_step(model: torch.nn.Module, moco: MoCo, optimizer: torch.optim.Optimi
     """One MoCo v3 step: loss on both views, backward, AdamW, then the momentum update.
 
     ``model`` is ``moco`` or its DDP wrapper. Returns (loss, detached backbone features); a
-    non-finite loss returns before the weights are touched.
+    non-finite loss returns before the weights are touched. Under DDP a non-finite loss on any
+    rank returns a non-finite value (the sum over ranks) on every rank.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(x1.device, amp_dtype):
         loss, features = model(x1, x2)
     loss_value = float(loss.detach())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # The ranks must all return here or all go on: a rank that returned while the others
+        # entered backward's gradient all-reduce would leave them waiting for it forever.
+        summed = torch.tensor([loss_value], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(summed)  # non-finite when any rank's loss is
+        if not math.isfinite(float(summed)):
+            return float(summed), features
     if not math.isfinite(loss_value):
         return loss_value, features
     optimizer.zero_grad(set_to_none=True)
@@ -299,7 +332,8 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, options: TrainOptions,
-                     cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None) -> None:
+                     cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None,
+                     images: int | None = None) -> None:
     import io
 
     state = {
@@ -313,6 +347,8 @@ def _save_checkpoint(out_dir: Path, moco: MoCo, optimizer, scaler, step: int, op
         "model_config": json.dumps(cfg.to_dict()),
         "wall_seconds": float(wall_seconds),
     }
+    if images is not None:  # the training images: a resume on another count is refused
+        state["images"] = int(images)
     if init:
         state["init"] = json.dumps(init)
     buffer = io.BytesIO()
@@ -409,9 +445,7 @@ def _options_from_init(options: TrainOptions, init: _Init) -> TrainOptions:
         raise FilterkitError(f"--init-from {spec} has {arch.depth} blocks: --depth {options.depth} does not "
                              "fit it (leave --depth out)")
     depth = arch.depth  # the init model's, never a recipe's
-    defaults = TrainOptions()
-    heads = {k: v for k, v in init.heads.items()
-             if v is not None and getattr(options, k) == getattr(defaults, k)}
+    heads = {k: v for k, v in init.heads.items() if v is not None and getattr(options, k) is None}
     return replace(options, preset=preset, depth=depth, **heads)
 
 
@@ -489,6 +523,15 @@ def pretrain(
         if len(paths) < 2:
             reason = f" (e.g. {failed[0].path.name}: {failed[0].reason})" if failed else ""
             raise FilterkitError(f"{data_dir}: only {len(paths)} images decode{reason}; pretraining needs at least 2")
+    # The image count sets the steps per epoch, and with them the data order and the schedules.
+    # Checkpoints from before the count was stored resume as they always did.
+    if checkpoint is not None and checkpoint.get("images", len(paths)) != len(paths):
+        raise FilterkitError(f"{data_dir} has {len(paths)} training images but the checkpoint was trained on "
+                             f"{checkpoint['images']}: resuming would change the steps per epoch and shift the "
+                             "schedules. Resume on the same images, or start a new --out")
+    if len(paths) < 2 * world:  # each process's batch needs 2 images (its projector's batch norm)
+        raise FilterkitError(f"{data_dir} has {len(paths)} images for {world} processes; pretraining needs at "
+                             "least 2 per process: use fewer processes or more images")
     global_batch = min(options.batch_size, len(paths) // world * world)
     if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
         options = replace(options, batch_size=global_batch,
@@ -546,6 +589,12 @@ def pretrain(
         from .evaluate import labelled_images
 
         knn_sets = (labelled_images(knn_train, knn_max_per_class), labelled_images(knn_test, knn_max_per_class))
+    # While rank 0 runs the monitor the other ranks wait at a barrier of a gloo group of their
+    # own, whose timeout bounds only that wait: waiting in the next step's collective instead
+    # would trip the training group's timeout, which stays short to catch real hangs.
+    monitor_wait = None
+    if knn_train and knn_test and world > 1:
+        monitor_wait = dist.new_group(backend="gloo", timeout=MONITOR_WAIT)
     knn_history: list[tuple[int, float]] = []
     skipped: dict[int, str] = {}
     low_std_checks = 0
@@ -558,7 +607,7 @@ def pretrain(
     def save(step: int) -> None:
         if is_main:
             wall = prior_seconds + time.perf_counter() - t_start  # over resumes too
-            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall, init_info)
+            _save_checkpoint(out_dir, moco, optimizer, scaler, step, options, cfg, wall, init_info, len(paths))
             device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
             precision_used = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
             compute = {"device": device_name, "processes": world, "torch_threads": torch.get_num_threads(),
@@ -590,7 +639,9 @@ def pretrain(
                             f"loss became {loss_value} at step {step}: stopping. Lower --lr, try "
                             "--freeze-patch-embed, or --resume from the last checkpoint")
                     step += 1
-                    feature_std = float(F.normalize(feats.float(), dim=1).std(dim=0).mean())
+                    # Over the global batch (all ranks' features), as one process would see it:
+                    # every rank then takes the same collapse decision.
+                    feature_std = float(gather_keys(F.normalize(feats.float(), dim=1))[0].std(dim=0).mean())
                     # Collapse: every image maps to one point. Judged after warmup only, since a
                     # random-init ViT already maps images close together.
                     if step > warmup_steps and feature_std < COLLAPSE_STD / math.sqrt(dim):
@@ -621,16 +672,20 @@ def pretrain(
                         if log:
                             log.write(json.dumps({"step": step, "epoch": step // steps_per_epoch, "knn_top1": acc}) + "\n")
                             log.flush()
+                    if step % steps_per_epoch == 0 and monitor_wait is not None:
+                        dist.barrier(group=monitor_wait)
                     if step >= total or (stop_at_step is not None and step >= stop_at_step):
                         break
                 if stop_at_step is not None and step >= stop_at_step:
                     break
     except KeyboardInterrupt:
         save(step)
-        raise
+        raise TrainingInterrupted(step, out_dir / CHECKPOINT) from None
     finally:
         if log:
             log.close()
+        if monitor_wait is not None:
+            dist.destroy_process_group(monitor_wait)
     save(step)
     elapsed = time.perf_counter() - t_start
     return TrainResult(out_dir, step, loss_value, images_done / max(elapsed, 1e-9), knn_history,
@@ -670,16 +725,15 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:
-    """The checkpoint's options, except where the caller set a value explicitly; a value that
+    """The checkpoint's options, except where the caller gave a value (not None); a value that
     would change the schedule must match."""
-    defaults = TrainOptions()
     merged = dict(saved)
     conflicts = []
     for f in fields(TrainOptions):
         value = getattr(given, f.name)
-        if value == getattr(defaults, f.name):
-            continue  # not set by the caller
-        saved_value = saved.get(f.name, getattr(defaults, f.name))  # older checkpoints lack newer keys
+        if value is None:
+            continue  # not given by the caller
+        saved_value = saved.get(f.name, DEFAULTS.get(f.name))  # older checkpoints lack newer keys
         if f.name in _SCHEDULE_KEYS and saved_value is not None and saved_value != value:
             conflicts.append(f"{f.name} (checkpoint {saved_value!r}, now {value!r})")
         merged[f.name] = value

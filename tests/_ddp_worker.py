@@ -26,3 +26,59 @@ def run(rank: int, world: int, port: int, data: str, out: str, dump: str) -> Non
     torch.save({"state": result.model.state_dict(), "gathered_rows": gathered.shape[0], "offset": offset,
                 "mean_loss": loss / world, "q_all": q_all, "k_all": k_all}, f"{dump}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, case: str) -> None:
+    """A gloo DDP run in which something goes wrong; writes this rank's outcome ("ok" or
+    "<exception type>: <message>") to dump/rank<rank>.txt. Cases:
+
+    nan-on-rank1       rank 1's loss is NaN at the first step
+    collapse-on-rank1  rank 1's features are one point (std 0) at every step
+    few-images         a batch of 6 (the test gives fewer images than processes)
+    slow-monitor       rank 0's epoch-end kNN monitor takes 10 s; the process group times out
+                       after 4 s, so the other rank must not wait for it in a collective
+    """
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import filterkit.moco as moco
+    import filterkit.train as train
+
+    options = train.TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=4, epochs=10,
+                                 proj_hidden=32, pred_hidden=32, out_dim=16, checkpoint_every=100)
+    kwargs = {}
+    if case == "nan-on-rank1" and rank == 1:
+        real_loss = moco.contrastive_loss
+        moco.contrastive_loss = lambda q, k, t: real_loss(q, k, t) * float("nan")
+    elif case == "collapse-on-rank1":
+        options.warmup_epochs, kwargs["collapse_patience"] = 0, 2
+        if rank == 1:
+            real_forward = moco.MoCo.forward
+
+            def collapsed(self, x1, x2):
+                loss, features = real_forward(self, x1, x2)
+                return loss, torch.ones_like(features)
+
+            moco.MoCo.forward = collapsed
+    elif case == "few-images":
+        options.batch_size = 6  # divides by 3 processes
+    elif case == "slow-monitor":
+        kwargs.update(knn_train=data, knn_test=data)  # the folder's sub-folders as classes
+        # Rendezvous on a store with a generous timeout, so that only the collectives get 4 s.
+        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=4))
+        if rank == 0:
+            import time
+
+            train._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
+    try:
+        train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
+        outcome = "ok"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(f"{dump}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
+    if dist.is_initialized():
+        dist.destroy_process_group()

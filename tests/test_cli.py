@@ -174,11 +174,11 @@ def test_pretrain_help_shows_defaults(capsys, monkeypatch):
     assert "0.99" in lines["--momentum"] and "1.5e-4 x batch / 256" in lines["--lr"]
     assert not any(" ." in line for line in lines.values())
     # The CLI cannot import train.py (torch) to render --help, so it repeats these defaults.
-    from filterkit.train import TrainOptions
+    from filterkit.train import DEFAULTS
 
     for field in ("weight_decay", "temperature", "momentum", "seed", "checkpoint_every"):
         shown = lines["--" + field.replace("_", "-")]
-        assert f"[default: ({getattr(TrainOptions, field)})" in shown, (field, shown)
+        assert f"[default: ({DEFAULTS[field]})" in shown, (field, shown)
 
 
 def test_pretrain_lr_help_names_every_base_lr_of_the_preset_table(capsys, monkeypatch):

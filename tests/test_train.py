@@ -15,6 +15,8 @@ from conftest import sample_photo
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
+TINY_CLI = ["--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--max-steps", "3",
+            "--workers", "0", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +297,134 @@ def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, 
     assert doc["architecture"]["preset"] == Encoder.load().config.preset
     assert doc["training"]["init"]["model_id"] == Encoder.load().model_id
     assert doc["training"]["init"]["loaded"] == "backbone"
+
+
+def test_resume_treats_an_option_given_equal_to_its_default_like_any_other(tmp_path, train_dir, capsys):
+    out = tmp_path / "m"
+    first = dict(TINY, seed=1, freeze_patch_embed=True)
+    pretrain(train_dir, out, TrainOptions(max_steps=2, epochs=10, **first), device="cpu", workers=0,
+             progress=False, stop_at_step=1)
+    # seed 0 and no frozen patch projection are the defaults, and differ from the checkpoint.
+    with pytest.raises(FilterkitError, match=r"differ from the checkpoint: seed \(checkpoint 1, now 0\)"):
+        pretrain(train_dir, out, TrainOptions(seed=0), resume=True, device="cpu", workers=0, progress=False)
+    with pytest.raises(FilterkitError, match="differ from the checkpoint: freeze_patch_embed"):
+        pretrain(train_dir, out, TrainOptions(freeze_patch_embed=False), resume=True, device="cpu", workers=0,
+                 progress=False)
+    common = ["pretrain", str(train_dir), "--out", str(out), "--resume", "--workers", "0", "-q"]
+    assert main([*common, "--seed", "0"]) == 1
+    assert "differ from the checkpoint: seed (checkpoint 1, now 0)" in capsys.readouterr().err
+    # --checkpoint-every 500 (the default) is honoured; what is not given stays the checkpoint's.
+    assert main([*common, "--checkpoint-every", "500"]) == 0
+    saved = load_checkpoint(out / CHECKPOINT)
+    assert saved["step"] == 2 and saved["options"]["checkpoint_every"] == 500
+    assert saved["options"]["seed"] == 1 and saved["options"]["freeze_patch_embed"] is True
+
+
+def test_init_from_keeps_head_widths_given_equal_to_the_defaults(tmp_path, train_dir):
+    pretrain(train_dir, tmp_path / "a", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu", workers=0,
+             progress=False)
+    # out_dim 256 is the default; the init's heads have 16, so only the backbone can be loaded.
+    b = pretrain(train_dir, tmp_path / "b", TrainOptions(**dict(TINY, out_dim=256), max_steps=1, epochs=10,
+                                                         init_from=str(tmp_path / "a")),
+                 device="cpu", workers=0, progress=False)
+    assert b.model.base.projector[-2].out_features == 256
+    assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["training"]["init"]["loaded"] == "backbone"
+
+
+def test_resume_refuses_a_folder_whose_image_count_changed(tmp_path, train_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_dir, data)
+    opts = TrainOptions(max_steps=2, epochs=10, **TINY)
+    pretrain(data, tmp_path / "m", opts, device="cpu", workers=0, progress=False, stop_at_step=1)
+    shutil.copy(data / "part0" / "0.png", data / "extra.png")
+    with pytest.raises(FilterkitError, match="has 25 training images but the checkpoint was trained on 24"):
+        pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+    # A checkpoint from before the count was stored resumes as it always did.
+    state = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=True)
+    del state["images"]
+    torch.save(state, tmp_path / "m" / CHECKPOINT)
+    assert pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0,
+                    progress=False).steps == 2
+
+
+def test_ctrl_c_before_training_starts_claims_no_checkpoint(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.train as train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "discover_images", interrupt)
+    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])  # its exit status is main()'s
+    assert "checkpoint" not in capsys.readouterr().err
+    assert not (tmp_path / "m" / CHECKPOINT).exists()
+
+
+def test_ctrl_c_in_the_loop_says_the_checkpoint_was_saved(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.train as train
+
+    real = train.momentum_at
+
+    def interrupt_at_step_1(step, total, base):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, total, base)
+
+    monkeypatch.setattr(train, "momentum_at", interrupt_at_step_1)
+    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert "interrupted: checkpoint saved at step 1" in err and "--resume" in err
+    assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_outcomes(case, world, data, tmp_path, timeout=120):
+    """Each rank's outcome of _ddp_worker.run_case; fails the test when the ranks hang."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    import _ddp_worker
+
+    ctx = mp.start_processes(_ddp_worker.run_case,
+                             args=(world, _free_port(), str(data), str(tmp_path / "m"), str(tmp_path), case),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{case}: the ranks still run after {timeout} s (a hang)")
+    return [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(world)]
+
+
+def test_ddp_with_fewer_images_than_processes_is_a_clear_error(tmp_path, train_dir):
+    data = tmp_path / "two"
+    data.mkdir()
+    for path in sorted(train_dir.rglob("*.png"))[:2]:
+        (data / path.name).write_bytes(path.read_bytes())
+    outcomes = _ddp_outcomes("few-images", 3, data, tmp_path)
+    assert all(o.startswith("FilterkitError: ") and "2 images" in o and "3 processes" in o for o in outcomes), outcomes
+
+
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, train_dir):
+    outcomes = _ddp_outcomes("nan-on-rank1", 2, train_dir, tmp_path)
+    assert all(o.startswith("TrainingStopped: loss became nan at step 0") for o in outcomes), outcomes
+
+
+def test_ddp_ranks_agree_on_collapse(tmp_path, train_dir):
+    # Rank 1's half of the batch is one point, rank 0's is not: the ranks must take the same
+    # decision (the global batch's features are not collapsed, so both go on).
+    outcomes = _ddp_outcomes("collapse-on-rank1", 2, train_dir, tmp_path)
+    assert outcomes == ["ok", "ok"], outcomes
+
+
+def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_path, train_dir):
+    outcomes = _ddp_outcomes("slow-monitor", 2, train_dir, tmp_path)
+    assert outcomes == ["ok", "ok"], outcomes

@@ -50,26 +50,27 @@ def pretrain(
     """Pretrain a ViT on FOLDER with MoCo v3 and write a model directory to --out."""
     if (knn_train is None) != (knn_test is None):
         raise FilterkitError("--knn-train and --knn-test go together")
-    from ..train import TrainOptions
+    from ..train import TrainingInterrupted, TrainOptions
     from ..train import pretrain as run_pretrain
 
     if preset is not None:
         presets.get_preset(preset)
-    given = dict(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, temperature=temperature, momentum=momentum,
-                 warmup_epochs=warmup_epochs, depth=depth, min_crop_scale=min_crop_scale, seed=seed,
-                 checkpoint_every=checkpoint_every)
-    options = TrainOptions(**{k: v for k, v in given.items() if v is not None},
-                           predictor=not no_predictor, freeze_patch_embed=freeze_patch_embed,
-                           data_in_memory=data_in_memory)
+    # None: not given (the recipe's or the checkpoint's value). A flag left out is not given either.
+    options = TrainOptions(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps,
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
+                           momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
+                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every,
+                           predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
+                           data_in_memory=data_in_memory or None)
     try:
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,
                               knn_max_per_class=knn_max_per_class, json_log=json_log,
                               follow_symlinks=follow_symlinks, stop_at_step=stop_at_step,
                               progress=not quiet)
-    except KeyboardInterrupt:
-        echo_err(f"interrupted: checkpoint saved; continue with `filterkit pretrain {folder} --out {out} --resume`")
+    except TrainingInterrupted as e:  # a plain KeyboardInterrupt came before any checkpoint was saved
+        echo_err(f"interrupted: checkpoint saved at step {e.step}; continue with "
+                 f"`filterkit pretrain {folder} --out {out} --resume`")
         raise
     print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
