@@ -363,3 +363,8 @@ def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, 
     assert doc["architecture"]["preset"] == Encoder.load().config.preset
     assert doc["training"]["init"]["model_id"] == Encoder.load().model_id
     assert doc["training"]["init"]["loaded"] == "backbone"
+    # The shipped model is recorded by name, with its own four stages behind it.
+    assert doc["training"]["init_from"] == "default" and doc["training"]["init"]["name"] == "filterkit-vit-mini"
+    assert [s["name"] for s in doc["training"]["stages"]][-1] == "filterkit-vit-mini"
+    assert len(doc["training"]["stages"]) == 4
+    assert_no_machine_path(doc, tmp_path, train_dir)
