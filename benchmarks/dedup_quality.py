@@ -2,7 +2,7 @@
 against a perceptual-hash baseline (imagehash pHash), on the same synthetic set.
 
     pip install imagehash    # benchmark-only (the `bench` extra)
-    python benchmarks/dedup_quality.py --imagenette ~/.cache/filterkit-data/imagenette/train [--model models/x]
+    python benchmarks/dedup_quality.py [--data DIR] [--model models/x]     # DIR/imagenette/train
 
 Photos sorted by name are split: the first ``--calibrate`` calibrate both methods (each picks
 its threshold at pair precision 0.99 on originals + one synthetic near-duplicate each), the
@@ -23,6 +23,7 @@ from filterkit import Encoder, FilterkitError
 from filterkit.dedup import near_duplicate_variant, threshold_for_precision
 from filterkit.images import discover_images, load_image
 from filterkit.index import range_pairs
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def phash_bits(images: list[Image.Image]) -> np.ndarray:
@@ -49,13 +50,15 @@ def collection(images, rng, dup_fraction):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imagenette", type=Path, required=True)
+    add_data_argument(parser)
+    parser.add_argument("--imagenette", type=Path, help="photo folder (default: DATA/imagenette/train)")
     parser.add_argument("--model", type=Path, help="model directory (default: random-init vit-tiny-16-224)")
     parser.add_argument("--calibrate", type=int, default=200)
     parser.add_argument("--distinct", type=int, default=600)
     parser.add_argument("--dup-fraction", type=float, default=0.5)
     parser.add_argument("--precision", type=float, default=0.99)
     args = parser.parse_args()
+    args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 
     rng = np.random.default_rng(0)
     paths = discover_images(args.imagenette)

@@ -2,7 +2,7 @@
 actor pool), and `--shard I/N` runs merged with `cache merge`. Reports wall time of each and
 whether the three caches hold the same vectors (max abs difference).
 
-    python benchmarks/distributed_embed.py --images ~/.cache/filterkit-data/imagenette/train \
+    python benchmarks/distributed_embed.py [--data DIR | --images FOLDER] \
         [--n 2000] [--shards 2] [--actors 2] [--model DIR]
 
 On a 2-core machine expect no speedup: the point is equal results and working orchestration.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from filterkit.images import discover_images
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 FK = [sys.executable, "-m", "filterkit"]
 
@@ -39,12 +40,14 @@ def timed(cmd: list[str], env: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, required=True)
+    add_data_argument(parser)
+    parser.add_argument("--images", type=Path, help="photo folder (default: DATA/imagenette/train)")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     args = parser.parse_args()
+    args.images = args.images or imagenette_train(data_root(args.data))
     paths = discover_images(args.images)
     step = max(1, len(paths) // args.n)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Throughput of the whole embed pipeline against forward-only, side by side in one run.
 
-    python benchmarks/embed_speed.py --imagenette ~/.cache/filterkit-data/imagenette/train
+    python benchmarks/embed_speed.py [--data DIR]          # photos from DIR/imagenette/train
 
 For each image set the script times, alternating, over ``--rounds`` rounds:
   forward   the encoder's forward pass on already-decoded tensors (same model, same batch);
@@ -28,6 +28,7 @@ from filterkit import EmbeddingCache, Encoder
 from filterkit.images import discover_images, load_image
 from filterkit.loader import default_workers
 from filterkit.pipeline import embed_paths
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def pick(paths: list[Path], n: int) -> list[Path]:
@@ -93,7 +94,8 @@ def second_run_ratio(encoder: Encoder, paths: list[Path], args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imagenette", type=Path, required=True, help="imagenette/train folder")
+    add_data_argument(parser)
+    parser.add_argument("--imagenette", type=Path, help="photo folder (default: DATA/imagenette/train)")
     parser.add_argument("--preset", default="vit-tiny-16-224")
     parser.add_argument("--model", type=Path, help="model directory (default: random-init --preset)")
     parser.add_argument("--n", type=int, default=512, help="Imagenette images to embed")
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 
     encoder = Encoder.load(args.model) if args.model else Encoder.random(args.preset)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -1,6 +1,6 @@
 """Keep-like filtering quality on Imagenette, with the baselines measured in the same run.
 
-    python benchmarks/filter_quality.py --imagenette ~/.cache/filterkit-data/imagenette/train \
+    python benchmarks/filter_quality.py [--data DIR] \
         [--model models/x] [--exemplars 16 --incoming-per-class 50]
 
 Each class folder, sorted by file name, gives an exemplar pool (its first 20 %) and incoming
@@ -24,6 +24,7 @@ from filterkit import Encoder
 from filterkit.augment import eval_transform
 from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
 from filterkit.filtering import filter_vectors
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -68,13 +69,15 @@ def evaluate(name, vectors, labels, pools, incoming, args, rng_seed=0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imagenette", type=Path, required=True)
+    add_data_argument(parser)
+    parser.add_argument("--imagenette", type=Path, help="class folders (default: DATA/imagenette/train)")
     parser.add_argument("--model", type=Path, help="trained model directory (else only the baselines)")
     parser.add_argument("--preset", default="vit-tiny-16-224", help="architecture of the random-init baseline without --model")
     parser.add_argument("--exemplars", type=int, default=16)
     parser.add_argument("--incoming-per-class", type=int, default=50)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
+    args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 
     data = labelled_images(args.imagenette)
     pools, incoming = [], []

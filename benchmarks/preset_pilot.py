@@ -1,13 +1,13 @@
 """Quality per CPU-second of candidate presets: each is pretrained with MoCo v3 for the same
-wall-clock budget on the same folder, then evaluated with the DESIGN.md weighted kNN on
+wall-clock budget on the same folder, then evaluated with the weighted kNN of docs/DESIGN.md on
 Imagenette (held-out split) and CIFAR-10 test, beside the random-init and raw-pixel baselines
 of the same run. Used to choose the default encoder's preset.
 
-    python benchmarks/preset_pilot.py --splits ~/.cache/filterkit-data/splits \
-        --cifar ~/.cache/filterkit-data/cifar10 --minutes 5 --out /tmp/fk-pilot
+    python benchmarks/preset_pilot.py [--data DIR] --minutes 5 --out /tmp/fk-pilot
 
-(--splits comes from scripts/make_splits.py.) The number of steps per candidate is its
-budget x its measured training speed (a few synthetic steps timed first).
+(DIR/splits comes from scripts/make_splits.py; DIR/cifar10 is laid out as README.md describes.)
+The number of steps per candidate is its budget x its measured training speed (a few synthetic
+steps timed first).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from filterkit.modeldir import ModelConfig
 from filterkit.evaluate import evaluate
 from filterkit.moco import MoCo
 from filterkit.train import TrainOptions, pretrain
+from _data import add_data_argument, cifar10, data_root, splits  # benchmarks/_data.py
 
 
 def train_speed(preset: str, batch: int, hidden: int) -> float:
@@ -45,8 +46,9 @@ def train_speed(preset: str, batch: int, hidden: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--splits", type=Path, required=True)
-    parser.add_argument("--cifar", type=Path, required=True)
+    add_data_argument(parser)
+    parser.add_argument("--splits", type=Path, help="default: DATA/splits")
+    parser.add_argument("--cifar", type=Path, help="default: DATA/cifar10")
     parser.add_argument("--presets", nargs="+", default=["vit-mini-8-32", "vit-mini-8-64", "vit-mini-16-112"])
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--eval-per-class", type=int, default=300)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    args.splits = args.splits or splits(data_root(args.data))
+    args.cifar = args.cifar or cifar10(data_root(args.data))
     results = []
     for preset in args.presets:
         speed = train_speed(preset, args.batch_size, 1024)

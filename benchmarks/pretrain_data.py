@@ -2,7 +2,7 @@
 `--data-in-memory` (decoded once, whole batches augmented on the device), alternated in one
 run on the same photos, model, batch and device.
 
-    python benchmarks/pretrain_data.py --images ~/.cache/filterkit-data/imagenette/train \\
+    python benchmarks/pretrain_data.py [--data DIR | --images FOLDER] \\
         [--n 2048 --preset vit-mini-8-32 --batch-size 128 --steps 20 --rounds 3]
 
 images/s counts the training loop only (the one-off decode of the in-memory store is timed
@@ -19,11 +19,13 @@ from pathlib import Path
 
 from filterkit.images import discover_images
 from filterkit.train import TrainOptions, pretrain
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, required=True)
+    add_data_argument(ap)
+    ap.add_argument("--images", type=Path, help="photo folder (default: DATA/imagenette/train)")
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--preset", default="vit-mini-8-32")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
+    args.images = args.images or imagenette_train(data_root(args.data))
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

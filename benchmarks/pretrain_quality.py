@@ -1,7 +1,7 @@
 """Pretrain on CIFAR-10 train for a fixed CPU budget, then weighted kNN on CIFAR-10 test with
 the random-init and raw-pixel baselines measured in the same run.
 
-    python benchmarks/pretrain_quality.py --cifar ~/.cache/filterkit-data/cifar10 --out /tmp/fk-quality \
+    python benchmarks/pretrain_quality.py [--data DIR] --out /tmp/fk-quality \
         --depth 4 --max-steps 2300 --data-in-memory
 
 The budget above (the default preset vit-mini-conv-8-32 at 4 blocks, its CPU recipe: batch 128,
@@ -22,11 +22,13 @@ from pathlib import Path
 from filterkit import Encoder
 from filterkit.evaluate import evaluate
 from filterkit.train import TrainOptions, pretrain
+from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar", type=Path, required=True, help="folder with train/ and test/")
+    add_data_argument(parser)
+    parser.add_argument("--cifar", type=Path, help="folder with train/ and test/ (default: DATA/cifar10)")
     parser.add_argument("--out", type=Path, required=True, help="model directory to write (new, or --resume)")
     parser.add_argument("--preset", default="vit-mini-conv-8-32")
     parser.add_argument("--epochs", type=int, default=None)
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--monitor-per-class", type=int, default=200)
     args = parser.parse_args()
+    args.cifar = args.cifar or cifar10(data_root(args.data))
 
     options = TrainOptions(preset=args.preset, epochs=args.epochs, max_steps=args.max_steps,
                            batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,

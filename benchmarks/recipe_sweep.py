@@ -1,25 +1,24 @@
 """Search the CPU-hour pretraining recipe: many CIFAR-10 runs side by side, on a GPU (or on the CPU
 at a fraction of the budget, --scale).
 
-    python benchmarks/recipe_sweep.py --cifar DIR --out OUT [--parallel 8] [--only NAME,...]
+    python benchmarks/recipe_sweep.py [--data DIR] --out OUT [--parallel 8] [--only NAME,...]
 
 Each candidate is the CPU recipe of benchmarks/pretrain_quality.py (vit-mini-8-32 at 4 blocks,
 batch 128, lr 5e-4, 10 epochs = 3,900 steps: 66 min on the 2-core CPU of 2026-11-28, 88 min on
 the slower one of 2026-12-01) with one
 or two settings changed. Candidates that change the per-step cost (preset, depth, batch) get the number
 of steps the same CPU hour affords, from images/s measured on that CPU (CPU_IMG_PER_S below).
-On a GPU the candidates should take minutes each rather than an hour (not yet run there: the
-full sweep may need two device calls, e.g. --only with half the names each); the winner must
+On a GPU the candidates should take minutes each rather than an hour (not yet run there: split
+the sweep into several runs with --only if time is short); the winner must
 still be confirmed by a real CPU hour (pretrain_quality.py), since GPU arithmetic and timing
 differ. On the CPU, compare candidates against the seed1 row: at --scale 0.2 the seed alone
 moved the kNN by 1.8 points (benchmarks/README.md).
 
-On a lent GPU (/work/.library/device/README.md), one device call, model directories kept there:
-    run(command="mkdir -p /tmp/d && tar xzf .gpudata/cifar10.tar.gz -C /tmp/d && PYTHONPATH=$PWD "
-                "python3 benchmarks/recipe_sweep.py --cifar /tmp/d/cifar10 --out $OUT --runs /tmp/runs",
-        carry=[".gpudata"])      (.gpudata/cifar10.tar.gz: see scripts/gpu_pretrain.sh)
+On a machine with a GPU, from the repository root (CIFAR-10 under DIR/cifar10 as README.md
+describes; --runs keeps the candidates' model directories apart from the results):
+    PYTHONPATH=$PWD python3 benchmarks/recipe_sweep.py --data DIR --out OUT --runs /tmp/runs
 
-Every candidate reports the weighted kNN (DESIGN.md protocol) of both its base backbone (what
+Every candidate reports the weighted kNN (docs/DESIGN.md protocol) of both its base backbone (what
 `filterkit pretrain` exports) and its momentum backbone, and the run prints the random-init and
 raw-pixel baselines measured in the same run. Results: OUT/sweep.jsonl (one line per finished
 candidate, written as each ends) and a table on stdout.
@@ -34,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
 
 # Training images/s of `filterkit pretrain --preset vit-mini-8-32 --data-in-memory` on a 2-core
 # AVX2 EPYC (median of steps 20-40 on one CIFAR class, 2026-12-01; (4, 128) is the mean of two
@@ -132,7 +133,8 @@ def baselines(cifar: Path, device: str, archs: set[tuple[str, int]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar", type=Path, required=True, help="folder with train/ and test/")
+    add_data_argument(parser)
+    parser.add_argument("--cifar", type=Path, help="folder with train/ and test/ (default: DATA/cifar10)")
     parser.add_argument("--out", type=Path, required=True, help="folder for sweep.jsonl and baselines.json")
     parser.add_argument("--runs", type=Path, default=None,
                         help="folder for the candidates' model directories and logs [default: --out]")
@@ -145,6 +147,7 @@ def main() -> None:
                         help="CPU threads per candidate (default: 2 on cuda, cores / --parallel on cpu)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    args.cifar = args.cifar or cifar10(data_root(args.data))
     args.runs = args.runs or args.out
 
     if args.one:

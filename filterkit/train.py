@@ -373,20 +373,68 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def _export(out_dir: Path, moco: MoCo, cfg: ModelConfig, options: TrainOptions, step: int,
             total: int, data_dir: Path, n_images: int, compute: dict[str, Any],
             init: dict[str, Any] | None = None) -> None:
-    """Write the base backbone as a model directory (loads into plain timm)."""
-    meta = {
-        "training": {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options),
-                     "compute": compute, **({"init": init} if init else {})},
-        "data": {"folder": str(data_dir), "images": n_images},
-    }
+    """Write the base backbone as a model directory (loads into plain timm).
+
+    Provenance holds names, model ids, image and step counts, never a path of this machine:
+    ``data.name`` and ``training.init_from`` are base names, ``training.init`` summarises the
+    model this run started from and ``training.stages`` lists every earlier run of the
+    ``--init-from`` chain, oldest first (docs/DESIGN.md, "Model directory").
+    """
+    training = {"method": "MoCo v3", "steps": step, "total_steps": total, **asdict(options),
+                "init_from": _provenance_name(options.init_from), "compute": compute}
+    if init:  # scrubbed again: the checkpoint of a run started by an older version holds paths
+        summary = {k: v for k, v in init.items() if k != "stages"}
+        training["init"] = _scrubbed_training({"init": summary})["init"]
+        training["stages"] = [_scrubbed_stage(s) for s in init.get("stages", [])]
+    meta = {"training": training, "data": {"name": _provenance_name(data_dir), "images": n_images}}
     Encoder(copy.deepcopy(moco.base.backbone), cfg, meta=meta, device="cpu").save(out_dir, overwrite=True)
+
+
+def _provenance_name(spec: str | os.PathLike | None) -> str | None:
+    """What provenance records for a folder: its base name (``default``, the shipped model, stays
+    ``default``), never the path."""
+    if spec is None:
+        return None
+    if str(spec) == "default":
+        return "default"
+    return Path(spec).expanduser().resolve().name or "root"
+
+
+def _scrubbed_training(training: dict[str, Any]) -> dict[str, Any]:
+    """A ``training`` record with the paths that earlier filterkit versions wrote (``init_from``,
+    ``init.from``) replaced by base names, and without its ``stages`` (the caller lists them)."""
+    t = {k: v for k, v in training.items() if k != "stages"}
+    if t.get("init_from"):
+        t["init_from"] = _provenance_name(t["init_from"])
+    if isinstance(t.get("init"), dict):
+        old = t["init"]
+        t["init"] = {**({"name": _provenance_name(old["from"])} if old.get("from") else {}),
+                     **{k: v for k, v in old.items() if k != "from"}}
+    return t
+
+
+def _scrubbed_data(data: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``data`` record with an older version's ``folder`` path replaced by its base name."""
+    data = data or {}
+    named = {"name": _provenance_name(data["folder"])} if data.get("folder") else {}
+    return {**named, **{k: v for k, v in data.items() if k != "folder"}}
+
+
+def _scrubbed_stage(stage: dict[str, Any]) -> dict[str, Any]:
+    """One entry of ``training.stages``: name, model_id, and that run's training and data records."""
+    out = {k: v for k, v in stage.items() if k not in ("training", "data")}
+    if stage.get("training"):
+        out["training"] = _scrubbed_training(stage["training"])
+    if stage.get("data"):
+        out["data"] = _scrubbed_data(stage["data"])
+    return out
 
 
 # -- starting from a trained model -------------------------------------------------------------
 @dataclass
 class _Init:
     config: ModelConfig
-    info: dict[str, Any]  # provenance written into the new model's config.json
+    info: dict[str, Any]  # provenance for the new config.json: training.init (+ "stages": training.stages)
     backbone: dict[str, torch.Tensor]
     moco: dict[str, torch.Tensor] | None  # the whole MoCo state when the folder has a checkpoint
     heads: dict[str, Any]  # the checkpoint's head options (out_dim, hidden widths, predictor)
@@ -407,11 +455,20 @@ def _load_init(spec: str) -> _Init:
     directory gives the backbone, and the heads start fresh."""
     path = _resolve_init_path(spec)
     encoder = Encoder.load(path, device="cpu")
-    info = {"from": str(path), "model_id": encoder.model_id}
     training = encoder.meta.get("training") or {}
+    data = _scrubbed_data(encoder.meta.get("data"))
+    info = {"name": _provenance_name(path), "model_id": encoder.model_id}
     for key in ("steps", "total_steps"):
         if key in training:
             info[key] = training[key]
+    if "images" in data:
+        info["images"] = data["images"]
+    if "name" in data:
+        info["data"] = data["name"]
+    # The chain of --init-from runs that made the init model, oldest first, ending with it.
+    this = {"name": info["name"], "model_id": encoder.model_id,
+            **({"training": _scrubbed_training(training)} if training else {}), **({"data": data} if data else {})}
+    info["stages"] = [*(_scrubbed_stage(s) for s in training.get("stages") or []), this]
     moco_state, heads = None, {}
     if (path / CHECKPOINT).is_file():
         state = load_checkpoint(path / CHECKPOINT)

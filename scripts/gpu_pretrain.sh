@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# Pretrain on a lent GPU within one device call (/work/.library/device/README.md), then measure.
+# Pretrain on a machine with a GPU, then measure:
+#
+#   bash scripts/gpu_pretrain.sh --data DIR --out DIR
+#
+# --data DIR (else $FILTERKIT_DATA, else ~/.cache/filterkit-data) holds cifar10/{train,test}/<class>/
+# laid out as README.md describes ("Data for benchmarks and the default model"); --out (else $OUT)
+# receives the results. Run it from a checkout: it runs filterkit from the tree, no install needed.
 #
 # CIFAR-10 train is decoded once into GPU memory (--data-in-memory: crops, jitter, grey,
 # solarize run batched on the GPU), bf16 autocast. A short probe run measures steady
 # images/s; the real run's schedule (epochs, --max-steps) is sized from it to fit MINUTES,
 # so the cosine schedules end when the budget does. Then `filterkit eval` on CIFAR-10 test
 # with the random-init and raw-pixel baselines, and benchmarks/pretrain_speed.py on the GPU.
-# What comes back through $OUT (at most 8 files, 16 MiB each): model/config.json,
-# model/model.safetensors (fp16 to fit; Encoder.load returns fp32), model/MODEL_CARD.md,
-# eval.json, log.jsonl, speed.txt, run.txt. The training checkpoint stays on the device
-# machine (too large to fetch).
-#
-# Here, once:  mkdir -p .gpudata && cp ../shared/data/cifar10.tar.gz .gpudata/   (.gitignore lists .gpudata)
-# Device call: run(command="bash scripts/gpu_pretrain.sh", carry=[".gpudata"], timeout_s=580)
-#   (with the defaults the command took 431 s on one H200; benchmarks/README.md has its figures)
-# CPU dry run of this script: OUT=/tmp/gpu-dry DEVICE=cpu PRECISION=fp32 BATCH=32 PROBE_STEPS=3 \
-#   MINUTES=0.3 EVAL_PER_CLASS=50 PY=.venv/bin/python bash scripts/gpu_pretrain.sh
+# Written to OUT: model/config.json, model/model.safetensors (fp16, half the size; Encoder.load
+# returns fp32), model/MODEL_CARD.md, eval.json, log.jsonl, speed.txt, run.txt. The training
+# folder with its checkpoint stays in RUN (default /tmp/fk-gpu-run).
+# With the defaults the script took 431 s on one H200 (benchmarks/README.md has its figures).
+# CPU dry run: DEVICE=cpu PRECISION=fp32 BATCH=32 PROBE_STEPS=3 MINUTES=0.3 EVAL_PER_CLASS=50 \
+#   PY=.venv/bin/python bash scripts/gpu_pretrain.sh --out /tmp/gpu-dry
 set -euo pipefail
+DATA=${FILTERKIT_DATA:-$HOME/.cache/filterkit-data}
+OUT=${OUT:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --data) DATA=${2:?--data needs a folder}; shift 2 ;;
+    --out) OUT=${2:?--out needs a folder}; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (expected --data DIR, --out DIR)" >&2; exit 2 ;;
+  esac
+done
+[ -n "$OUT" ] || { echo "give --out DIR (or set OUT): the folder that receives the results" >&2; exit 2; }
+case $DATA in /*) ;; *) DATA=$PWD/$DATA ;; esac  # before the cd below
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
+for need in cifar10/train cifar10/test; do
+  [ -d "$DATA/$need" ] || { echo "missing $DATA/$need: lay out CIFAR-10 as README.md describes" \
+    "(\"Data for benchmarks and the default model\"), or pass --data DIR / set FILTERKIT_DATA" >&2; exit 1; }
+done
 cd "$(dirname "$0")/.."
-OUT=${OUT:?set OUT: the device tool sets it}
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 PRESET=${PRESET:-vit-tiny-4-32}  # ViT-Tiny, patch 4 on 32 px: the usual CIFAR ViT
@@ -27,16 +45,14 @@ LR=${LR:-}                       # empty: the preset's GPU recipe (1.5e-4 x batc
 MINUTES=${MINUTES:-5}          # the training run's wall-clock budget
 PROBE_STEPS=${PROBE_STEPS:-40}
 EVAL_PER_CLASS=${EVAL_PER_CLASS:-}  # empty: the whole of CIFAR-10 train and test
-DATA=${DATA:-/tmp/fk-data}
 RUN=${RUN:-/tmp/fk-gpu-run}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # run from the tree: no install needed there
-export PYTHONUNBUFFERED=1  # run.txt keeps what was printed even if the call is cut off
+export PYTHONUNBUFFERED=1  # run.txt keeps what was printed even if the run is cut off
 FK=("$PY" -m filterkit)
-mkdir -p "$OUT" "$DATA"
+mkdir -p "$OUT"
 exec > >(tee "$OUT/run.txt") 2>&1
 
-[ -d "$DATA/cifar10/train" ] || tar xzf .gpudata/cifar10.tar.gz -C "$DATA"
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; } 2>/dev/null
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 COMMON=(--preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --precision "$PRECISION" --data-in-memory --quiet)
@@ -69,7 +85,8 @@ start=$(date +%s)
     --warmup-epochs "$WARMUP" --json-log "$OUT/log.jsonl" \
     --checkpoint-every 1000
 echo "trained $STEPS steps in $(( $(date +%s) - start )) s"
-# From here on each step reports its failure and the next one still runs: one device call.
+# From here on each step reports its failure and the next one still runs, so one failure does
+# not lose the other measurements.
 set +e
 
 # 3. kNN on CIFAR-10 test with both baselines, same run.
@@ -79,7 +96,7 @@ EVAL=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" -
   && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json" \
   || echo "eval FAILED"
 
-# 4. The model directory, weights in fp16 so the file comes back (Encoder.load returns fp32).
+# 4. The model directory, weights in fp16 to halve the file (Encoder.load returns fp32).
 "$PY" -c "import sys, torch; from filterkit import Encoder; \
 Encoder.load(sys.argv[1], device='cpu').save(sys.argv[2], overwrite=True, weights_dtype=torch.float16)" \
     "$RUN" "$OUT/model" || echo "fp16 model directory FAILED"

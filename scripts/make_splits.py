@@ -1,6 +1,9 @@
-"""Lay out the default model's training and evaluation folders from ../shared/data (as links).
+"""Lay out the default model's training and evaluation folders from the data root (as links).
 
-    python scripts/make_splits.py --data ~/.cache/filterkit-data --out ~/.cache/filterkit-data/splits
+    python scripts/make_splits.py [--data DIR] [--out DIR/splits]
+
+DIR is --data, else $FILTERKIT_DATA, else ~/.cache/filterkit-data, and holds imagenette/train/
+and cifar10/train/ as README.md describes ("Data for benchmarks and the default model").
 
 Writes (hard links where the filesystem allows, else copies; never symlinks, which filterkit
 does not follow out of a folder unless asked):
@@ -17,9 +20,13 @@ import argparse
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from filterkit.images import discover_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from _data import add_data_argument, data_root, imagenette_train, need  # benchmarks/_data.py: the data root
 
 HELD_OUT = 0.2
 
@@ -38,13 +45,17 @@ def link_all(files: list[Path], dest: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder holding imagenette/ and cifar10/")
-    parser.add_argument("--out", type=Path, required=True)
+    add_data_argument(parser)
+    parser.add_argument("--out", type=Path, default=None, help="default: DATA/splits")
     parser.add_argument("--no-cifar", action="store_true", help="pretrain on the Imagenette split only")
     parser.add_argument("--imagenette-repeat", type=int, default=1,
                         help="link the Imagenette split this many times into pretrain/ (oversampling)")
     args = parser.parse_args()
-    imagenette = args.data / "imagenette" / "train"
+    root = data_root(args.data)
+    args.out = args.out or root / "splits"
+    imagenette = imagenette_train(root)
+    if not args.no_cifar:
+        need(root / "cifar10" / "train", "CIFAR-10 train as cifar10/train/<class>/*.jpg (or pass --no-cifar)")
     counts = {}
     for class_dir in sorted(p for p in imagenette.iterdir() if p.is_dir()):
         files = discover_images(class_dir)
@@ -56,7 +67,7 @@ def main() -> None:
             link_all(train, args.out / "pretrain" / f"imagenette{'-' + str(r) if r else ''}" / class_dir.name)
         counts[class_dir.name] = (len(train), len(held))
     if not args.no_cifar:
-        cifar = args.data / "cifar10" / "train"
+        cifar = root / "cifar10" / "train"
         for class_dir in sorted(p for p in cifar.iterdir() if p.is_dir()):
             link_all(discover_images(class_dir), args.out / "pretrain" / "cifar10" / class_dir.name)
     n_train = sum(t for t, _ in counts.values())

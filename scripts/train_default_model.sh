@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
-# Reproduce the default encoder (models/filterkit-vit-mini) from ../shared/data on a CPU.
+# Reproduce the default encoder (models/filterkit-vit-mini) from the public data sets on a CPU.
 #
-#   bash scripts/train_default_model.sh            # ~5 h on 2 cores; see MODEL_CARD.md
+#   bash scripts/train_default_model.sh [--data DIR]      # ~5 h on 2 cores; see MODEL_CARD.md
 #
-# Environment: DATA (unpacked archives, default ~/.cache/filterkit-data), RUN1, RUN2, RUN3 and RUN
-# (the training folders of the four stages; an interrupted stage resumes), FK (the filterkit command).
+# DIR is --data, else $FILTERKIT_DATA, else ~/.cache/filterkit-data; it must hold
+# imagenette/train/<wnid>/*.JPEG and cifar10/{train,test}/<class>/*.jpg, laid out as README.md
+# describes ("Data for benchmarks and the default model"). The splits are written to DIR/splits.
+# Environment: RUN1, RUN2, RUN3 and RUN (the training folders of the four stages; an interrupted
+# stage resumes), FK (the filterkit command), PY (the Python with filterkit installed).
 set -euo pipefail
+DATA=${FILTERKIT_DATA:-$HOME/.cache/filterkit-data}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --data) DATA=${2:?--data needs a folder}; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (expected --data DIR)" >&2; exit 2 ;;
+  esac
+done
+case $DATA in /*) ;; *) DATA=$PWD/$DATA ;; esac  # before the cd below
+for need in imagenette/train cifar10/train cifar10/test; do
+  [ -d "$DATA/$need" ] || { echo "missing $DATA/$need: lay out the data as README.md describes" \
+    "(\"Data for benchmarks and the default model\"), or pass --data DIR / set FILTERKIT_DATA" >&2; exit 1; }
+done
 cd "$(dirname "$0")/.."
-DATA=${DATA:-$HOME/.cache/filterkit-data}
-SPLITS=${SPLITS:-$DATA/splits}
-RUN1=${RUN1:-$HOME/.cache/filterkit-runs/filterkit-vit-mini}
+SPLITS=$DATA/splits
+RUN1=${RUN1:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage1}
 RUN2=${RUN2:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage2}
 RUN3=${RUN3:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage3}
 RUN=${RUN:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage4}
@@ -17,17 +32,13 @@ FK=${FK:-.venv/bin/filterkit}
 PY=${PY:-.venv/bin/python}
 MODEL=models/filterkit-vit-mini
 
-for archive in imagenette-train cifar10; do
-  name=${archive%-train}
-  [ -d "$DATA/$name" ] || { mkdir -p "$DATA"; tar xzf "../shared/data/$archive.tar.gz" -C "$DATA"; }
-done
 # Imagenette: the last 20 % of each class (sorted by name) is held out for evaluation.
 # CIFAR-10 train is added, and the Imagenette split linked 3 times, so a quarter of what
 # training sees is 224-px photos.
 $PY scripts/make_splits.py --data "$DATA" --out "$SPLITS" --imagenette-repeat 3
 
 # Four stages. Stage 1 (~1.5 h on 2 cores): a 5-epoch schedule, stopped at step 2,200 (the
-# first session's time ran out there). Stage 2 (~1.5 h): the whole MoCo state of stage 1 (both
+# first run was cut short there). Stage 2 (~1.5 h): the whole MoCo state of stage 1 (both
 # encoders, heads) with a new AdamW and a new warmup + cosine schedule of 2,500 steps (a warm
 # restart). Stage 3 (~0.7 h): the same again for 1,200 steps on CIFAR-10 train alone. Stage 4
 # (~0.9 h): once more on CIFAR-10 train, 1,500 steps (stage 3 left CIFAR-10 0.5 point short).
@@ -57,7 +68,7 @@ $FK eval --model "$RUN" --train "$SPLITS/imagenette-train" --test "$SPLITS/image
 $FK eval --model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --json --quiet \
     > "$RUN/eval/cifar10_test.json"
 $FK model calibrate "$RUN" --images "$SPLITS/imagenette-heldout"
-$PY benchmarks/embed_speed.py --model "$RUN" --imagenette "$DATA/imagenette/train" --n 512 --camera-n 0 \
+$PY benchmarks/embed_speed.py --model "$RUN" --data "$DATA" --n 512 --camera-n 0 \
     --batch-size 64 --rounds 3 | tee "$RUN/eval/speed.txt"
 
 $PY scripts/write_model_card.py "$RUN" --name "$(basename "$MODEL")" \

@@ -1,10 +1,14 @@
 """Record measured quality in a trained model directory and write its MODEL_CARD.md.
 
-    python scripts/write_model_card.py RUN_DIR --eval imagenette_heldout=a.json \
-        --eval cifar10_test=b.json --speed 123.4 --speed-note "..." --data-note "..."
+    python scripts/write_model_card.py MODEL_DIR --eval imagenette_heldout=a.json \
+        --eval cifar10_test=b.json --speed-note "..." --data-note "..." --limitation "..."
+    python scripts/write_model_card.py MODEL_DIR      # regenerate the card from the directory alone
 
-Each --eval file is the output of `filterkit eval --json`. The quality goes into config.json
-(``quality``); the card is generated from config.json so it never disagrees with it.
+Each --eval file is the output of `filterkit eval --json`; the quality goes into config.json
+(``quality``). The notes and the title go into config.json too (``card``: ``title``, ``data``,
+``speed``, ``limitations``), and the recipe of every stage comes from config.json's training
+provenance (``training`` and, for a chain of ``--init-from`` runs, ``training.stages``), so the
+card never disagrees with config.json and can be rewritten from the directory alone.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 from pathlib import Path
 
 from filterkit.encoder import Encoder
-from filterkit.modeldir import CARD_FILE, CONFIG_FILE, update_model_config
+from filterkit.modeldir import CARD_FILE, CONFIG_FILE, DEFAULT_MODEL, update_model_config
 from filterkit.fsutil import atomic_write_text
 
 
@@ -25,20 +29,41 @@ def recipe(training: dict) -> str:
             f"projector/predictor hidden {training['proj_hidden']}/{training['pred_hidden']}, out "
             f"{training['out_dim']}, crops from {training['min_crop_scale']:g} of the area, "
             f"{training['steps']} steps" + (f" of the {training['total_steps']} its LR schedule spans (stopped early, "
-                                            "late in the cosine decay)"
+                                            f"at {training['steps'] / training['total_steps']:.0%} of it)"
                                             if training["steps"] < training["total_steps"] else "")
             + f", seed {training['seed']}.")
 
 
-def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> str:
-    arch, training, quality = doc["architecture"], doc["training"], doc["quality"]
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def stage_line(i: int, run: dict) -> str:
+    """One stage of the recipe: ``run`` is config.json itself or an entry of training.stages."""
+    t, data = run.get("training"), run.get("data") or {}
+    if not t:
+        return f"- Stage {i}: model {run.get('name', '?')} ({run.get('model_id', '?')}), training not recorded."
+    init = t.get("init") or {}
+    start = (f" (`--init-from` stage {i - 1}: {init.get('loaded', '?')}; new AdamW and schedules)"
+             if i > 1 else "")
+    return (f"- Stage {i}{start}, data `{data.get('name', '?')}` ({_count(data.get('images', '?'))} images): "
+            f"{recipe(t)}" + (f" Model id `{run['model_id']}`." if run.get("model_id") else ""))
+
+
+def card(doc: dict) -> str:
+    arch, training, quality = doc["architecture"], doc["training"], doc.get("quality") or {}
+    notes = doc.get("card") or {}
     compute = training.get("compute", {})
+    title = notes.get("title", "filterkit encoder")
+    data = doc.get("data") or {}
+    shipped = title == DEFAULT_MODEL
     lines = [
-        f"# {Path(doc.get('name', 'filterkit encoder')).name}",
+        f"# {title}",
         "",
-        "The default encoder of filterkit: a small Vision Transformer pretrained by `filterkit pretrain`",
-        "(MoCo v3, self-supervised, no labels). `Encoder.load()` and every command without `--model`",
-        "use it.",
+        f"{'The default encoder of filterkit' if shipped else 'A filterkit encoder'}: a small Vision Transformer "
+        "pretrained by `filterkit pretrain`",
+        "(MoCo v3, self-supervised, no labels)."
+        + (" `Encoder.load()` and every command without `--model` use it." if shipped else ""),
         "",
         "## Architecture",
         f"- ViT (timm `{doc['timm']['model_name']}` with {json.dumps(doc['timm']['kwargs'])}): width "
@@ -48,20 +73,15 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
         "- Weights: `model.safetensors` (fp32), loadable with `strict=True` into the timm model above.",
         "",
         "## Data",
-        data_note,
+        notes.get("data") or f"`{data.get('name', '?')}` ({_count(data.get('images', '?'))} images).",
         "",
         "## Recipe",
     ]
-    stages = doc.get("stages", [])  # earlier runs this one started from (--init-from), oldest first
+    stages = training.get("stages") or []  # earlier runs this one started from (--init-from), oldest first
     if stages:
         runs = [*stages, doc]
-        walls = [r["training"].get("compute", {}).get("wall_seconds", 0) for r in runs]
-        for i, run in enumerate(runs, 1):
-            t = run["training"]
-            start = (f" (`--init-from` stage {i - 1}: {t['init']['loaded']}; new AdamW and schedules)"
-                     if i > 1 else "")
-            lines.append(f"- Stage {i}{start}, data {Path(run['data']['folder']).name} "
-                         f"({run['data']['images']} images): {recipe(t)}")
+        walls = [(r.get("training") or {}).get("compute", {}).get("wall_seconds", 0) for r in runs]
+        lines += [stage_line(i, run) for i, run in enumerate(runs, 1)]
         lines.append(
             f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
             f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
@@ -73,8 +93,10 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
             f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
             f"{compute.get('wall_seconds', 0) / 60:.0f} minutes wall-clock.",
         ]
+    if shipped:
+        lines.append("- Reproduce: `bash scripts/train_default_model.sh` (see the script and README.md, "
+                     "\"Data for benchmarks and the default model\", for the data layout).")
     lines += [
-        "- Reproduce: `bash scripts/train_default_model.sh` (see the script for the data layout).",
         "",
         "## Measured quality",
         "Weighted kNN (DINO protocol: k = 20, T = 0.07, cosine on L2-normalised features), top-1,",
@@ -91,41 +113,48 @@ def card(doc: dict, speed_note: str, data_note: str, limitations: list[str]) -> 
         lines.append(f"| {name} ({n.get('n_train', '?')} train / {n.get('n_test', '?')} test) | "
                      f"**{q['knn_top1']:.4f}** | {b['random_init']['knn_top1']:.4f} | {b['raw_pixels']['knn_top1']:.4f} |")
     dedup = doc.get("thresholds", {}).get("dedup")
-    lines += [
-        "",
-        f"- Embedding speed: {speed_note}",
-    ]
+    lines.append("")
+    if notes.get("speed"):
+        lines.append(f"- Embedding speed: {notes['speed']}")
     if dedup is not None:
         lines.append(f"- Dedup threshold (cosine): {dedup:.4f}, calibrated by `filterkit model calibrate` on "
                      "held-out photos (planted near-duplicates, precision target in config.json).")
-    lines += ["", "## Limitations"] + [f"- {x}" for x in limitations]
+    if notes.get("limitations"):
+        lines += ["", "## Limitations"] + [f"- {x}" for x in notes["limitations"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--eval", action="append", default=[], metavar="NAME=FILE")
-    parser.add_argument("--speed-note", required=True)
-    parser.add_argument("--data-note", required=True)
-    parser.add_argument("--limitation", action="append", default=[])
-    parser.add_argument("--name", help="the card's title (default: the folder's name)")
+    parser.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
+                        help="replaces config.json's quality with these evaluations")
+    parser.add_argument("--speed-note", help="default: config.json's card.speed")
+    parser.add_argument("--data-note", help="default: config.json's card.data")
+    parser.add_argument("--limitation", action="append", default=[], help="default: config.json's card.limitations")
+    parser.add_argument("--name", help="the card's title (default: config.json's card.title, else the folder's name)")
     args = parser.parse_args()
-    quality = {}
-    for item in args.eval:
-        name, _, file = item.partition("=")
-        quality[name] = json.loads(Path(file).read_text())
     Encoder.load(args.model_dir, device="cpu")  # refuse a directory that does not load
-    update_model_config(args.model_dir, quality=quality)
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
-    doc["name"] = args.name or args.model_dir.name
-    doc["stages"] = []
-    init = (doc.get("training") or {}).get("init")
-    while init and (Path(init["from"]) / CONFIG_FILE).is_file():
-        earlier = json.loads((Path(init["from"]) / CONFIG_FILE).read_text())
-        doc["stages"].insert(0, earlier)
-        init = (earlier.get("training") or {}).get("init")
-    atomic_write_text(args.model_dir / CARD_FILE, card(doc, args.speed_note, args.data_note, args.limitation))
+    if not doc.get("training"):
+        raise SystemExit(f"{args.model_dir / CONFIG_FILE} has no training provenance: not a pretrained model")
+    updates = {}
+    if args.eval:
+        updates["quality"] = {}
+        for item in args.eval:
+            name, _, file = item.partition("=")
+            updates["quality"][name] = json.loads(Path(file).read_text())
+    notes = dict(doc.get("card") or {})
+    notes.setdefault("title", args.model_dir.resolve().name)
+    given = {"title": args.name, "data": args.data_note, "speed": args.speed_note,
+             "limitations": args.limitation or None}
+    notes.update({k: v for k, v in given.items() if v is not None})
+    if notes != doc.get("card"):
+        updates["card"] = notes
+    if updates:
+        update_model_config(args.model_dir, **updates)
+        doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
+    atomic_write_text(args.model_dir / CARD_FILE, card(doc))
     print(f"wrote {args.model_dir / CARD_FILE}")
 
 

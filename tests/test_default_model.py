@@ -38,6 +38,46 @@ def test_default_model_ships_in_models_and_loads_as_fp32():
     assert "MoCo v3" in (SHIPPED / "MODEL_CARD.md").read_text()
 
 
+def _strings(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_shipped_provenance_is_names_and_counts_with_the_whole_init_chain():
+    doc = json.loads((SHIPPED / "config.json").read_text())
+    for text in _strings(doc):
+        assert not text.startswith(("/", "~")) and ":\\" not in text, text
+    assert doc["model_id"] == Encoder.load(SHIPPED, device="cpu").model_id  # metadata edits keep the id
+    t = doc["training"]
+    stages = t["stages"]
+    assert [s["training"]["steps"] for s in stages] + [t["steps"]] == [2200, 2500, 1200, 1500]
+    assert [s["data"]["images"] for s in stages] + [doc["data"]["images"]] == [72710, 72710, 50000, 50000]
+    # Each stage starts from the one before it, by model id.
+    assert "init" not in stages[0]["training"]
+    for earlier, later in zip(stages, [s["training"] for s in stages[1:]] + [t]):
+        assert later["init"]["model_id"] == earlier["model_id"] and later["init"]["name"] == earlier["name"]
+        assert later["init"]["steps"] == earlier["training"]["steps"]
+        assert later["init_from"] == earlier["name"]
+
+
+def test_model_card_regenerates_from_the_model_directory_alone(tmp_path):
+    copy = tmp_path / "any-name"
+    shutil.copytree(SHIPPED, copy)
+    (copy / "MODEL_CARD.md").unlink()
+    done = _run([sys.executable, str(REPO / "scripts" / "write_model_card.py"), str(copy)], cwd=tmp_path,
+                env_extra={"PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert (copy / "MODEL_CARD.md").read_text() == (SHIPPED / "MODEL_CARD.md").read_text()
+    assert (copy / "config.json").read_bytes() == (SHIPPED / "config.json").read_bytes()
+
+
 def test_env_var_overrides_and_missing_default_is_a_clear_error(tmp_path, monkeypatch, small_encoder):
     small_encoder.save(tmp_path / "mine")
     monkeypatch.setenv("FILTERKIT_MODEL", str(tmp_path / "mine"))

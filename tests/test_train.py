@@ -281,6 +281,75 @@ def test_init_from_a_training_folder_or_a_model_directory(tmp_path, train_dir):
     assert e.steps == 1
 
 
+def _strings(value):
+    """Every string in a JSON document, keys included."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def assert_no_machine_path(doc, *folders):
+    for text in _strings(doc):
+        assert not text.startswith(("/", "~")) and ":\\" not in text, text
+    dumped = json.dumps(doc)
+    for folder in folders:
+        assert str(folder) not in dumped
+
+
+def test_init_from_chain_is_recorded_in_config_json_without_paths(tmp_path, train_dir):
+    import shutil
+
+    opts = dict(epochs=10, **TINY)
+    pretrain(train_dir, tmp_path / "a", TrainOptions(max_steps=3, **opts), device="cpu", workers=0, progress=False)
+    pretrain(train_dir, tmp_path / "b", TrainOptions(max_steps=2, init_from=str(tmp_path / "a"), seed=1, **opts),
+             device="cpu", workers=0, progress=False)
+    pretrain(train_dir, tmp_path / "c", TrainOptions(max_steps=1, init_from=str(tmp_path / "b"), seed=2, **opts),
+             device="cpu", workers=0, progress=False)
+    docs = {name: json.loads((tmp_path / name / CONFIG_FILE).read_text()) for name in "abc"}
+    c = docs["c"]
+    assert_no_machine_path(c, tmp_path, train_dir)
+    assert c["data"] == {"name": train_dir.name, "images": 24}
+    t = c["training"]
+    assert t["init_from"] == "b" and t["steps"] == 1 and t["seed"] == 2
+    assert {k: t["init"][k] for k in ("name", "model_id", "steps", "total_steps", "images", "data")} == \
+        {"name": "b", "model_id": docs["b"]["model_id"], "steps": 2, "total_steps": 2, "images": 24,
+         "data": train_dir.name}
+    # Every earlier run, oldest first, with its own training record and data.
+    assert [s["name"] for s in t["stages"]] == ["a", "b"]
+    assert [s["model_id"] for s in t["stages"]] == [docs["a"]["model_id"], docs["b"]["model_id"]]
+    assert [s["training"]["steps"] for s in t["stages"]] == [3, 2]
+    assert [s["training"]["seed"] for s in t["stages"]] == [0, 1]
+    assert t["stages"][0]["training"]["init_from"] is None and "init" not in t["stages"][0]["training"]
+    assert t["stages"][1]["training"]["init"]["name"] == "a"
+    assert all(s["data"] == {"name": train_dir.name, "images": 24} for s in t["stages"])
+    assert "stages" not in t["init"] and all("stages" not in s["training"] for s in t["stages"])
+
+    # A model written by an older version recorded paths: they become names in the chain.
+    old = tmp_path / "old-model"
+    old.mkdir()
+    shutil.copy(tmp_path / "b" / WEIGHTS_FILE, old / WEIGHTS_FILE)
+    legacy = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    legacy["data"] = {"folder": str(train_dir), "images": 24}
+    legacy["training"]["init_from"] = str(tmp_path / "a")
+    legacy["training"]["init"] = {"from": str(tmp_path / "a"), "model_id": docs["a"]["model_id"], "steps": 3}
+    del legacy["training"]["stages"]
+    (old / CONFIG_FILE).write_text(json.dumps(legacy))
+    pretrain(train_dir, tmp_path / "d", TrainOptions(max_steps=1, init_from=str(old), **opts),
+             device="cpu", workers=0, progress=False)
+    d = json.loads((tmp_path / "d" / CONFIG_FILE).read_text())
+    assert_no_machine_path(d, tmp_path, train_dir)
+    (stage,) = d["training"]["stages"]
+    assert stage["name"] == "old-model" and stage["data"] == {"name": train_dir.name, "images": 24}
+    assert stage["training"]["init_from"] == "a" and stage["training"]["init"]["name"] == "a"
+    assert d["training"]["init"]["loaded"] == "backbone"  # a plain model directory: no checkpoint
+
+
 def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, capsys):
     from filterkit.encoder import Encoder
 
@@ -297,6 +366,11 @@ def test_cli_init_from_default_continues_the_shipped_model(tmp_path, train_dir, 
     assert doc["architecture"]["preset"] == Encoder.load().config.preset
     assert doc["training"]["init"]["model_id"] == Encoder.load().model_id
     assert doc["training"]["init"]["loaded"] == "backbone"
+    # The shipped model is recorded by name, with its own four stages behind it.
+    assert doc["training"]["init_from"] == "default" and doc["training"]["init"]["name"] == "filterkit-vit-mini"
+    assert [s["name"] for s in doc["training"]["stages"]][-1] == "filterkit-vit-mini"
+    assert len(doc["training"]["stages"]) == 4
+    assert_no_machine_path(doc, tmp_path, train_dir)
 
 
 def test_resume_treats_an_option_given_equal_to_its_default_like_any_other(tmp_path, train_dir, capsys):
