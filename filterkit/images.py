@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import FilterkitError, ImageError
+from .errors import FilterkitError, ImageError, ImageReadError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
@@ -164,7 +164,8 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
 
     ``draft_size``: let JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as
     both sides stay >= ``draft_size``; on camera photos this is most of the decode cost.
-    Raises ImageError with the reason on any failure.
+    Raises ImageError with the reason on any failure; ImageReadError where the file's bytes
+    could not be read at all (which says nothing about its content).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -175,7 +176,7 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
     if size == 0:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -203,7 +204,7 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except PermissionError as e:
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
     except OSError as e:
         raise ImageError(f"truncated or corrupt image data: {e}") from None
     except MemoryError:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from filterkit import EmbeddingCache, FilterkitError, ImageError, discover_images, embed_folder, load_image
+from filterkit.errors import ImageReadError
 from filterkit.images import to_rgb
 
 from conftest import sample_photo
@@ -146,8 +147,13 @@ def test_load_image_raises_image_error_with_reason(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match="empty file"):
         load_image(tmp_path / "x.jpg")
-    with pytest.raises(ImageError, match="cannot read file"):
+    with pytest.raises(ImageReadError, match="cannot read file"):
         load_image(tmp_path / "missing.jpg")
+    (tmp_path / "garbage.jpg").write_bytes(b"garbage")
+    with pytest.raises(ImageError, match="not an image") as raised:
+        load_image(tmp_path / "garbage.jpg")
+    assert not isinstance(raised.value, ImageReadError)  # about the content: may be remembered
+
 
 
 def test_discovery_is_recursive_case_insensitive_and_sorted(tmp_path):
