@@ -1,4 +1,5 @@
-"""The one image loader: decode + transform in DataLoader worker processes, in batches.
+"""The one image loader: decode + transform in DataLoader worker processes, in batches, and
+the one loop that embeds them (:func:`embed_batches`).
 
 Failures travel with the batch as (index, reason) pairs instead of raising, so one bad file
 never stops a run.
@@ -32,6 +33,13 @@ class Batch:
     failures: list[tuple[int, str]]  # (position, reason) of images that did not decode
 
 
+@dataclass
+class EmbeddedBatch:
+    indices: list[int]  # positions in the input list of the rows of ``vectors``
+    vectors: np.ndarray | None  # [len(indices), D] float32; None when nothing in the batch decoded
+    failures: list[tuple[int, str]]
+
+
 class _DecodeDataset(Dataset):
     def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int | None):
         self.paths, self.transform, self.draft_size = paths, transform, draft_size
@@ -54,6 +62,22 @@ def _collate(items) -> Batch:
     return Batch([i for i, _ in good], pixels, [(i, r) for i, x, r in items if x is None])
 
 
+def embed_batches(
+    paths: Sequence[Path],
+    transform: Callable,
+    draft_size: int | None,
+    embed_batch: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> Iterator[EmbeddedBatch]:
+    """Decode ``paths`` (see :func:`iter_batches`) and embed each batch with ``embed_batch``,
+    in input order: the one embedding loop behind Encoder.embed, folder embedding,
+    evaluation and the Ray actors."""
+    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+        vectors = embed_batch(batch.pixels).numpy() if batch.indices else None
+        yield EmbeddedBatch(batch.indices, vectors, batch.failures)
+
+
 def embed_all(
     paths: Sequence[Path],
     transform: Callable,
@@ -66,9 +90,9 @@ def embed_all(
     """Decode and embed ``paths``: (vectors [M, D] or None if none decoded, positions of those
     M paths, (position, reason) of the failures). ``on_batch(n)`` reports progress."""
     vectors, kept, failures = [], [], []
-    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+    for batch in embed_batches(paths, transform, draft_size, embed_batch, batch_size, workers):
         if batch.indices:
-            vectors.append(embed_batch(batch.pixels).numpy())
+            vectors.append(batch.vectors)
             kept += batch.indices
         failures += batch.failures
         if on_batch:

@@ -18,7 +18,7 @@ from .cache import EmbeddingCache
 from .encoder import Encoder
 from .errors import FilterkitError
 from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images, shard_of, split_outside_links
-from .loader import iter_batches
+from .loader import embed_batches
 from .progress import progress_bar
 
 
@@ -82,9 +82,8 @@ def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, b
     """(positions, vectors, failures, transient failures) per batch: decode in DataLoader
     workers, forward here. Failures are remembered in the cache; transient ones (e.g. a file a
     remote worker could not read) are reported but retried next time."""
-    for batch in iter_batches(paths, encoder.transform, draft_size, batch_size=batch_size, workers=workers):
-        vectors = encoder.embed_batch(batch.pixels).numpy() if batch.indices else None
-        yield batch.indices, vectors, batch.failures, []
+    for batch in embed_batches(paths, encoder.transform, draft_size, encoder.embed_batch, batch_size, workers):
+        yield batch.indices, batch.vectors, batch.failures, []
 
 
 def embed_paths(

@@ -40,17 +40,18 @@ class _EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .images import decoder_version
-        from .loader import _collate, _DecodeDataset
+        from .loader import embed_batches
 
         paths = [Path(os.fsdecode(p)) for p in batch["path"]]
-        decoded = _collate([_DecodeDataset(paths, self.encoder.transform, self.draft_size)[i]
-                            for i in range(len(paths))])
         vectors = np.zeros((len(paths), self.encoder.dim), dtype=np.float32)
-        if decoded.indices:
-            vectors[decoded.indices] = self.encoder.embed_batch(decoded.pixels).numpy()
         errors = np.full(len(paths), "", dtype=object)
-        for i, reason in decoded.failures:
-            errors[i] = reason
+        # One in-process batch: the actor is the unit of parallelism.
+        for done in embed_batches(paths, self.encoder.transform, self.draft_size, self.encoder.embed_batch,
+                                  batch_size=max(1, len(paths)), workers=0):
+            if done.indices:
+                vectors[done.indices] = done.vectors
+            for i, reason in done.failures:
+                errors[i] = reason
         decoder = np.full(len(paths), decoder_version(), dtype=object)
         return {"position": batch["position"], "vector": vectors, "error": errors, "decoder": decoder}
 
