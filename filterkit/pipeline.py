@@ -83,7 +83,9 @@ def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, b
     workers, forward here. Failures are remembered in the cache; transient ones (e.g. a file a
     remote worker could not read) are reported but retried next time."""
     for batch in embed_batches(paths, encoder.transform, draft_size, encoder.embed_batch, batch_size, workers):
-        yield batch.indices, batch.vectors, batch.failures, []
+        # Every local failure is remembered, even an unreadable file (f.unreadable): it was read
+        # for its hash moments ago, so only a race gets one here.
+        yield batch.indices, batch.vectors, [(f.index, f.reason) for f in batch.failures], []
 
 
 def embed_paths(

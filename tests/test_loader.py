@@ -7,7 +7,8 @@ import numpy as np
 from filterkit.loader import embed_all, embed_batches
 
 
-def test_embed_batches_keeps_input_order_and_reports_failures(photos_dir, small_encoder, tmp_path):
+def test_embed_batches_keeps_input_order_and_tells_unreadable_from_undecodable(photos_dir, small_encoder,
+                                                                               tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     photos = sorted(photos_dir.iterdir())[:3]
     paths = [photos[0], tmp_path / "missing.jpg", photos[1], tmp_path / "broken.jpg", photos[2]]
@@ -16,10 +17,10 @@ def test_embed_batches_keeps_input_order_and_reports_failures(photos_dir, small_
                                  batch_size=2, workers=0))
     assert [b.indices for b in batches] == [[0], [2], [4]]
     failures = [f for b in batches for f in b.failures]
-    assert [i for i, _ in failures] == [1, 3]
-    assert failures[0][1].startswith("cannot read file") and failures[1][1].startswith("not an image")
+    assert [(f.index, f.unreadable) for f in failures] == [(1, True), (3, False)]
+    assert failures[0].reason.startswith("cannot read file") and failures[1].reason.startswith("not an image")
     vectors = np.concatenate([b.vectors for b in batches])
     np.testing.assert_allclose(vectors, enc.embed(photos), atol=1e-6)
-    # embed_all is the same loop, collected.
+    # embed_all, on the same loop, still returns (position, reason) pairs.
     _, kept, pairs = embed_all(paths, enc.transform, enc.config.img_size, enc.embed_batch, 2, 0)
-    assert kept == [0, 2, 4] and pairs == failures
+    assert kept == [0, 2, 4] and pairs == [(f.index, f.reason) for f in failures]
