@@ -133,7 +133,7 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         from faiss.contrib.ondisk import merge_ondisk
 
         index = faiss.read_index(empty)
-        with _stdout_to_stderr():
+        with _stdout_to_stderr():  # index.faiss records this path; load_index_dir looks beside it instead
             merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
         index.nprobe, recall = _tune_nprobe(index, lambda: _stream(caches, model_id, owner), id_of,
                                             target_recall, seed)
