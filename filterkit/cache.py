@@ -1,6 +1,6 @@
 """The embedding cache: one SQLite file (WAL) of float32 vectors keyed by (model id, sha256).
 
-Two tables do the work:
+Three tables do the work (a fourth, ``meta``, holds the schema version):
 
 - ``embeddings(model_id, sha256, dim, vector)``: a vector per model and file *content*, so
   renamed, moved or copied files are never embedded twice;

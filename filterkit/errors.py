@@ -7,3 +7,8 @@ class FilterkitError(Exception):
 
 class ImageError(FilterkitError):
     """An image that cannot be decoded; the message is the reason it was skipped."""
+
+
+class ImageReadError(ImageError):
+    """The file's bytes could not be read (missing, no permission): unlike a decode failure,
+    this says nothing about the content, so it is not remembered against it."""

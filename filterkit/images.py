@@ -7,8 +7,10 @@ and carry on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import FilterkitError, ImageError
+from .errors import FilterkitError, ImageError, ImageReadError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
@@ -26,10 +28,11 @@ MAX_PIXELS = 89_478_485
 
 # We run our own bomb check with a clear reason; Pillow's warning would only be noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-# Truncated files are skipped with a reason, never silently half-decoded.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _heif_state: bool | None = None
+_truncated_lock = threading.Lock()
+_decoding = 0  # filterkit decodes in progress in this process
+_callers_truncated = False  # the caller's LOAD_TRUNCATED_IMAGES, restored by the last decode out
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,37 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+@contextlib.contextmanager
+def _refusing_truncated():
+    """Truncated files are skipped with a reason, never silently half-decoded: Pillow's
+    default, which a caller may have changed with the process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` (read while opening and loading). Set it to False for
+    the duration of our decodes only. Concurrent decodes of ours share one save/restore (a
+    count, under a lock), so the caller's value comes back when the last one ends; a thread of
+    the caller decoding meanwhile sees False. DataLoader workers and Ray actors are processes
+    with their own copy."""
+    global _decoding, _callers_truncated
+    with _truncated_lock:
+        if _decoding == 0:
+            _callers_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _decoding += 1
+    try:
+        yield
+    finally:
+        with _truncated_lock:
+            _decoding -= 1
+            if _decoding == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _callers_truncated
+
+
 def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
     """Decode ``path`` to an upright RGB image.
 
     ``draft_size``: let JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as
     both sides stay >= ``draft_size``; on camera photos this is most of the decode cost.
-    Raises ImageError with the reason on any failure.
+    Raises ImageError with the reason on any failure; ImageReadError where the file's bytes
+    could not be read at all (which says nothing about its content).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -178,11 +206,11 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
     if size == 0:
         raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with _refusing_truncated(), Image.open(path) as im:
             if draft_size:
                 im.draft(None, (draft_size, draft_size))
             w, h = im.size
@@ -206,7 +234,7 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression-bomb guard: {e}") from None
     except PermissionError as e:
-        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+        raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
     except OSError as e:
         raise ImageError(f"truncated or corrupt image data: {e}") from None
     except MemoryError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def index_kind(n: int) -> str:
     return "flat" if n <= EXACT_MAX else "ivf"
 
 
+def default_nlist(n: int) -> int:
+    """Coarse cells of an IVF index over ``n`` vectors: 4·sqrt(n), fewer where that would
+    leave under ``TRAIN_POINTS_PER_LIST`` training points per cell."""
+    return max(1, min(round(4 * math.sqrt(n)), n // TRAIN_POINTS_PER_LIST or 1))
+
+
+def sample_rows(n: int, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct row numbers of ``n`` (all if fewer), sorted: the k-means training
+    sample and the nprobe tuning queries."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, count), replace=False))
+
+
+def content_key(model_id: str, hashes: Sequence[str]) -> str:
+    """The key ``cached_index`` files an index under: the model and the ordered content
+    sha256s of the indexed vectors (row i of the index is ``hashes[i]``)."""
+    return f"{model_id}:{','.join(hashes)}"
+
+
 def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 0.99,
                 seed: int = 0) -> faiss.Index:
     """An inner-product index over ``vectors`` [N, D] (unit rows -> cosine).
@@ -57,12 +76,10 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
     if kind != "ivf":
         raise FilterkitError(f"unknown index kind {kind!r}; choose auto, flat or ivf")
     n, d = vectors.shape
-    nlist = max(1, min(int(round(4 * math.sqrt(n))), n // TRAIN_POINTS_PER_LIST or 1))
+    nlist = default_nlist(n)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False))
     index.cp.seed = seed
-    index.train(vectors[sample])
+    index.train(vectors[sample_rows(n, TRAIN_POINTS_PER_LIST * nlist, seed)])
     for start in range(0, n, _ADD_CHUNK):
         index.add(vectors[start:start + _ADD_CHUNK])
     index.nprobe = tune_nprobe(index, vectors, target_recall, seed=seed)
@@ -81,11 +98,19 @@ def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, target_recall: float
                 queries: int = 256, seed: int = 0) -> int:
     """The smallest power-of-two ``nprobe`` whose recall@k, on indexed vectors used as
     queries, reaches ``target_recall`` of exact search (``faiss.knn``: no second copy)."""
-    rng = np.random.default_rng(seed + 1)
-    q = vectors[np.sort(rng.choice(len(vectors), min(queries, len(vectors)), replace=False))]
+    q = vectors[sample_rows(len(vectors), queries, seed + 1)]
     k = min(k, len(vectors))
-    exact, _ = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-    return smallest_nprobe(index, q, exact, target_recall)[0]
+    return smallest_nprobe(index, q, exact_top_scores(q, [vectors], k), target_recall)[0]
+
+
+def exact_top_scores(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int) -> np.ndarray:
+    """Exact top-``k`` inner products [Q, k] of ``queries`` against the vectors, given in
+    chunks (merged chunk by chunk, so the vectors need not fit in memory at once)."""
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for vectors in chunks:
+        scores, _ = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = -np.sort(-np.hstack([best, scores]), axis=1)[:, :k]
+    return best
 
 
 def smallest_nprobe(index: faiss.IndexIVF, queries: np.ndarray, exact_scores: np.ndarray,
@@ -102,15 +127,15 @@ def smallest_nprobe(index: faiss.IndexIVF, queries: np.ndarray, exact_scores: np
         nprobe = min(2 * nprobe, index.nlist)
 
 
-def cached_index(vectors: np.ndarray, content_key: str, folder: str | os.PathLike | None,
+def cached_index(vectors: np.ndarray, key: str, folder: str | os.PathLike | None,
                  kind: str = "auto") -> faiss.Index:
-    """``build_index``, reusing an IVF index saved in ``folder`` for exactly this
-    ``content_key`` (callers hash the ordered content ids of ``vectors`` with the model id).
+    """``build_index``, reusing an IVF index saved in ``folder`` under exactly this ``key``
+    (``content_key(model_id, hashes)`` of the vectors' model and ordered content ids).
     Exact indexes are rebuilt instead: that is as fast as reading them."""
     kind = index_kind(len(vectors)) if kind == "auto" else kind
     if folder is None or kind == "flat":
         return build_index(vectors, kind)
-    path = Path(folder) / f"{hashlib.sha256(content_key.encode()).hexdigest()[:24]}.{kind}.faiss"
+    path = Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.{kind}.faiss"
     if path.is_file():
         try:
             index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))

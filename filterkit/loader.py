@@ -1,7 +1,8 @@
-"""The one image loader: decode + transform in DataLoader worker processes, in batches.
+"""The one image loader: decode + transform in DataLoader worker processes, in batches, and
+the one loop that embeds them (:func:`embed_batches`).
 
-Failures travel with the batch as (index, reason) pairs instead of raising, so one bad file
-never stops a run.
+Failures travel with the batch as :class:`Failure` records instead of raising, so one bad
+file never stops a run.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ImageError
+from .errors import ImageError, ImageReadError
 from .images import load_image
 
 
@@ -25,11 +27,26 @@ def default_workers() -> int:
     return max(1, min(8, (cores or 1) - 1))
 
 
+class Failure(NamedTuple):
+    """An input that did not become pixels."""
+
+    index: int  # position in the input list
+    reason: str  # shown to the user
+    unreadable: bool  # its bytes could not be read here (ImageReadError): says nothing about the content
+
+
 @dataclass
 class Batch:
     indices: list[int]  # positions in the input list of the images in ``pixels``
     pixels: torch.Tensor  # [B, 3, S, S], B may be 0
-    failures: list[tuple[int, str]]  # (position, reason) of images that did not decode
+    failures: list[Failure]
+
+
+@dataclass
+class EmbeddedBatch:
+    indices: list[int]  # positions in the input list of the rows of ``vectors``
+    vectors: np.ndarray | None  # [len(indices), D] float32; None when nothing in the batch decoded
+    failures: list[Failure]
 
 
 class _DecodeDataset(Dataset):
@@ -43,15 +60,31 @@ class _DecodeDataset(Dataset):
         try:
             return i, self.transform(load_image(self.paths[i], self.draft_size)), None
         except ImageError as e:
-            return i, None, str(e)
+            return i, None, Failure(i, str(e), isinstance(e, ImageReadError))
         except Exception as e:  # a transform failure must not kill the worker either
-            return i, None, f"cannot process image: {type(e).__name__}: {e}"
+            return i, None, Failure(i, f"cannot process image: {type(e).__name__}: {e}", False)
 
 
 def _collate(items) -> Batch:
     good = [(i, x) for i, x, _ in items if x is not None]
     pixels = torch.stack([x for _, x in good]) if good else torch.empty(0)
-    return Batch([i for i, _ in good], pixels, [(i, r) for i, x, r in items if x is None])
+    return Batch([i for i, _ in good], pixels, [f for _, x, f in items if x is None])
+
+
+def embed_batches(
+    paths: Sequence[Path],
+    transform: Callable,
+    draft_size: int | None,
+    embed_batch: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
+    workers: int | None = None,
+) -> Iterator[EmbeddedBatch]:
+    """Decode ``paths`` (see :func:`iter_batches`) and embed each batch with ``embed_batch``,
+    in input order: the one embedding loop behind Encoder.embed, folder embedding,
+    evaluation and the Ray actors."""
+    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+        vectors = embed_batch(batch.pixels).numpy() if batch.indices else None
+        yield EmbeddedBatch(batch.indices, vectors, batch.failures)
 
 
 def embed_all(
@@ -66,11 +99,11 @@ def embed_all(
     """Decode and embed ``paths``: (vectors [M, D] or None if none decoded, positions of those
     M paths, (position, reason) of the failures). ``on_batch(n)`` reports progress."""
     vectors, kept, failures = [], [], []
-    for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
+    for batch in embed_batches(paths, transform, draft_size, embed_batch, batch_size, workers):
         if batch.indices:
-            vectors.append(embed_batch(batch.pixels).numpy())
+            vectors.append(batch.vectors)
             kept += batch.indices
-        failures += batch.failures
+        failures += [(f.index, f.reason) for f in batch.failures]
         if on_batch:
             on_batch(len(batch.indices) + len(batch.failures))
     return (np.concatenate(vectors) if vectors else None), kept, failures
@@ -117,7 +150,7 @@ def decode_all(
                 out = torch.empty((len(paths), *batch.pixels.shape[1:]), dtype=batch.pixels.dtype)
             out[len(kept):len(kept) + len(batch.indices)] = batch.pixels
             kept += batch.indices
-        failures += batch.failures
+        failures += [(f.index, f.reason) for f in batch.failures]
         if on_batch:
             on_batch(len(batch.indices) + len(batch.failures))
     return (out[:len(kept)] if out is not None else torch.empty(0)), kept, failures

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 from .cache import EmbeddingCache
 from .errors import FilterkitError
 from .fsutil import atomic_write_text
-from .index import TRAIN_POINTS_PER_LIST, smallest_nprobe
+from .index import TRAIN_POINTS_PER_LIST, default_nlist, exact_top_scores, sample_rows, smallest_nprobe
 
 FORMAT = "filterkit-ivf/1"
 
@@ -96,13 +95,12 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
                              "model first, or pass the --model they were embedded with")
     owner = dict(ids)
     id_of = {h: i for i, (h, _) in enumerate(ids)}
-    nlist = nlist or max(1, min(round(4 * math.sqrt(n)), n // TRAIN_POINTS_PER_LIST or 1))
+    nlist = nlist or default_nlist(n)
     if not 1 <= nlist <= n:
         raise FilterkitError(f"--nlist must be between 1 and {n} (the number of vectors)")
 
     # 1. Train the coarse quantizer on a uniform sample, streamed.
-    rng = np.random.default_rng(seed)
-    wanted = set(rng.choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False).tolist())
+    wanted = set(sample_rows(n, TRAIN_POINTS_PER_LIST * nlist, seed).tolist())
     sample, dim = [], None
     for hashes, vectors in _stream(caches, model_id, owner):
         dim = vectors.shape[1]
@@ -135,7 +133,7 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         from faiss.contrib.ondisk import merge_ondisk
 
         index = faiss.read_index(empty)
-        with _stdout_to_stderr():
+        with _stdout_to_stderr():  # index.faiss records this path; load_index_dir looks beside it instead
             merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
         index.nprobe, recall = _tune_nprobe(index, lambda: _stream(caches, model_id, owner), id_of,
                                             target_recall, seed)
@@ -162,14 +160,10 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     of exact search; the exact neighbours come from one more pass over the vectors."""
     n = index.ntotal
     k = min(k, n)
-    picks = set(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False).tolist())
+    picks = set(sample_rows(n, queries, seed + 1).tolist())
     q = np.concatenate([vectors[[j for j, h in enumerate(hashes) if id_of[h] in picks]]
                         for hashes, vectors in stream()])
-    best = np.full((len(q), k), -np.inf, dtype=np.float32)  # exact top-k scores, merged chunk by chunk
-    for _, vectors in stream():
-        scores, _ = faiss.knn(q, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-        best = -np.sort(-np.hstack([best, scores]), axis=1)[:, :k]
-    return smallest_nprobe(index, q, best, target_recall)
+    return smallest_nprobe(index, q, exact_top_scores(q, (vectors for _, vectors in stream()), k), target_recall)
 
 
 def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:

@@ -18,7 +18,7 @@ from .cache import EmbeddingCache
 from .encoder import Encoder
 from .errors import FilterkitError
 from .images import IMAGE_EXTENSIONS, Skip, decoder_version, discover_images, shard_of, split_outside_links
-from .loader import iter_batches
+from .loader import embed_batches
 from .progress import progress_bar
 
 
@@ -86,9 +86,10 @@ def local_batches(paths: list[Path], encoder: Encoder, draft_size: int | None, b
     """(positions, vectors, failures, transient failures) per batch: decode in DataLoader
     workers, forward here. Failures are remembered in the cache; transient ones (e.g. a file a
     remote worker could not read) are reported but retried next time."""
-    for batch in iter_batches(paths, encoder.transform, draft_size, batch_size=batch_size, workers=workers):
-        vectors = encoder.embed_batch(batch.pixels).numpy() if batch.indices else None
-        yield batch.indices, vectors, batch.failures, []
+    for batch in embed_batches(paths, encoder.transform, draft_size, encoder.embed_batch, batch_size, workers):
+        # Every local failure is remembered, even an unreadable file (f.unreadable): it was read
+        # for its hash moments ago, so only a race gets one here.
+        yield batch.indices, batch.vectors, [(f.index, f.reason) for f in batch.failures], []
 
 
 def embed_paths(

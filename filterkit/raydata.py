@@ -40,19 +40,22 @@ class _EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .images import decoder_version
-        from .loader import _collate, _DecodeDataset
+        from .loader import embed_batches
 
         paths = [Path(os.fsdecode(p)) for p in batch["path"]]
-        decoded = _collate([_DecodeDataset(paths, self.encoder.transform, self.draft_size)[i]
-                            for i in range(len(paths))])
         vectors = np.zeros((len(paths), self.encoder.dim), dtype=np.float32)
-        if decoded.indices:
-            vectors[decoded.indices] = self.encoder.embed_batch(decoded.pixels).numpy()
         errors = np.full(len(paths), "", dtype=object)
-        for i, reason in decoded.failures:
-            errors[i] = reason
+        unreadable = np.zeros(len(paths), dtype=bool)
+        # One in-process batch: the actor is the unit of parallelism.
+        for done in embed_batches(paths, self.encoder.transform, self.draft_size, self.encoder.embed_batch,
+                                  batch_size=max(1, len(paths)), workers=0):
+            if done.indices:
+                vectors[done.indices] = done.vectors
+            for f in done.failures:
+                errors[f.index], unreadable[f.index] = f.reason, f.unreadable
         decoder = np.full(len(paths), decoder_version(), dtype=object)
-        return {"position": batch["position"], "vector": vectors, "error": errors, "decoder": decoder}
+        return {"position": batch["position"], "vector": vectors, "error": errors, "unreadable": unreadable,
+                "decoder": decoder}
 
 
 def ray_runner(address: str = "local", actors: int | None = None):
@@ -80,9 +83,9 @@ def ray_runner(address: str = "local", actors: int | None = None):
             ok = [i for i, e in enumerate(out["error"]) if not e]
             positions = [int(out["position"][i]) for i in ok]
             failures, transient = [], []
-            for p, e, d in zip(out["position"], out["error"], out["decoder"]):
+            for p, e, d, unreadable in zip(out["position"], out["error"], out["decoder"], out["unreadable"]):
                 if e:  # remembered only if this decoder would fail too and the file was readable
-                    lasting = d == here and not str(e).startswith("cannot read")
+                    lasting = d == here and not unreadable
                     (failures if lasting else transient).append((int(p), f"{e}" if lasting else f"on a Ray worker: {e}"))
             yield positions, out["vector"][ok], failures, transient
 

@@ -1,13 +1,18 @@
 import importlib.util
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from filterkit import EmbeddingCache, FilterkitError, ImageError, discover_images, embed_folder, load_image
+from filterkit.errors import ImageReadError
 from filterkit.images import to_rgb
 
 from conftest import sample_photo
@@ -146,8 +151,36 @@ def test_load_image_raises_image_error_with_reason(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
     with pytest.raises(ImageError, match="empty file"):
         load_image(tmp_path / "x.jpg")
-    with pytest.raises(ImageError, match="cannot read file"):
+    with pytest.raises(ImageReadError, match="cannot read file"):
         load_image(tmp_path / "missing.jpg")
+    (tmp_path / "garbage.jpg").write_bytes(b"garbage")
+    with pytest.raises(ImageError, match="not an image") as raised:
+        load_image(tmp_path / "garbage.jpg")
+    assert not isinstance(raised.value, ImageReadError)  # about the content: may be remembered
+
+
+def test_decoding_leaves_pillows_truncated_images_setting_to_the_caller(tmp_path):
+    # A fresh interpreter: the import itself must not reset a caller's setting.
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg_bytes(sample_photo("coffee")))
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:3000])
+    script = f"""
+from PIL import ImageFile
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+from filterkit.errors import ImageError
+from filterkit.images import load_image
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "import changed it"
+load_image({str(good)!r}, 64)
+try:
+    load_image({str(tmp_path / "truncated.jpg")!r})
+    raise SystemExit("a truncated JPEG decoded")
+except ImageError as e:
+    assert "truncated or corrupt" in str(e), e
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "decoding changed it"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
 
 
 def test_discovery_is_recursive_case_insensitive_and_sorted(tmp_path):

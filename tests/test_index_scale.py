@@ -9,7 +9,7 @@ import pytest
 
 from filterkit import index as fk_index
 from filterkit.dedup import duplicate_groups
-from filterkit.index import build_index, cached_index, range_pairs, search
+from filterkit.index import build_index, cached_index, content_key, default_nlist, range_pairs, search
 
 
 def clustered(n: int, d: int = 32, clusters: int = 40, seed: int = 0, planted: int = 50):
@@ -36,7 +36,8 @@ def test_index_kind_follows_size_and_ivf_keeps_recall(small_exact_max):
     index = build_index(x)
     assert isinstance(index, faiss.IndexIVFFlat)
     # nlist = 4 sqrt(N), capped so that k-means has 64 training points per cell
-    assert index.nlist == min(round(4 * np.sqrt(len(x))), len(x) // 64) and 1 <= index.nprobe < index.nlist
+    assert index.nlist == default_nlist(len(x)) == min(round(4 * np.sqrt(len(x))), len(x) // 64)
+    assert 1 <= index.nprobe < index.nlist
     queries = x[::37]
     exact = search(build_index(x, kind="flat"), queries, 10).ids
     approx = search(index, queries, 10).ids
@@ -58,18 +59,21 @@ def test_ivf_range_search_finds_planted_pairs(small_exact_max):
 
 def test_ivf_indexes_are_saved_reused_and_rebuilt_when_damaged(small_exact_max, tmp_path):
     x, _ = clustered(3000)
-    first = cached_index(x, "model:abc", tmp_path)
+    hashes = [f"{i:064x}" for i in range(len(x))]
+    first = cached_index(x, content_key("model", hashes), tmp_path)
     (saved,) = tmp_path.glob("*.ivf.faiss")
     stamp = saved.stat().st_mtime_ns
-    again = cached_index(x, "model:abc", tmp_path)
+    # Callers that still spell the key out find the same file.
+    again = cached_index(x, f"model:{','.join(hashes)}", tmp_path)
     assert saved.stat().st_mtime_ns == stamp and again.nprobe == first.nprobe and again.ntotal == len(x)
     np.testing.assert_array_equal(search(again, x[:20], 5).ids, search(first, x[:20], 5).ids)
-    cached_index(x[:2500], "model:other", tmp_path)  # other contents: another file
-    assert len(list(tmp_path.glob("*.faiss"))) == 2
+    cached_index(x[:2500], content_key("model", hashes[:2500]), tmp_path)  # other contents: another file
+    cached_index(x, content_key("other-model", hashes), tmp_path)  # another model: another file
+    assert len(list(tmp_path.glob("*.faiss"))) == 3
     saved.write_bytes(b"garbage")
-    rebuilt = cached_index(x, "model:abc", tmp_path)
+    rebuilt = cached_index(x, content_key("model", hashes), tmp_path)
     assert rebuilt.ntotal == len(x) and saved.stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp*"))
     # Small collections stay exact and write nothing.
-    cached_index(x[:500], "model:small", tmp_path / "none")
+    cached_index(x[:500], content_key("model", hashes[:500]), tmp_path / "none")
     assert not (tmp_path / "none").exists()

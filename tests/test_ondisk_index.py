@@ -11,6 +11,7 @@ import pytest
 from filterkit.cache import EmbeddingCache
 from filterkit.cli import main
 from filterkit.errors import FilterkitError
+from filterkit.index import build_index, default_nlist
 from filterkit.ondisk import build_index_dir, load_index_dir
 
 
@@ -38,6 +39,17 @@ def test_sharded_caches_make_one_on_disk_index(tmp_path):
         build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx")
     with pytest.raises(FilterkitError, match="no vectors of model"):
         build_index_dir([tmp_path / "a.sqlite"], "other-model", tmp_path / "idx2")
+
+
+def test_on_disk_index_is_sized_and_tuned_like_the_in_memory_one(tmp_path):
+    rng = np.random.default_rng(2)
+    x = _unit(rng, 3000)
+    with EmbeddingCache(tmp_path / "a.sqlite") as cache:  # sha256 order = row order
+        cache.put("m", [f"{i:064x}" for i in range(len(x))], x)
+    meta = build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx", target_recall=0.9)
+    in_memory = build_index(x, kind="ivf", target_recall=0.9)
+    assert meta["nlist"] == in_memory.nlist == default_nlist(len(x))
+    assert meta["nprobe"] == in_memory.nprobe > 1
 
 
 def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_encoder, tmp_path, capsys):

@@ -51,3 +51,36 @@ def test_ray_embed_equals_local_embed(local_ray, photos_dir, small_encoder, tmp_
                  "--cache", str(tmp_path / "ray.sqlite"), "--json", "-q"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["embedded"] == 0 and again["cached"] == local["embedded"]
+
+
+def test_a_file_a_worker_cannot_read_is_retried_a_decode_failure_is_remembered(local_ray, photos_dir,
+                                                                              small_encoder, tmp_path):
+    from filterkit.cache import EmbeddingCache
+    from filterkit.pipeline import embed_paths
+    from filterkit.raydata import ray_runner
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos_dir, folder)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    paths = sorted(folder.iterdir())
+    flaky = folder / "coffee.jpg"
+    ray_run = ray_runner("auto", actors=1)
+    sent = []
+
+    def runner(todo, *args, missing_on_worker=()):
+        sent.append(sorted(p.name for p in todo))
+        # A node that lacks the file: same path, nothing to read there.
+        todo = [p.with_name("absent.jpg") if p in missing_on_worker else p for p in todo]
+        return ray_run(todo, *args)
+
+    with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        first = embed_paths(paths, small_encoder, cache, batch_size=3, progress=False,
+                            runner=lambda *a: runner(*a, missing_on_worker={flaky}))
+        reasons = {s.path.name: s.reason for s in first.skipped}
+        assert reasons["coffee.jpg"].startswith("on a Ray worker: cannot read file")
+        assert reasons["broken.jpg"].startswith("not an image")
+        assert first.n_embedded == len(paths) - 2
+        again = embed_paths(paths, small_encoder, cache, batch_size=3, progress=False, runner=runner)
+    assert sent[1] == ["coffee.jpg"]  # the unreadable file is retried, the undecodable one is not
+    assert again.n_embedded == 1
+    assert [(s.path.name, s.reason) for s in again.skipped] == [("broken.jpg", reasons["broken.jpg"])]
