@@ -47,6 +47,7 @@ _EXPORTS = {
     "select_fraction": "cluster",
     "FilterkitError": "errors",
     "ImageError": "errors",
+    "ImageReadError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -55,7 +56,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .cluster import cluster_folder, cluster_vectors, select_fraction
     from .dedup import DedupResult, DuplicateGroup, duplicate_groups, find_duplicates
     from .encoder import Encoder
-    from .errors import FilterkitError, ImageError
+    from .errors import FilterkitError, ImageError, ImageReadError
     from .evaluate import evaluate as evaluate_encoder
     from .filtering import Decision, FilterResult, ImageFilter
     from .images import discover_images, load_image

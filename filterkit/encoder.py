@@ -99,7 +99,7 @@ class Encoder:
         return cls(backbone, files.config, meta=files.meta, model_id=files.model_id, device=device,
                    precision=precision)
 
-    def _weights_blob(self, dtype: torch.dtype = torch.float32) -> bytes:
+    def weights_blob(self, dtype: torch.dtype = torch.float32) -> bytes:
         """The safetensors bytes ``save`` writes; the model id hashes exactly these."""
         from safetensors.torch import save as save_safetensors
 
@@ -115,7 +115,7 @@ class Encoder:
         """
         if weights_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise FilterkitError(f"weights can be stored as float32, float16 or bfloat16, not {weights_dtype}")
-        model_id = write_model_dir(path, self.config, self._weights_blob(weights_dtype), self.meta,
+        model_id = write_model_dir(path, self.config, self.weights_blob(weights_dtype), self.meta,
                                    overwrite=overwrite, card=card)
         if weights_dtype == torch.float32:  # else this object's fp32 weights are not the file's
             self._model_id = model_id
@@ -136,7 +136,7 @@ class Encoder:
     def model_id(self) -> str:
         """Identifies weights + preprocessing; the embedding cache is keyed by it."""
         if self._model_id is None:
-            self._model_id = model_id_of(hashlib.sha256(self._weights_blob()).hexdigest(), self.config)
+            self._model_id = model_id_of(hashlib.sha256(self.weights_blob()).hexdigest(), self.config)
         return self._model_id
 
     # -- embedding ----------------------------------------------------------------------

@@ -66,7 +66,7 @@ def search_folder(queries: Sequence[str | os.PathLike], folder: str | os.PathLik
                   follow_symlinks: bool = False) -> Neighbours:
     """The ``k`` images of ``folder`` nearest to each query. ``cache``: an open
     ``EmbeddingCache`` (None: the default cache; no index is kept then)."""
-    from .index import cached_index, search
+    from .index import cached_index, content_key, search
     from .pipeline import embed_folder
 
     query_paths, query_vectors = _embed_queries(queries, encoder, batch_size)
@@ -74,7 +74,7 @@ def search_folder(queries: Sequence[str | os.PathLike], folder: str | os.PathLik
                          follow_symlinks=follow_symlinks)
     if not found.paths:
         raise FilterkitError(f"none of the images in {folder} could be decoded")
-    index = cached_index(found.vectors, f"{encoder.model_id}:{','.join(found.hashes)}",
+    index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes),
                          cache.index_dir if cache is not None else None)
     result = search(index, query_vectors, k)
     return Neighbours([QueryHits(q, [Hit(found.paths[j], float(s)) for s, j in zip(scores, ids) if j >= 0])

@@ -73,7 +73,7 @@ def ray_runner(address: str = "local", actors: int | None = None):
             ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         here = decoder_version()
         pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        weights = encoder._weights_blob()
+        weights = encoder.weights_blob()
         ds = ray.data.from_items([{"position": i, "path": os.fsencode(p)} for i, p in enumerate(paths)],
                                  override_num_blocks=max(1, min(len(paths) // max(batch_size, 1), 4 * pool)))
         ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy", concurrency=pool,
