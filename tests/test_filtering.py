@@ -135,3 +135,83 @@ def test_filter_cli_errors(tmp_path, capsys, small_model_dir):
     code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
                  "--prototypes", "50", "--model", str(small_model_dir), "-q"])
     assert code == 1 and "k-means with k=50" in capsys.readouterr().err
+
+
+def test_scores_are_cosines_after_the_normaliser_fitted_on_exemplars_and_incoming():
+    from filterkit.filtering import filter_vectors
+    from filterkit.normalize import Normalizer
+
+    rng = np.random.default_rng(0)
+    common = np.eye(8, dtype=np.float32)[0] * 5  # a direction every vector shares
+    incoming = rng.normal(size=(70, 8)).astype(np.float32) + common
+    exemplars = rng.normal(size=(6, 8)).astype(np.float32) + common
+    paths = [Path(f"in{i}.jpg") for i in range(len(incoming))]
+    ex_paths = [Path(f"ex{i}.jpg") for i in range(len(exemplars))]
+    for kind, expected_kind in (("auto", "center"), ("none", "none"), ("whiten", "whiten")):
+        result = filter_vectors(paths, incoming, ex_paths, exemplars, threshold=0.0, normalize=kind)
+        norm = Normalizer.fit(np.concatenate([incoming, exemplars]), kind)
+        sims = norm(incoming) @ norm(exemplars).T
+        expected = np.sort(sims, axis=1)[:, -3:].mean(axis=1)  # mean of the top 3
+        assert np.allclose([d.score for d in result.decisions], expected, atol=1e-5)
+        assert result.summary()["normalize"]["kind"] == expected_kind
+        assert result.summary()["normalize"]["fitted_on"] == 76
+    # Raw cosines of vectors sharing a large component are all high; centred ones are not.
+    raw = filter_vectors(paths, incoming, ex_paths, exemplars, threshold=0.0, normalize="none")
+    centred = filter_vectors(paths, incoming, ex_paths, exemplars, threshold=0.0, normalize="center")
+    assert min(d.score for d in raw.decisions) > 0.7
+    assert np.mean([d.score for d in centred.decisions]) < 0.5
+    assert "centred on 76 vectors" in centred.summary_line()
+
+
+def test_the_pool_mixture_recovers_the_prevalence_and_its_estimates_equal_their_formulas():
+    from scipy.stats import norm
+
+    from filterkit.filtering import fit_pool, pool_threshold
+
+    rng = np.random.default_rng(0)
+    pool = np.concatenate([rng.normal(0.6, 0.05, 200), rng.normal(0.2, 0.1, 800)])  # 20 % keep-like
+    held_out = rng.normal(0.6, 0.05, 16)  # the exemplars' leave-one-out scores
+    model = fit_pool(pool, held_out)
+    assert model.prevalence == pytest.approx(0.2, abs=0.03)
+    assert (model.pos_mean, model.pos_std) == (pytest.approx(held_out.mean()), pytest.approx(held_out.std(ddof=1)))
+    t = pool_threshold(pool, held_out, target_recall=0.9)
+    assert t.value == pytest.approx(norm.ppf(0.1, model.pos_mean, model.pos_std))
+    assert t.est_recall == pytest.approx(0.9)
+    assert t.est_prevalence == pytest.approx(model.prevalence)
+    assert t.est_precision == pytest.approx(min(1.0, model.prevalence * 0.9 / (pool >= t.value).mean()))
+    true_precision = (pool[:200] >= t.value).sum() / (pool >= t.value).sum()
+    assert abs(t.est_precision - true_precision) < 0.05
+    strict = pool_threshold(pool, held_out, target_precision=0.99)
+    # Well-separated populations: precision 0.99 is reached below the recall-0.9 threshold.
+    assert strict.est_precision >= 0.99 and strict.value < t.value and strict.est_recall > 0.99
+
+
+def test_precision_is_stated_without_negatives_only_when_the_pool_can_be_fitted():
+    from filterkit.filtering import POOL_MIN, POOL_MIN_EXEMPLARS, filter_vectors
+
+    rng = np.random.default_rng(1)
+    dim = 16
+    centre = np.eye(dim, dtype=np.float32)[3] * 3
+    keep_like = rng.normal(size=(20, dim)).astype(np.float32) + centre
+    others = rng.normal(size=(80, dim)).astype(np.float32)
+    incoming = np.concatenate([keep_like, others])
+    exemplars = rng.normal(size=(POOL_MIN_EXEMPLARS, dim)).astype(np.float32) + centre
+    paths = [Path(f"{i}.jpg") for i in range(len(incoming))]
+    ex_paths = [Path(f"ex{i}.jpg") for i in range(len(exemplars))]
+    stated = filter_vectors(paths, incoming, ex_paths, exemplars).threshold
+    assert stated.est_prevalence == pytest.approx(0.2, abs=0.1) and stated.est_precision is not None
+    assert "est. 2" in stated.describe() or "est. 1" in stated.describe()
+    few = filter_vectors(paths[:POOL_MIN - 1], incoming[:POOL_MIN - 1], ex_paths, exemplars).threshold
+    too_few_exemplars = filter_vectors(paths, incoming, ex_paths[:2], exemplars[:2]).threshold
+    for t in (few, too_few_exemplars):
+        assert t.est_prevalence is None and t.est_precision is None and t.est_recall is not None
+
+
+def test_the_cli_and_the_library_default_to_the_same_normaliser():
+    import inspect
+
+    from filterkit.cli.collection import filter_command
+    from filterkit.filtering import DEFAULT_NORMALIZE, ImageFilter
+
+    assert inspect.signature(filter_command).parameters["normalize"].default == DEFAULT_NORMALIZE
+    assert inspect.signature(ImageFilter).parameters["normalize"].default == DEFAULT_NORMALIZE

@@ -106,6 +106,7 @@ def filter_command(
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
     prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine) | center | whiten, fitted on the exemplars and incoming images together; auto centres 64 images and more. A fixed --threshold is a cosine in that space.")] = "auto",
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
     dry_run: DryRunOpt = False,
@@ -130,7 +131,7 @@ def filter_command(
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
                                    batch_size=batch_size, workers=workers, progress=not quiet,
-                                   follow_symlinks=follow_symlinks)
+                                   follow_symlinks=follow_symlinks, normalize=normalize)
         image_filter.keep_like(keep_like)
         if reject_like is not None:
             image_filter.reject_like(reject_like)
