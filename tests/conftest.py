@@ -56,3 +56,27 @@ def small_model_dir(tmp_path_factory, small_encoder) -> Path:
     path = tmp_path_factory.mktemp("models") / "small"
     small_encoder.save(path)
     return path
+
+
+def _strings(value):
+    """Every string in a JSON document, keys included."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def assert_no_machine_path(doc, *folders):
+    """No string of ``doc`` is an absolute or home path, and none of ``folders`` appears in it."""
+    import json
+
+    for text in _strings(doc):
+        assert not text.startswith(("/", "~")) and ":\\" not in text, text
+    dumped = json.dumps(doc)
+    for folder in folders:
+        assert str(folder) not in dumped

@@ -15,8 +15,10 @@ import pytest
 
 from filterkit import Encoder
 from filterkit.cli import main
-from filterkit.modeldir import DEFAULT_MODEL, default_model_path
 from filterkit.errors import FilterkitError
+from filterkit.modeldir import DEFAULT_MODEL, default_model_path
+
+from conftest import assert_no_machine_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / DEFAULT_MODEL
@@ -38,22 +40,9 @@ def test_default_model_ships_in_models_and_loads_as_fp32():
     assert "MoCo v3" in (SHIPPED / "MODEL_CARD.md").read_text()
 
 
-def _strings(value):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-    elif isinstance(value, str):
-        yield value
-
-
 def test_shipped_provenance_is_names_and_counts_with_the_whole_init_chain():
     doc = json.loads((SHIPPED / "config.json").read_text())
-    for text in _strings(doc):
-        assert not text.startswith(("/", "~")) and ":\\" not in text, text
+    assert_no_machine_path(doc)
     assert doc["model_id"] == Encoder.load(SHIPPED, device="cpu").model_id  # metadata edits keep the id
     t = doc["training"]
     stages = t["stages"]

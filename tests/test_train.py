@@ -11,7 +11,7 @@ from filterkit.encoder import build_backbone
 from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainingStopped, TrainOptions, load_checkpoint, pretrain
 
-from conftest import sample_photo
+from conftest import assert_no_machine_path, sample_photo
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
@@ -279,27 +279,6 @@ def test_init_from_a_training_folder_or_a_model_directory(tmp_path, train_dir):
     assert doc["training"]["depth"] == 1 and doc["training"]["proj_hidden"] == 32
     assert doc["training"]["init"]["loaded"] == "encoders and heads"
     assert e.steps == 1
-
-
-def _strings(value):
-    """Every string in a JSON document, keys included."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-    elif isinstance(value, str):
-        yield value
-
-
-def assert_no_machine_path(doc, *folders):
-    for text in _strings(doc):
-        assert not text.startswith(("/", "~")) and ":\\" not in text, text
-    dumped = json.dumps(doc)
-    for folder in folders:
-        assert str(folder) not in dumped
 
 
 def test_init_from_chain_is_recorded_in_config_json_without_paths(tmp_path, train_dir):
