@@ -157,6 +157,13 @@ def lr_help() -> str:
     return "the recipe's: " + "; ".join(parts)
 
 
+def depth_help() -> str:
+    """``--depth``'s default: the recipes that set one, else the arch's."""
+    set_by = [f"{r.depth} for {p.name} on a {kind}" for p in PRESETS.values()
+              for kind, r in (("GPU", p.gpu), ("CPU", p.cpu)) if r is not None and r.depth is not None]
+    return "the recipe's" + (f" ({'; '.join(set_by)})" if set_by else "") + ", else the arch's"
+
+
 def _short(value: float) -> str:
     """0.0005 -> '5e-4'."""
     mantissa, exp = f"{value:e}".split("e")

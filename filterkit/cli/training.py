@@ -27,7 +27,7 @@ def pretrain(
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature.", show_default="0.2")] = None,
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0.", show_default="0.99")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear LR warmup before the half-cosine.", show_default="the preset's recipe")] = None,
-    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Override the preset's number of blocks.")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Number of blocks.", show_default=presets.depth_help())] = None,
     min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area.", show_default="the preset's recipe, else 0.08")] = None,
     no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
     freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
