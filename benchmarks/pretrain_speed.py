@@ -27,7 +27,8 @@ from filterkit.devices import autocast_dtype, pick_device
 from filterkit.encoder import build_backbone
 from filterkit.modeldir import ModelConfig
 from filterkit.moco import MoCo, mlp
-from filterkit.train import RECIPES, make_optimizer, train_step
+from filterkit.presets import get_preset
+from filterkit.train import make_optimizer, train_step
 
 
 def reference_ctr(q, k, tau):
@@ -69,7 +70,7 @@ def main() -> None:
 
     device = pick_device(args.device)
     cfg = ModelConfig.from_preset(args.preset)
-    hidden = RECIPES[args.preset]["gpu" if device.type == "cuda" else "cpu"]["proj_hidden"]
+    hidden = get_preset(args.preset).recipe(device.type).head_hidden
     torch.manual_seed(0)
     ours = MoCo(build_backbone(cfg), cfg.embed_dim, 256, hidden, hidden).to(device)
     ours_opt = make_optimizer(ours, 1e-4, 0.1, device)

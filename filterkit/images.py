@@ -236,6 +236,8 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     except PermissionError as e:
         raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
     except OSError as e:
+        if e.errno is not None:  # the OS failed to read (EIO, ENOENT mid-run): not the content
+            raise ImageReadError(f"cannot read file: {e.strerror or e}") from None
         raise ImageError(f"truncated or corrupt image data: {e}") from None
     except MemoryError:
         raise ImageError("image too large to decode in memory") from None

@@ -67,8 +67,8 @@ class Preset:
         kind = "gpu" if device_kind == "cuda" else "cpu"
         recipe = self.gpu if kind == "gpu" else self.cpu
         if recipe is None:
-            raise FilterkitError(f"preset {self.name} has no {kind.upper()} recipe: choose another "
-                                 f"--preset, or give --batch-size, --epochs and --warmup-epochs")
+            raise FilterkitError(f"preset {self.name} has no {kind.upper()} recipe: choose a --preset "
+                                 f"that has one (filterkit pretrain --help lists them)")
         return recipe
 
 
@@ -107,6 +107,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("vit-tiny-8-64", "vit-tiny", 8, 64, Recipe(128, 1, 1024, 10), _GPU),
     Preset("vit-tiny-16-224", "vit-tiny", 16, 224, Recipe(64, 1, 1024, 5), Recipe(512, 20, 4096, 100)),
     Preset("vit-small-16-224", "vit-small", 16, 224, Recipe(64, 1, 1024, 3), Recipe(1024, 40, 4096, 100)),
+    # For ViT-B weights imported with `model import-moco`: the paper's ViT-B recipe (batch 4096,
+    # 300 epochs, 40 warm-up; Chen et al. 2021, table 8) scaled to one GPU, and a CPU recipe that
+    # only adapts such weights for an epoch or two.
+    Preset("vit-base-16-224", "vit-base", 16, 224, Recipe(16, 0.1, 1024, 1), Recipe(512, 10, 4096, 100),
+           "ViT-B/16, for imported MoCo v3 weights"),
 )}
 
 # `filterkit pretrain` without --preset (and without --init-from): the measured CPU-hour recipe
@@ -132,8 +137,8 @@ def preset_for_arch(arch: str) -> str:
     for p in PRESETS.values():
         if p.arch == arch:
             return p.name
-    raise FilterkitError(f"no preset uses the {arch} architecture, so there is no recipe to train it "
-                         "with: give --preset of the same architecture")
+    raise FilterkitError(f"no preset uses the {arch} architecture, so there is no recipe to train "
+                         f"these weights with (presets: {preset_help()})")
 
 
 def preset_help() -> str:

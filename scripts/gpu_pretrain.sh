@@ -61,7 +61,8 @@ COMMON=(--preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --precision 
 # 1. Probe: steady images/s (median of the second half of the steps: the first ones warm up), on
 # one class hard-linked apart so that its decode takes a tenth of the time.
 rm -rf /tmp/fk-probe /tmp/fk-probe-data && mkdir -p /tmp/fk-probe-data
-cp -al "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/
+cp -al "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/ 2>/dev/null \
+  || cp -a "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/  # hard links fail across filesystems
 "${FK[@]}" pretrain /tmp/fk-probe-data --out /tmp/fk-probe "${COMMON[@]}" --max-steps "$PROBE_STEPS" \
     --checkpoint-every 100000
 N_TRAIN=$(find "$DATA/cifar10/train" -type f | wc -l)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ERRORS = {"FilterkitError": "error", "ImageError": "image skipped", "TrainingStopped": "training stopped",
+ERRORS = {"FilterkitError": "error", "ImageError": "image skipped", "ImageReadError": "image skipped",
+          "TrainingStopped": "training stopped",
           "bad": "invalid model config"}
 
 

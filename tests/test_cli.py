@@ -98,11 +98,26 @@ def test_usage_mistakes_get_typers_message_not_a_traceback(capsys, args, message
     assert message in err and "Traceback" not in err + out
 
 
-def test_the_installed_command_reports_a_typo_without_a_traceback():
-    done = subprocess.run([sys.executable, "-m", "filterkit", "dedup", ".", "--no-such-option"],
-                          capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("how", ["console script", "python -m"])
+def test_the_installed_command_reports_a_typo_without_a_traceback(how):
+    script = Path(sys.executable).parent / "filterkit"  # what `pip install` put beside this python
+    assert how != "console script" or script.exists(), f"filterkit is not installed in {script.parent}"
+    command = [str(script)] if how == "console script" else [sys.executable, "-m", "filterkit"]
+    done = subprocess.run([*command, "dedup", ".", "--no-such-option"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "No such option" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import filterkit.pipeline
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filterkit.pipeline, "embed_folder", interrupt)
+    (tmp_path / "in").mkdir()
+    code, out, err = run_cli(capsys, "embed", tmp_path / "in", "--cache", tmp_path / "c.sqlite")
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in out + err
 
 
 def test_help_does_not_import_torch():

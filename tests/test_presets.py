@@ -39,5 +39,9 @@ def test_a_preset_without_a_recipe_for_the_device_is_an_error_not_another_preset
 
 def test_imported_weights_train_with_a_recipe_of_their_arch():
     assert preset_for_arch("vit-small") == "vit-small-16-224"
-    with pytest.raises(FilterkitError, match="no preset uses the vit-base"):
-        preset_for_arch("vit-base")
+    # Every arch that `model import-moco` can name has a recipe (ViT-B weights are the common case).
+    for arch in ARCHS.values():
+        if arch.imports_width:
+            assert PRESETS[preset_for_arch(arch.name)].arch == arch.name
+    with pytest.raises(FilterkitError, match="no preset uses the vit-giant"):
+        preset_for_arch("vit-giant")

@@ -409,8 +409,9 @@ def test_ctrl_c_before_training_starts_claims_no_checkpoint(tmp_path, train_dir,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "discover_images", interrupt)
-    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])  # its exit status is main()'s
-    assert "checkpoint" not in capsys.readouterr().err
+    code = main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip() == "interrupted", err
     assert not (tmp_path / "m" / CHECKPOINT).exists()
 
 
@@ -425,8 +426,9 @@ def test_ctrl_c_in_the_loop_says_the_checkpoint_was_saved(tmp_path, train_dir, m
         return real(step, total, base)
 
     monkeypatch.setattr(train, "momentum_at", interrupt_at_step_1)
-    main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])
+    code = main(["pretrain", str(train_dir), "--out", str(tmp_path / "m"), *TINY_CLI])
     err = capsys.readouterr().err
+    assert code == 130 and err.count("interrupted") == 1, err
     assert "interrupted: checkpoint saved at step 1" in err and "--resume" in err
     assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"] == 1
 

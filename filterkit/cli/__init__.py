@@ -30,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except FilterkitError as e:
         echo_err(f"error: {e}")
         return 1
-    except KeyboardInterrupt:  # typers that do not turn Ctrl-C into exit status 130 themselves
+    except KeyboardInterrupt:  # outside a command (the commands handle their own: common._App)
         echo_err("interrupted")
         return 130
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,18 +10,38 @@ import typer
 
 from ..errors import FilterkitError
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """A Typer whose commands turn Ctrl-C into one line and exit status 130 themselves: typer 0.29
+    exits 130 silently, older typers let click print "Aborted!" and exit 1."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(f):
+            @functools.wraps(f)
+            def interruptible(*a, **kw):
+                try:
+                    return f(*a, **kw)
+                except KeyboardInterrupt:
+                    echo_err("interrupted")
+                    raise typer.Exit(130) from None
+            register(interruptible)
+            return f
+        return decorator
+
+
+app = _App(
     name="filterkit",
     help="Turn an unlabelled image collection into a trustworthy image filter.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
+model_app = _App(help="Create and inspect model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-index_app = typer.Typer(help="Build indexes for collections too large for memory.", no_args_is_help=True)
+index_app = _App(help="Build indexes for collections too large for memory.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-cache_app = typer.Typer(help="Manage embedding caches.", no_args_is_help=True)
+cache_app = _App(help="Manage embedding caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 FollowOpt = Annotated[bool, typer.Option(
