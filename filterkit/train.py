@@ -543,7 +543,7 @@ def pretrain(
         if not (out_dir / CHECKPOINT).is_file():
             raise FilterkitError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
         checkpoint = load_checkpoint(out_dir / CHECKPOINT)
-        options = _merge_resume_options(options, checkpoint["options"])
+        options = _merge_resume_options(options, checkpoint["options"], checkpoint.get("images"), world)
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise FilterkitError(f"{out_dir} already holds files: pass --resume to continue its training, "
                              "or choose a new --out folder")
@@ -555,6 +555,10 @@ def pretrain(
     options = options.resolved(dev.type)
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
+    if options.batch_size < 2 * world:  # each process's projector batch-normalises its share
+        per = "" if world == 1 else f" for {world} processes (2 per process)"
+        raise FilterkitError(f"--batch-size {options.batch_size} is too small: pretraining needs at least "
+                             f"{2 * world}{per}")
 
     if checkpoint is not None:
         cfg = ModelConfig.from_dict(checkpoint["model_config"])
@@ -781,9 +785,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))
 
 
-def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOptions:
+def _merge_resume_options(given: TrainOptions, saved: dict[str, Any], images: int | None = None,
+                          world: int = 1) -> TrainOptions:
     """The checkpoint's options, except where the caller gave a value (not None); a value that
-    would change the schedule must match."""
+    would change the schedule must match. A batch the run clamped to a small folder (``images``)
+    matches the batch size asked for."""
     merged = dict(saved)
     conflicts = []
     for f in fields(TrainOptions):
@@ -791,6 +797,9 @@ def _merge_resume_options(given: TrainOptions, saved: dict[str, Any]) -> TrainOp
         if value is None:
             continue  # not given by the caller
         saved_value = saved.get(f.name, DEFAULTS.get(f.name))  # older checkpoints lack newer keys
+        if (f.name == "batch_size" and images is not None and saved_value is not None
+                and saved_value == min(value, images // world * world)):
+            continue  # the same command again: keep the batch the run really trained with
         if f.name in _SCHEDULE_KEYS and saved_value is not None and saved_value != value:
             conflicts.append(f"{f.name} (checkpoint {saved_value!r}, now {value!r})")
         merged[f.name] = value

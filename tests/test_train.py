@@ -172,6 +172,21 @@ def test_a_folder_smaller_than_the_batch_scales_the_lr_to_the_real_batch(tmp_pat
     pretrain(train_dir, tmp_path / "m", opts, device="cpu", workers=0, progress=False)
     saved = load_checkpoint(tmp_path / "m" / CHECKPOINT)["options"]
     assert saved["batch_size"] == 24 and saved["lr"] == pytest.approx(saved["base_lr"] * 24 / 256)
+    # The same command with --resume continues (the batch asked for was clamped, not changed) ...
+    assert pretrain(train_dir, tmp_path / "m", opts, resume=True, device="cpu", workers=0, progress=False).steps == 1
+    assert load_checkpoint(tmp_path / "m" / CHECKPOINT)["options"]["batch_size"] == 24
+    # ... while another batch size is still a conflict.
+    with pytest.raises(FilterkitError, match="batch_size"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=1, epochs=1, **dict(TINY, batch_size=16)),
+                 resume=True, device="cpu", workers=0, progress=False)
+
+
+def test_a_batch_of_one_is_refused_before_any_work(tmp_path, train_dir):
+    # The projector batch-normalises each process's share: one image per process cannot train.
+    with pytest.raises(FilterkitError, match="--batch-size 1 is too small: pretraining needs at least 2"):
+        pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=1, **dict(TINY, batch_size=1)), device="cpu",
+                 workers=0, progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 def test_checkpoints_refuse_pickled_code(tmp_path):
