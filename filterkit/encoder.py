@@ -22,7 +22,7 @@ from PIL import Image
 
 from .augment import eval_transform
 from .devices import autocast, autocast_dtype, pick_device
-from .errors import FilterkitError, ImageError
+from .errors import FilterkitError, ImageError, ImageReadError
 from .images import to_rgb
 from .modeldir import FORMAT, ModelConfig, model_id_of, read_model_dir, write_model_dir
 
@@ -182,8 +182,8 @@ class Encoder:
         vectors, _, failures = embed_all([Path(p) for p in items], self.transform, self.config.img_size,
                                          self.embed_batch, batch_size, workers)
         if failures:
-            index, reason = failures[0]
-            raise ImageError(f"{items[index]}: {reason}")
+            first = failures[0]
+            raise (ImageReadError if first.unreadable else ImageError)(f"{items[first.index]}: {first.reason}")
         return vectors if vectors is not None else np.empty((0, self.dim), dtype=np.float32)
 
 

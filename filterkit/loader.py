@@ -95,15 +95,15 @@ def embed_all(
     batch_size: int = 64,
     workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+) -> tuple[np.ndarray | None, list[int], list[Failure]]:
     """Decode and embed ``paths``: (vectors [M, D] or None if none decoded, positions of those
-    M paths, (position, reason) of the failures). ``on_batch(n)`` reports progress."""
+    M paths, the failures). ``on_batch(n)`` reports progress."""
     vectors, kept, failures = [], [], []
     for batch in embed_batches(paths, transform, draft_size, embed_batch, batch_size, workers):
         if batch.indices:
             vectors.append(batch.vectors)
             kept += batch.indices
-        failures += [(f.index, f.reason) for f in batch.failures]
+        failures += batch.failures
         if on_batch:
             on_batch(len(batch.indices) + len(batch.failures))
     return (np.concatenate(vectors) if vectors else None), kept, failures
@@ -139,9 +139,9 @@ def decode_all(
     batch_size: int = 256,
     workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+) -> tuple[torch.Tensor, list[int], list[Failure]]:
     """Decode ``paths`` once into one tensor (e.g. uint8 [M, 3, S, S] for training from
-    memory): (tensor, positions of the M decoded paths, (position, reason) of the failures)."""
+    memory): (tensor, positions of the M decoded paths, the failures)."""
     out: torch.Tensor | None = None  # filled in place: no second copy of a large store
     kept, failures = [], []
     for batch in iter_batches(paths, transform, draft_size, batch_size=batch_size, workers=workers):
@@ -150,7 +150,7 @@ def decode_all(
                 out = torch.empty((len(paths), *batch.pixels.shape[1:]), dtype=batch.pixels.dtype)
             out[len(kept):len(kept) + len(batch.indices)] = batch.pixels
             kept += batch.indices
-        failures += [(f.index, f.reason) for f in batch.failures]
+        failures += batch.failures
         if on_batch:
             on_batch(len(batch.indices) + len(batch.failures))
     return (out[:len(kept)] if out is not None else torch.empty(0)), kept, failures

@@ -264,7 +264,7 @@ def _decode_store(paths: list[Path], img_size: int, workers: int | None, progres
         store, kept, failures = decode_all(unique, store_transform(side), side, workers=workers,
                                            on_batch=advance)
     row_of = {u: row for row, u in enumerate(kept)}
-    failed = dict(failures)
+    failed = {f.index: f.reason for f in failures}
     rows = [row_of[u] for u in slot if u in row_of]
     kept_paths = [p for p, u in zip(paths, slot) if u in row_of]
     skips = [Skip(p, unreadable[n] if u < 0 else failed[u]) for n, (p, u) in enumerate(zip(paths, slot))
