@@ -195,13 +195,13 @@ def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, thresh
     if encoder is None:
         raise FilterkitError("find_duplicates(folder) needs encoder= to embed the folder")
     from .index import cached_index, content_key
-    from .pipeline import embed_folder
+    from .pipeline import cache_or_default, embed_folder
 
-    found = embed_folder(source, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
-    index = None
-    if len(found.vectors):
-        index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes),
-                             cache.index_dir if cache is not None else None)
+    with cache_or_default(cache) as store:  # the default cache keeps the folder's index too
+        found = embed_folder(source, encoder, store, batch_size, workers, progress, follow_symlinks=follow_symlinks)
+        index = None
+        if len(found.vectors):
+            index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes), store.index_dir)
     groups = duplicate_groups(found.paths, found.hashes, found.vectors, threshold, index)
     return DedupResult(groups, threshold, found.skipped)
 

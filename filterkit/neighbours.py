@@ -65,17 +65,17 @@ def search_folder(queries: Sequence[str | os.PathLike], folder: str | os.PathLik
                   cache=None, batch_size: int = 64, workers: int | None = None, progress: bool = False,
                   follow_symlinks: bool = False) -> Neighbours:
     """The ``k`` images of ``folder`` nearest to each query. ``cache``: an open
-    ``EmbeddingCache`` (None: the default cache; no index is kept then)."""
+    ``EmbeddingCache`` (None: the default cache), beside which the folder's index is kept."""
     from .index import cached_index, content_key, search
-    from .pipeline import embed_folder
+    from .pipeline import cache_or_default, embed_folder
 
     query_paths, query_vectors = _embed_queries(queries, encoder, batch_size)
-    found = embed_folder(folder, encoder, cache, batch_size=batch_size, workers=workers, progress=progress,
-                         follow_symlinks=follow_symlinks)
-    if not found.paths:
-        raise FilterkitError(f"none of the images in {folder} could be decoded")
-    index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes),
-                         cache.index_dir if cache is not None else None)
+    with cache_or_default(cache) as store:
+        found = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers, progress=progress,
+                             follow_symlinks=follow_symlinks)
+        if not found.paths:
+            raise FilterkitError(f"none of the images in {folder} could be decoded")
+        index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes), store.index_dir)
     result = search(index, query_vectors, k)
     return Neighbours([QueryHits(q, [Hit(found.paths[j], float(s)) for s, j in zip(scores, ids) if j >= 0])
                          for q, scores, ids in zip(query_paths, result.scores, result.ids)], found.skipped)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ class EmbeddedFolder:
     def summary(self) -> dict:
         return {"images": len(self.paths) + len(self.skipped), "embedded": self.n_embedded,
                 "cached": self.n_cached, "skipped": [s.to_dict() for s in self.skipped]}
+
+
+@contextmanager
+def cache_or_default(cache: EmbeddingCache | None) -> Iterator[EmbeddingCache]:
+    """``cache`` itself, or the default cache opened (and closed) around the block."""
+    if cache is not None:
+        yield cache
+    else:
+        with EmbeddingCache() as default_cache:
+            yield default_cache
 
 
 def embed_folder(
@@ -72,11 +83,8 @@ def embed_folder(
         refused = [s for s in refused if shard_of(s.path, Path(root), count) == index]
     if not paths:  # more shards than images, or only refused links
         return EmbeddedFolder([], [], np.empty((0, encoder.dim), np.float32), skipped=refused)
-    if cache is None:
-        with EmbeddingCache() as default_cache:
-            result = embed_paths(paths, encoder, default_cache, batch_size, workers, progress, draft, runner)
-    else:
-        result = embed_paths(paths, encoder, cache, batch_size, workers, progress, draft, runner)
+    with cache_or_default(cache) as store:
+        result = embed_paths(paths, encoder, store, batch_size, workers, progress, draft, runner)
     result.skipped = sorted(result.skipped + refused, key=lambda s: s.path)
     return result
 

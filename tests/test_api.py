@@ -85,3 +85,17 @@ def test_lazy_exports_are_listed_by_dir_and_resolve():
         assert getattr(filterkit, name) is not None
     with pytest.raises(AttributeError):
         filterkit.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("workflow", ["dedup", "search"])
+def test_without_a_cache_argument_the_default_cache_keeps_the_folder_index(workflow, photos_dir, small_encoder,
+                                                                          private_cache, monkeypatch):
+    import filterkit.index
+
+    monkeypatch.setattr(filterkit.index, "EXACT_MAX", 2)  # an IVF index (exact ones are not kept) for 8 photos
+    if workflow == "dedup":
+        find_duplicates(photos_dir, encoder=small_encoder, threshold=0.99)
+    else:
+        search_folder([sorted(photos_dir.iterdir())[0]], photos_dir, small_encoder, k=2)
+    kept = list(private_cache.with_name(private_cache.name + ".indexes").glob("*.ivf.faiss"))
+    assert len(kept) == 1
