@@ -40,8 +40,9 @@ def test_embed_then_search_json(tmp_path, capsys, photos_dir, small_model_dir):
     query = photos_dir / "chelsea.jpg"
     code, out, _ = run_cli(capsys, "search", query, "--in", photos_dir, "-k", "3",
                            "--model", small_model_dir, "--json", "-q")
-    answers = json.loads(out)
-    assert code == 0 and len(answers) == 1
+    found = json.loads(out)
+    answers = found["queries"]
+    assert code == 0 and len(answers) == 1 and found["skipped"] == []
     assert answers[0]["query"] == str(query)
     assert [r["path"] for r in answers[0]["results"]][0] == str(query)
     assert len(answers[0]["results"]) == 3

@@ -84,7 +84,7 @@ def test_commands_without_model_use_the_default(capsys):
     assert main(["search", str(EXAMPLES / "exemplars" / "cat.jpg"), "--in", str(EXAMPLES / "incoming"),
                  "-k", "1", "--json", "--quiet"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert Path(hits[0]["results"][0]["path"]).name.startswith("cat_")
+    assert Path(hits["queries"][0]["results"][0]["path"]).name.startswith("cat_")
 
 
 def _run(args, cwd, env_extra=None, timeout=300):

@@ -152,7 +152,8 @@ def test_every_command_survives_the_corpus(hostile, tmp_path, capsys, small_mode
     assert {"astronaut.jpg", "same_as_astronaut.jpg"} <= dup_names
 
     searched = run("search", str(root / "sub" / "astronaut.jpg"), "--in", str(root), "-k", "3")
-    assert _names(r["path"] for r in searched[0]["results"]) & {"astronaut.jpg", "same_as_astronaut.jpg"}
+    assert _names(r["path"] for r in searched["queries"][0]["results"]) & {"astronaut.jpg", "same_as_astronaut.jpg"}
+    assert searched["skipped"], "the hostile folder's bad files are reported by search too"
 
     clustered = run("cluster", str(root), "--k", "3")
     assigned = clustered["images"] if isinstance(clustered, dict) else clustered

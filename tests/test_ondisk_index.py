@@ -63,9 +63,9 @@ def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_enc
     capsys.readouterr()
     query = str(photos_dir / "chelsea.jpg")
     assert main(["search", query, "--index", str(tmp_path / "idx"), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
-    from_index = json.loads(capsys.readouterr().out)[0]["results"]
+    from_index = json.loads(capsys.readouterr().out)["queries"][0]["results"]
     assert main(["search", query, "--in", str(photos_dir), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
-    from_folder = json.loads(capsys.readouterr().out)[0]["results"]
+    from_folder = json.loads(capsys.readouterr().out)["queries"][0]["results"]
     assert from_index[0]["path"].endswith("chelsea.jpg")
     assert [r["path"] for r in from_index] == [r["path"] for r in from_folder]
     # Another model's queries are refused.

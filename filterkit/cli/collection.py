@@ -82,7 +82,7 @@ def search(
         with EmbeddingCache(cache) as store:
             result = search_folder(queries, folder, encoder, k, store, batch_size, workers, not quiet, follow_symlinks)
     if as_json:
-        typer.echo(json.dumps([q.to_dict() for q in result.queries], indent=2))
+        typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     print_skips(result.skipped, quiet)
     from rich.console import Console
