@@ -25,6 +25,7 @@ from .devices import autocast, autocast_dtype, pick_device
 from .errors import FilterkitError, ImageError, ImageReadError
 from .images import to_rgb
 from .modeldir import FORMAT, ModelConfig, model_id_of, read_model_dir, write_model_dir
+from .presets import RANDOM_INIT_PRESET
 
 
 def sincos_pos_embed(cfg: ModelConfig) -> torch.Tensor:
@@ -76,7 +77,7 @@ class Encoder:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def random(cls, preset: str = "vit-tiny-16-224", seed: int = 0, **overrides: Any) -> Encoder:
+    def random(cls, preset: str = RANDOM_INIT_PRESET, seed: int = 0, **overrides: Any) -> Encoder:
         """A randomly initialised encoder (the baseline every quality figure is compared to)."""
         cfg = ModelConfig.from_preset(preset, **overrides)
         torch.manual_seed(seed)

@@ -114,6 +114,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "ViT-B/16, for imported MoCo v3 weights"),
 )}
 
+# The training options no recipe sets (train.TrainOptions fills them last).
+TRAIN_DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentum=0.99, out_dim=256, predictor=True,
+                                      freeze_patch_embed=False, seed=0, checkpoint_every=500, data_in_memory=False,
+                                      min_crop_scale=0.08)  # the BYOL recipe's crop
+
+# `Encoder.random` and `filterkit model init` without --preset: the ViT-Ti/16 of timm at 224 px.
+RANDOM_INIT_PRESET = "vit-tiny-16-224"
+
 # `filterkit pretrain` without --preset (and without --init-from): the measured CPU-hour recipe
 # on a CPU, the GPU recipe measured on a GPU.
 DEFAULT_PRESETS = {"cpu": "vit-mini-conv-8-32", "cuda": "vit-tiny-4-32"}

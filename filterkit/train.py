@@ -36,7 +36,7 @@ from .fsutil import atomic_write_bytes
 from .images import Skip, discover_images, load_image, split_outside_links
 from .loader import decode_all, default_workers
 from .moco import MoCo, gather_keys, momentum_at
-from .presets import default_preset, get_preset, preset_for_arch
+from .presets import TRAIN_DEFAULTS, default_preset, get_preset, preset_for_arch
 from .progress import progress_bar
 
 CHECKPOINT = Path("training") / "checkpoint.pt"
@@ -50,9 +50,7 @@ COLLAPSE_STD = 0.05
 MONITOR_WAIT = timedelta(hours=24)
 
 # What a field left unset becomes when no recipe sets it (see TrainOptions.resolved).
-DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentum=0.99, out_dim=256, predictor=True,
-                                freeze_patch_embed=False, seed=0, checkpoint_every=500, data_in_memory=False,
-                                min_crop_scale=0.08)  # the BYOL recipe's crop
+DEFAULTS = TRAIN_DEFAULTS  # what no recipe sets (presets.py, where the CLI's help reads them too)
 
 
 @dataclass

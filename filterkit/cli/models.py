@@ -15,7 +15,7 @@ from .common import JsonOpt, ModelOpt, QuietOpt, cache_app, index_app, load_enco
 @model_app.command("init")
 def model_init(
     out: Annotated[Path, typer.Option("--out", help="Model directory to create.")],
-    preset: Annotated[str, typer.Option("--preset", help=presets.preset_help())] = "vit-tiny-16-224",
+    preset: Annotated[str, typer.Option("--preset", help=presets.preset_help())] = presets.RANDOM_INIT_PRESET,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
 ) -> None:
