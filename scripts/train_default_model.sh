@@ -24,7 +24,9 @@ for need in imagenette/train cifar10/train cifar10/test; do
 done
 cd "$(dirname "$0")/.."
 SPLITS=$DATA/splits
-RUN1=${RUN1:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage1}
+# The folders' base names are the stage names in the provenance chain of the shipped config.json
+# (stage 1 was first run as filterkit-vit-mini, before it had successors).
+RUN1=${RUN1:-$HOME/.cache/filterkit-runs/filterkit-vit-mini}
 RUN2=${RUN2:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage2}
 RUN3=${RUN3:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage3}
 RUN=${RUN:-$HOME/.cache/filterkit-runs/filterkit-vit-mini-stage4}
