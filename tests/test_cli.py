@@ -209,6 +209,13 @@ def test_pretrain_lr_help_names_every_base_lr_of_the_preset_table(capsys, monkey
     missing = lrs - set(re.findall(r"(\S+) x batch / 256", text))
     assert code == 0 and not missing, missing
     assert _short(0.0005) == "5e-4" and _short(0.00015) == "1.5e-4"
+    # The resolved lr of the CPU default is what the help says for its arch: 5e-4 x 128 / 256.
+    from filterkit.presets import default_preset, get_preset
+    from filterkit.train import TrainOptions
+
+    preset = get_preset(default_preset("cpu"))
+    assert f"5e-4 x batch / 256 for {preset.arch};" in text
+    assert TrainOptions().resolved("cpu").lr == pytest.approx(5e-4 * preset.cpu.batch_size / 256)
 
 
 def test_model_init_help_lists_every_preset(capsys, monkeypatch):
