@@ -142,8 +142,8 @@ class FilterResult:
         return {**self.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
                 "est_recall": t.est_recall, "est_precision": t.est_precision, "est_prevalence": t.est_prevalence,
                 "target_recall": t.target_recall, "target_precision": t.target_precision,
-                # What est_recall / est_precision count: the threshold alone, whatever the review band.
-                "estimates_count": "images at or above the threshold as kept, review included",
+                # est_recall / est_precision are of the threshold alone, whatever the review band.
+                "estimates_count_review_as": "kept at or above the threshold, rejected below it",
                 "review_band": round(t.review_band, 6), "review_band_source": t.review_source,
                 "scoring": self.scoring, "exemplars": self.exemplars,
                 "negatives": self.negatives, "prototypes": self.prototypes,
@@ -153,8 +153,8 @@ class FilterResult:
     def summary_line(self) -> str:
         c = self.counts()
         similarity = f"; {self.normalizer.describe()}" if self.normalizer else ""
-        return (f"kept {c['keep']}, review {c['review']}, rejected {c['reject']}, errors {c['error']}; "
-                f"scoring {self.scoring}; "
+        scoring = f"scoring {self.scoring}; " if self.scoring != DEFAULT_SCORING else ""
+        return (f"kept {c['keep']}, review {c['review']}, rejected {c['reject']}, errors {c['error']}; {scoring}"
                 f"threshold {self.threshold.describe()}{similarity}")
 
     def to_dict(self) -> dict:
@@ -222,7 +222,7 @@ def linear_scores(queries: np.ndarray, keep: np.ndarray, reject: np.ndarray, c: 
     """Decision value w.x + b of a logistic regression fitted to tell the keep-like exemplars (1)
     from the reject-like ones (0), both sets weighted equally (class_weight="balanced")."""
     if len(keep) == 0 or len(reject) == 0:
-        raise FilterkitError("--scoring linear needs keep-like and reject-like exemplars (--reject-like)")
+        raise FilterkitError("scoring 'linear' needs keep-like and reject-like exemplars")
     return _classifier(c).fit(*_labelled(keep, reject)).decision_function(queries).astype(np.float32)
 
 
@@ -234,7 +234,7 @@ def held_out_linear_scores(keep: np.ndarray, reject: np.ndarray, c: float = LINE
 
     folds = min(_FOLDS, len(keep), len(reject))
     if folds < 2:
-        raise FilterkitError("--scoring linear with --threshold auto needs at least two keep-like and two "
+        raise FilterkitError("scoring 'linear' with an automatic threshold needs at least two keep-like and two "
                              "reject-like exemplars")
     x, y = _labelled(keep, reject)
     values = cross_val_predict(_classifier(c), x, y, method="decision_function",
@@ -421,8 +421,8 @@ def decide(paths: list[Path], keep: np.ndarray, nearest: list[Path], threshold: 
         loses = rscore is not None and rscore >= score
         if band > 0 and abs(score - threshold) <= band and not loses:
             decision = "review"
-            reason = (f"score {score:.3f}{against} is within +-{band:.3f} of the threshold {threshold:.3f}, "
-                      f"closer than the threshold is known; nearest exemplar {near.name}")
+            reason = (f"score {score:.3f}{against} is within +-{band:.3f} of the threshold {threshold:.3f} "
+                      f"(the review band): too close to call; nearest exemplar {near.name}")
         elif score < threshold:
             decision, reason = "reject", f"score {score:.3f}{against} is below the threshold {threshold:.3f}"
         elif loses:
@@ -448,15 +448,13 @@ class ImageFilter:
     def __init__(self, encoder, cache=None, threshold: float | str = "auto", prototypes: int | None = None,
                  m: int = DEFAULT_M, target_recall: float = DEFAULT_TARGET_RECALL, batch_size: int = 64,
                  workers: int | None = None, progress: bool = False, follow_symlinks: bool = False,
-                 normalize: str = DEFAULT_NORMALIZE, scoring: str = DEFAULT_SCORING,
-                 review_band: float | str = "auto") -> None:
+                 normalize: str = DEFAULT_NORMALIZE, review_band: float | str = "auto") -> None:
         if threshold != "auto" and not isinstance(threshold, (int, float)):
             raise FilterkitError(f"threshold must be 'auto' or a number, got {threshold!r}")
         _check_review_band(review_band)
-        parse_scoring(scoring)
         self.encoder, self.cache, self.normalize = encoder, cache, normalize
         self.threshold, self.prototypes, self.m, self.target_recall = threshold, prototypes, m, target_recall
-        self.scoring, self.review_band = scoring, review_band
+        self.review_band = review_band
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.follow_symlinks = follow_symlinks
         self._keep: tuple[list[Path], np.ndarray] | None = None
@@ -494,7 +492,7 @@ class ImageFilter:
         return filter_vectors(found.paths, found.vectors, *self._keep, *(self._reject or (None, None)),
                               threshold=self.threshold, prototypes=self.prototypes, m=self.m,
                               target_recall=self.target_recall, skipped=found.skipped,
-                              skipped_exemplars=self._skipped, normalize=self.normalize, scoring=self.scoring,
+                              skipped_exemplars=self._skipped, normalize=self.normalize,
                               review_band=self.review_band)
 
 
@@ -502,7 +500,7 @@ def parse_scoring(scoring: str) -> tuple[str, bool]:
     """"topm", "linear+knn"... -> (base scoring, smoothed over the kNN graph or not)."""
     base, plus, rest = scoring.partition("+")
     if base not in SCORINGS or (plus and rest != "knn"):
-        raise FilterkitError(f"--scoring must be one of {', '.join(SCORINGS)}, optionally with +knn "
+        raise FilterkitError(f"scoring must be one of {', '.join(SCORINGS)}, optionally with +knn "
                              f"(e.g. topm+knn), got {scoring!r}")
     return base, bool(plus)
 
@@ -527,7 +525,9 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
     exemplar sets together, and applied to all of them before any cosine. ``scoring``: see
     the module docstring; ``prototypes=K`` implies "prototypes". With "+knn" the exemplars'
     held-out scores used for the threshold are smoothed the same way, over their nearest
-    incoming images, so threshold and scores stay comparable.
+    incoming images, so threshold and scores stay comparable. ``linear`` and ``+knn`` are
+    offered here only, for benchmarks/filter_quality.py: neither beat top-m beyond the spread
+    over exemplar draws (benchmarks/README.md), so ImageFilter and the CLI do not take them.
 
     ``review_band="auto"``: the threshold's bootstrap spread, i.e. the standard deviation of
     the automatic threshold over ``BOOTSTRAP_RESAMPLES`` resamples (with replacement) of the
@@ -543,11 +543,11 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
     if base == "prototypes":
         prototypes = prototypes or DEFAULT_PROTOTYPES
     elif prototypes:
-        raise FilterkitError(f"--prototypes goes with --scoring prototypes or topm, not {scoring}")
+        raise FilterkitError(f"prototypes=K goes with scoring 'prototypes' or 'topm', not {scoring!r}")
     scoring = base + ("+knn" if smooth else "")
     has_neg = reject_vectors is not None and len(reject_vectors) > 0
     if base == "linear" and not has_neg:
-        raise FilterkitError("--scoring linear needs reject-like exemplars (--reject-like): a classifier "
+        raise FilterkitError("scoring 'linear' needs reject-like exemplars: a classifier "
                              "learns keep-like against reject-like")
     normalizer = Normalizer.fit(np.concatenate([v for v in (vectors, keep_vectors, reject_vectors)
                                                 if v is not None and len(v)]), normalize)
