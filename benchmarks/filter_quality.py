@@ -64,7 +64,7 @@ def evaluate(name, vectors, labels, pools, incoming, args, normalizations, scori
                                         None if negatives is None else [Path(str(i)) for i in negatives],
                                         None if negatives is None else vectors[negatives], normalize=norm,
                                         target_precision=args.target_precision, target_recall=args.target_recall,
-                                        scoring=scoring,
+                                        scoring=scoring, review_band=args.review_band,
                                         prototypes=args.prototypes if scoring.startswith("prototypes") else None)
                 score = np.array([d.score for d in result.decisions])
                 rscore = np.array([-np.inf if d.reject_score is None else d.reject_score for d in result.decisions])
@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--per-class", action="store_true", help="stated vs true recall and precision per class (first draw)")
     parser.add_argument("--target-precision", type=float, default=None, help="--threshold auto's target instead of --target-recall")
     parser.add_argument("--target-recall", type=float, default=0.95, help="--threshold auto's recall target")
+    parser.add_argument("--review-band", default="auto",
+                        help="auto (the threshold's bootstrap spread) or a width; 0 skips the bootstrap, which "
+                             "refits the pool mixture 100 times per class with --target-precision")
     parser.add_argument("--normalize", nargs="+", default=["none", "center", "whiten"],
                         help="normalisations to compare side by side")
     parser.add_argument("--scoring", nargs="+", default=["topm"],
@@ -135,6 +138,7 @@ def main() -> None:
                              "linear only with negatives")
     parser.add_argument("--prototypes", type=int, default=DEFAULT_PROTOTYPES, help="K of --scoring prototypes")
     args = parser.parse_args()
+    args.review_band = args.review_band if args.review_band == "auto" else float(args.review_band)
     args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 
     data = labelled_images(args.imagenette)
