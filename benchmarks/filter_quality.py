@@ -104,6 +104,7 @@ def evaluate(name, vectors, labels, pools, incoming, args, normalizations, scori
         reference = next(sc for (s, n, sc) in table if (s, n) == (setting, norm))
         delta = a[:, 0] - np.array(table[(setting, norm, reference)])[:, 0]
         paired = f" (vs {reference}: {delta.mean():+.3f} ± {delta.std():.3f} paired)" if scoring != reference else ""
+        in_band = f"{mean[8]:.1%}" if np.isfinite(mean[8]) else "-"
         covered = f", the recall target's threshold on the incoming set within it for {mean[13]:.0%} of the classes" \
             if np.isfinite(mean[13]) else ""
         est_p = f", est. precision {mean[4]:.3f}" if np.isfinite(mean[4]) else ""
@@ -111,7 +112,7 @@ def evaluate(name, vectors, labels, pools, incoming, args, normalizations, scori
         print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s}: AUROC {mean[0]:.3f} ± {spread[0]:.3f}{paired}; "
               f"auto threshold: precision {mean[1]:.3f} ± {spread[1]:.3f}, recall {mean[2]:.3f} ± {spread[2]:.3f} "
               f"(est. recall {mean[3]:.3f}{est_p}{errors}); review band ±{mean[12]:.3f}: {mean[7]:.1%} of the "
-              f"images{covered}, wrong by the threshold {mean[8]:.1%} of them vs {mean[9]:.1%} outside; keep decisions "
+              f"images{covered}, wrong by the threshold {in_band} of them vs {mean[9]:.1%} outside; keep decisions "
               f"alone: precision {mean[10]:.3f}, recall {mean[11]:.3f} (mean over classes)")
 
 
