@@ -1,14 +1,16 @@
 """Keep-like filtering quality on Imagenette, with the baselines measured in the same run.
 
-    python benchmarks/filter_quality.py [--data DIR] \
-        [--model models/x] [--exemplars 16 --incoming-per-class 50]
+    python benchmarks/filter_quality.py [--data DIR] [--model models/x] [--exemplars 16 --incoming-per-class 50] \
+        [--normalize none center whiten] [--scoring topm prototypes linear topm+knn linear+knn]
 
 Each class folder, sorted by file name, gives an exemplar pool (its first 20 %) and incoming
 images (its last ``--incoming-per-class``). For each class: 16 exemplars from its pool, the
 incoming set of all classes scored against them; reported: mean over classes of the AUROC of
 the keep-like score (this class vs the rest), and precision / recall of the keep decisions at
-``--threshold auto``. Then the same with 16 reject-like exemplars drawn from the other
-classes' pools. Encoders: the model given (if any), the same architecture at random init,
+``--threshold auto`` (the threshold alone, review counted as kept at or above it), the review
+band's share of the images and how often the threshold is wrong inside and outside it. Then the
+same with 16 reject-like exemplars drawn from the other classes' pools. One row per
+normalisation and scoring. Encoders: the model given (if any), the same architecture at random init,
 and raw 32x32 pixels.
 """
 
@@ -24,7 +26,7 @@ import torch
 from filterkit import Encoder
 from filterkit.augment import eval_transform
 from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
-from filterkit.filtering import filter_vectors
+from filterkit.filtering import DEFAULT_PROTOTYPES, filter_vectors
 from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
@@ -41,11 +43,12 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def evaluate(name, vectors, labels, pools, incoming, args, normalizations):
-    """Rows per (setting, normalisation): one value per exemplar draw, each the mean over classes."""
+def evaluate(name, vectors, labels, pools, incoming, args, normalizations, scorings):
+    """Rows per (setting, normalisation, scoring): one value per exemplar draw, each the mean over classes."""
     n_classes = labels.max() + 1
     settings = ("no negatives", "with negatives")
-    table = {(s, n): [] for s in settings for n in normalizations}
+    table = {(s, n, sc): [] for s in settings for n in normalizations for sc in scorings
+             if s == "with negatives" or not sc.startswith("linear")}  # a classifier needs both sets
     for draw in range(args.draws):
         rng = np.random.default_rng(draw)
         per_class = {key: [] for key in table}
@@ -55,39 +58,62 @@ def evaluate(name, vectors, labels, pools, incoming, args, normalizations):
             neg = rng.choice(others, args.exemplars, replace=False)
             truth = labels[incoming] == c
             paths = [Path(str(i)) for i in incoming]
-            for setting, negatives in (("no negatives", None), ("with negatives", neg)):
-                for norm in normalizations:
-                    result = filter_vectors(paths, vectors[incoming], [Path(str(i)) for i in ex], vectors[ex],
-                                            None if negatives is None else [Path(str(i)) for i in negatives],
-                                            None if negatives is None else vectors[negatives], normalize=norm,
-                                            target_precision=args.target_precision)
-                    keep = np.array([d.decision == "keep" for d in result.decisions])
-                    score = np.array([d.score for d in result.decisions])
-                    margin = score - np.array([d.reject_score or 0.0 for d in result.decisions]) \
-                        if negatives is not None else score
-                    tp = (keep & truth).sum()
-                    t = result.threshold
-                    precision, recall = tp / max(keep.sum(), 1), tp / truth.sum()
-                    est_r = np.nan if t.est_recall is None else t.est_recall
-                    est_p = np.nan if t.est_precision is None else t.est_precision
-                    per_class[(setting, norm)].append(
-                        (auroc(margin, truth), precision, recall, est_r, est_p, abs(est_r - recall),
-                         abs(est_p - precision)))
-                    if args.per_class and draw == 0:
-                        print(f"  {name:>12} | {setting:14s} | {norm:6s} | class {c}: recall {recall:.3f} "
-                              f"(stated {est_r:.3f}), precision {precision:.3f} (stated {est_p:.3f})")
+            for setting, norm, scoring in table:
+                negatives = neg if setting == "with negatives" else None
+                result = filter_vectors(paths, vectors[incoming], [Path(str(i)) for i in ex], vectors[ex],
+                                        None if negatives is None else [Path(str(i)) for i in negatives],
+                                        None if negatives is None else vectors[negatives], normalize=norm,
+                                        target_precision=args.target_precision, target_recall=args.target_recall,
+                                        scoring=scoring, review_band=args.review_band,
+                                        prototypes=args.prototypes if scoring.startswith("prototypes") else None)
+                score = np.array([d.score for d in result.decisions])
+                rscore = np.array([-np.inf if d.reject_score is None else d.reject_score for d in result.decisions])
+                t = result.threshold
+                # The threshold alone (what est. recall / precision describe): review counted as kept
+                # at or above the threshold, as rejected below it.
+                kept = (score >= t.value) & (score > rscore)
+                review = np.array([d.decision == "review" for d in result.decisions])
+                sure_keep = np.array([d.decision == "keep" for d in result.decisions])
+                margin = score - np.where(np.isfinite(rscore), rscore, 0.0)
+                tp = (kept & truth).sum()
+                precision, recall = tp / max(kept.sum(), 1), tp / truth.sum()
+                wrong = kept != truth
+                # Is the band the threshold's error? Without negatives the threshold aims at a recall,
+                # so the one that reaches it on this incoming set is known: is it within the band?
+                ideal = np.quantile(score[truth], 1 - args.target_recall, method="lower")
+                covered = abs(t.value - ideal) <= t.review_band if t.target_recall is not None and negatives is None \
+                    else np.nan
+                est_r = np.nan if t.est_recall is None else t.est_recall
+                est_p = np.nan if t.est_precision is None else t.est_precision
+                per_class[(setting, norm, scoring)].append(
+                    (auroc(margin, truth), precision, recall, est_r, est_p, abs(est_r - recall),
+                     abs(est_p - precision), review.mean(), wrong[review].mean() if review.any() else np.nan,
+                     wrong[~review].mean(), (sure_keep & truth).sum() / max(sure_keep.sum(), 1),
+                     (sure_keep & truth).sum() / truth.sum(), t.review_band, covered))
+                if args.per_class and draw == 0:
+                    print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s} | class {c}: recall {recall:.3f} "
+                          f"(stated {est_r:.3f}), precision {precision:.3f} (stated {est_p:.3f})")
         for key, rows in per_class.items():
             with warnings.catch_warnings():  # est. precision is NaN for every class without negatives
                 warnings.simplefilter("ignore", RuntimeWarning)
                 table[key].append(np.nanmean(np.array(rows, dtype=float), axis=0))
-    for (setting, norm), draws in table.items():
-        a = np.array(draws)  # [draws, 5]
+    for (setting, norm, scoring), draws in table.items():
+        a = np.array(draws)  # [draws, 14]
         mean, spread = a.mean(axis=0), a.std(axis=0)
+        # Paired over the same draws: the difference to the setting's first scoring.
+        reference = next(sc for (s, n, sc) in table if (s, n) == (setting, norm))
+        delta = a[:, 0] - np.array(table[(setting, norm, reference)])[:, 0]
+        paired = f" (vs {reference}: {delta.mean():+.3f} ± {delta.std():.3f} paired)" if scoring != reference else ""
+        in_band = f"{mean[8]:.1%}" if np.isfinite(mean[8]) else "-"
+        covered = f", the recall target's threshold on the incoming set within it for {mean[13]:.0%} of the classes" \
+            if np.isfinite(mean[13]) else ""
         est_p = f", est. precision {mean[4]:.3f}" if np.isfinite(mean[4]) else ""
         errors = f"; |stated - true| recall {mean[5]:.3f}" + (f", precision {mean[6]:.3f}" if np.isfinite(mean[6]) else "")
-        print(f"  {name:>12} | {setting:14s} | {norm:6s}: AUROC {mean[0]:.3f} ± {spread[0]:.3f}; auto threshold: "
-              f"precision {mean[1]:.3f} ± {spread[1]:.3f}, recall {mean[2]:.3f} ± {spread[2]:.3f} "
-              f"(est. recall {mean[3]:.3f}{est_p}{errors}, mean over classes)")
+        print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s}: AUROC {mean[0]:.3f} ± {spread[0]:.3f}{paired}; "
+              f"auto threshold: precision {mean[1]:.3f} ± {spread[1]:.3f}, recall {mean[2]:.3f} ± {spread[2]:.3f} "
+              f"(est. recall {mean[3]:.3f}{est_p}{errors}); review band ±{mean[12]:.3f}: {mean[7]:.1%} of the "
+              f"images{covered}, wrong by the threshold {in_band} of them vs {mean[9]:.1%} outside; keep decisions "
+              f"alone: precision {mean[10]:.3f}, recall {mean[11]:.3f} (mean over classes)")
 
 
 def main() -> None:
@@ -101,10 +127,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--draws", type=int, default=3, help="exemplar draws (seeds); ± is the std over them")
     parser.add_argument("--per-class", action="store_true", help="stated vs true recall and precision per class (first draw)")
-    parser.add_argument("--target-precision", type=float, default=None, help="--threshold auto's target instead of recall 0.95")
+    parser.add_argument("--target-precision", type=float, default=None, help="--threshold auto's target instead of --target-recall")
+    parser.add_argument("--target-recall", type=float, default=0.95, help="--threshold auto's recall target")
+    parser.add_argument("--review-band", default="auto",
+                        help="auto (the threshold's bootstrap spread) or a width; 0 skips the bootstrap, which "
+                             "refits the pool mixture 100 times per class with --target-precision")
     parser.add_argument("--normalize", nargs="+", default=["none", "center", "whiten"],
                         help="normalisations to compare side by side")
+    parser.add_argument("--scoring", nargs="+", default=["topm"],
+                        help="scorings to compare side by side (filtering.SCORINGS, each optionally +knn); "
+                             "linear only with negatives")
+    parser.add_argument("--prototypes", type=int, default=DEFAULT_PROTOTYPES, help="K of --scoring prototypes")
     args = parser.parse_args()
+    args.review_band = args.review_band if args.review_band == "auto" else float(args.review_band)
     args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 
     data = labelled_images(args.imagenette)
@@ -145,7 +180,7 @@ def main() -> None:
         full[needed] = vecs
         # Whitening 3,072-d raw pixels costs minutes of eigendecompositions per class: skipped.
         normalizations = [n for n in args.normalize if enc is not None or n != "whiten"]
-        evaluate(name, full, data.labels, pools, incoming, args, normalizations)
+        evaluate(name, full, data.labels, pools, incoming, args, normalizations, args.scoring)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Keep-like / reject-like filtering: scores against exemplar sets or prototypes, threshold
 calibration from the exemplars themselves, and a decision with its reason for every image.
 
-Scores (cosine similarity of unit vectors):
-- against an exemplar set: the mean of the m largest similarities (m = min(3, #exemplars));
-- against prototypes (spherical k-means of the exemplars): the largest similarity.
+Scorings (cosine similarities of unit vectors, after the normaliser):
+- ``topm``: against an exemplar set, the mean of the m largest similarities (m = min(3, #exemplars));
+- ``prototypes`` (``prototypes=K``): the largest similarity to K spherical k-means prototypes;
+- ``linear`` (needs reject-like exemplars): the decision value of a logistic regression
+  trained on keep-like vs reject-like exemplars;
+- any of them ``+knn``: each score smoothed over the incoming images' kNN graph.
 An image is kept when its keep-like score reaches the threshold and is strictly higher than
-its reject-like score (a tie goes to reject).
+its reject-like score (a tie goes to reject); ``linear`` has one score and only the threshold.
+Images whose score is within the review band of the threshold get a third decision, ``review``.
 
 The array-level functions take and return numpy arrays, so they work on vectors from
 anywhere; :class:`ImageFilter` wires them to folders, the encoder and the cache.
@@ -17,7 +21,7 @@ anywhere; :class:`ImageFilter` wires them to folders, the encoder and the cache.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,13 @@ POOL_MIN_EXEMPLARS, POOL_MIN = 8, 50
 # keep-like AUROC 0.762 +- 0.004 over 3 exemplar draws vs 0.677 raw and 0.736 whitened; "auto"
 # centres collections of 64 vectors and more (normalize.AUTO_CENTER_MIN).
 DEFAULT_NORMALIZE = "auto"
-_FOLDS = 5  # cross-fitting folds for prototype scores of the exemplars themselves
+_FOLDS = 5  # cross-fitting folds for held-out scores of the exemplars themselves
+SCORINGS = ("topm", "prototypes", "linear")  # each may take "+knn" (smoothing over the incoming kNN graph)
+DEFAULT_SCORING = "topm"
+DEFAULT_PROTOTYPES = 4  # K of scoring "prototypes" when prototypes=K is not given
+LINEAR_C = 1.0  # inverse L2 penalty of the classifier: modest, as 16 + 16 exemplars in 192-d separate anyway
+SMOOTH_K, SMOOTH_ALPHA = 10, 0.5
+BOOTSTRAP_RESAMPLES = 100  # of the exemplars' held-out scores, for the review band
 
 
 @dataclass(frozen=True)
@@ -57,25 +67,34 @@ class Threshold:
     # est_precision is then the pool's (see pool_threshold), not one at equal prevalence.
     est_prevalence: float | None = None
     target_precision: float | None = None
+    # Scores within +- review_band of the value are decided "review" (0: no review band);
+    # review_source: "bootstrap" (the threshold's estimated error, see review_band) or "given".
+    review_band: float = 0.0
+    review_source: str | None = None
 
     def describe(self) -> str:
         """'0.812 auto (calibrated on the exemplars: est. recall 0.95, ...)'."""
         text = f"{self.value:.3f} {self.source}"
         if self.est_prevalence is not None:
             text += (f" (calibrated on the exemplars and the incoming pool: est. {self.est_prevalence:.0%} of it "
-                     f"keep-like; est. recall {self.est_recall:.2f}, est. precision {self.est_precision:.2f})")
+                     f"keep-like; est. recall {self.est_recall:.2f}, est. precision {self.est_precision:.2f}")
         elif self.est_recall is not None:
             text += f" (calibrated on the exemplars: est. recall {self.est_recall:.2f}"
             if self.est_precision is not None:
                 text += f", est. precision {self.est_precision:.2f} at equal prevalence"
-            text += ")"
+        if self.est_recall is not None:
+            text += (", of the threshold alone: review images at or above it counted as kept)" if self.review_band > 0
+                     else ")")
+        if self.review_band > 0:
+            why = "the threshold's bootstrap spread" if self.review_source == "bootstrap" else "given"
+            text += f"; review within +-{self.review_band:.3f} of it ({why})"
         return text
 
 
 @dataclass(frozen=True)
 class Decision:
     path: Path
-    decision: str  # "keep" | "reject" | "error"
+    decision: str  # "keep" | "review" | "reject" | "error"
     score: float | None
     reject_score: float | None
     nearest_exemplar: Path | None
@@ -104,14 +123,16 @@ class FilterResult:
     prototypes: int | None = None
     skipped_exemplars: list = field(default_factory=list)
     normalizer: Normalizer | None = None
+    scoring: str = DEFAULT_SCORING
 
     def categories(self) -> list[tuple[Path, str]]:
-        """(image, "kept" | "rejected") for file actions; images that failed stay where they are."""
-        return [(d.path, "kept" if d.decision == "keep" else "rejected")
-                for d in self.decisions if d.decision != "error"]
+        """(image, "kept" | "review" | "rejected") for file actions: the folders under --out.
+        Images that failed stay where they are."""
+        folder = {"keep": "kept", "review": "review", "reject": "rejected"}
+        return [(d.path, folder[d.decision]) for d in self.decisions if d.decision != "error"]
 
     def counts(self) -> dict[str, int]:
-        out = {"keep": 0, "reject": 0, "error": 0}
+        out = {"keep": 0, "review": 0, "reject": 0, "error": 0}
         for d in self.decisions:
             out[d.decision] += 1
         return out
@@ -120,7 +141,11 @@ class FilterResult:
         t = self.threshold
         return {**self.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
                 "est_recall": t.est_recall, "est_precision": t.est_precision, "est_prevalence": t.est_prevalence,
-                "target_recall": t.target_recall, "target_precision": t.target_precision, "exemplars": self.exemplars,
+                "target_recall": t.target_recall, "target_precision": t.target_precision,
+                # est_recall / est_precision are of the threshold alone, whatever the review band.
+                "estimates_count_review_as": "kept at or above the threshold, rejected below it",
+                "review_band": round(t.review_band, 6), "review_band_source": t.review_source,
+                "scoring": self.scoring, "exemplars": self.exemplars,
                 "negatives": self.negatives, "prototypes": self.prototypes,
                 "normalize": self.normalizer.to_dict() if self.normalizer else None,
                 "skipped_exemplars": [s.to_dict() for s in self.skipped_exemplars]}
@@ -128,7 +153,8 @@ class FilterResult:
     def summary_line(self) -> str:
         c = self.counts()
         similarity = f"; {self.normalizer.describe()}" if self.normalizer else ""
-        return (f"kept {c['keep']}, rejected {c['reject']}, errors {c['error']}; "
+        scoring = f"scoring {self.scoring}; " if self.scoring != DEFAULT_SCORING else ""
+        return (f"kept {c['keep']}, review {c['review']}, rejected {c['reject']}, errors {c['error']}; {scoring}"
                 f"threshold {self.threshold.describe()}{similarity}")
 
     def to_dict(self) -> dict:
@@ -180,6 +206,67 @@ def held_out_prototype_scores(exemplars: np.ndarray, k: int, seed: int = 0) -> n
         protos = spherical_kmeans(train, min(k, len(train)), seed=seed)
         scores[folds == f] = prototype_scores(exemplars[folds == f], protos).values
     return scores
+
+
+def _classifier(c: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
+
+
+def _labelled(keep: np.ndarray, reject: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([keep, reject]), np.r_[np.ones(len(keep)), np.zeros(len(reject))]
+
+
+def linear_scores(queries: np.ndarray, keep: np.ndarray, reject: np.ndarray, c: float = LINEAR_C) -> np.ndarray:
+    """Decision value w.x + b of a logistic regression fitted to tell the keep-like exemplars (1)
+    from the reject-like ones (0), both sets weighted equally (class_weight="balanced")."""
+    if len(keep) == 0 or len(reject) == 0:
+        raise FilterkitError("scoring 'linear' needs keep-like and reject-like exemplars")
+    return _classifier(c).fit(*_labelled(keep, reject)).decision_function(queries).astype(np.float32)
+
+
+def held_out_linear_scores(keep: np.ndarray, reject: np.ndarray, c: float = LINEAR_C,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each exemplar's decision value from a classifier fitted without it (stratified k-fold
+    cross-fitting): (keep-like exemplars', reject-like exemplars')."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = min(_FOLDS, len(keep), len(reject))
+    if folds < 2:
+        raise FilterkitError("scoring 'linear' with an automatic threshold needs at least two keep-like and two "
+                             "reject-like exemplars")
+    x, y = _labelled(keep, reject)
+    values = cross_val_predict(_classifier(c), x, y, method="decision_function",
+                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).astype(np.float32)
+    return values[:len(keep)], values[len(keep):]
+
+
+def neighbour_mean(pool_scores: np.ndarray, pool_vectors: np.ndarray, queries: np.ndarray | None = None,
+                   k: int = SMOOTH_K) -> np.ndarray:
+    """Mean of ``pool_scores`` over each query's k nearest pool vectors (cosine). Without
+    ``queries``: over each pool vector's k nearest others (itself left out)."""
+    own = queries is None
+    k = min(k, len(pool_vectors) - own)
+    if k < 1:
+        raise FilterkitError("kNN smoothing needs at least two incoming images")
+    found = search(build_index(pool_vectors), pool_vectors if own else queries, k + own)
+    ids = found.ids
+    if own:
+        # Drop each row's own entry; with exact duplicates it may not come first, and a row that
+        # lacks it (ties) drops its last neighbour instead.
+        is_self = ids == np.arange(len(ids))[:, None]
+        is_self[~is_self.any(axis=1), -1] = True
+        is_self &= np.cumsum(is_self, axis=1) == 1
+        ids = ids[~is_self].reshape(len(ids), k)
+    return np.asarray(pool_scores, np.float32)[ids].mean(axis=1)
+
+
+def smooth_scores(scores: np.ndarray, neighbour_means: np.ndarray, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
+    """score' = (1 - alpha) * score + alpha * (mean score of the k nearest incoming images): one
+    step of label propagation over the incoming images' kNN graph, so an image is pulled
+    towards the verdict of the images that look like it."""
+    return ((1 - alpha) * np.asarray(scores, np.float32) + alpha * np.asarray(neighbour_means, np.float32))
 
 
 # -- threshold -----------------------------------------------------------------------------------
@@ -259,6 +346,14 @@ def fit_pool(pool: np.ndarray, positives: np.ndarray, iterations: int = 200) -> 
     return PoolModel(pi, mu_p, sd_p, mu_n, sd_n)
 
 
+def pool_recall_threshold(positives: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL) -> float:
+    """The threshold at which the positives' normal (fitted as in ``fit_pool``) keeps ``target_recall``."""
+    from scipy.stats import norm
+
+    model = fit_pool(np.asarray(positives, np.float64), positives, iterations=0)
+    return float(norm.ppf(1.0 - target_recall, model.pos_mean, model.pos_std))
+
+
 def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL,
                    target_precision: float | None = None) -> Threshold:
     """The threshold for a target, with the recall and precision it is estimated to give on
@@ -273,8 +368,6 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
     true one and the stated precision within 0.12 on average; at a precision target of 0.5 the
     stated precision is 0.18 too high, so the CLI does not offer a precision target yet.
     """
-    from scipy.stats import norm
-
     pool = np.asarray(pool, np.float64)
     model = fit_pool(pool, positives)
 
@@ -287,28 +380,52 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
         ok = [t for t in candidates if precision(float(t)) >= target_precision]
         t = float(min(ok)) if ok else float(candidates.max())
     else:
-        t = float(norm.ppf(1.0 - target_recall, model.pos_mean, model.pos_std))
+        t = pool_recall_threshold(positives, target_recall)
     return Threshold(t, "auto", est_recall=float(model.recall(t)), est_precision=precision(t),
                      target_recall=None if target_precision is not None else target_recall,
                      est_prevalence=model.prevalence, target_precision=target_precision)
 
 
+def threshold_spread(calibrate, groups: list[tuple], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
+    """Standard deviation of the threshold ``calibrate(*arrays)`` (a float) over bootstrap
+    resamples of the exemplars: ``groups`` are tuples of arrays with one row per exemplar
+    (``None`` passes through), the arrays of a tuple resampled with the same rows."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        arrays = []
+        for group in groups:
+            rows = rng.integers(0, len(group[0]), len(group[0]))
+            arrays += [None if a is None else np.asarray(a)[rows] for a in group]
+        values.append(calibrate(*arrays))
+    return float(np.std(values))
+
+
 # -- decisions -----------------------------------------------------------------------------------
 def decide(paths: list[Path], keep: np.ndarray, nearest: list[Path], threshold: float,
            reject: np.ndarray | None = None, nearest_reject: list[Path] | None = None,
-           via: list[str] | None = None) -> list[Decision]:
+           via: list[str] | None = None, band: float = 0.0) -> list[Decision]:
     """One Decision per path, with its reason. ``keep``/``reject`` are the scores,
     ``nearest``/``nearest_reject`` the closest exemplar of each set, ``via`` optional words on
-    what was scored against (e.g. "prototype 3")."""
+    what was scored against (e.g. "prototype 3").
+
+    A score within ``band`` of the threshold (|score - threshold| <= band, band > 0) is decided
+    "review" unless the image is more like the reject-like exemplars: the threshold is not
+    known that precisely, so neither keep nor reject is trusted there."""
     out = []
     for i, path in enumerate(paths):
         score, near = float(keep[i]), nearest[i]
         rscore = float(reject[i]) if reject is not None else None
         rnear = nearest_reject[i] if nearest_reject is not None else None
         against = f" ({via[i]})" if via else ""
-        if score < threshold:
+        loses = rscore is not None and rscore >= score
+        if band > 0 and abs(score - threshold) <= band and not loses:
+            decision = "review"
+            reason = (f"score {score:.3f}{against} is within +-{band:.3f} of the threshold {threshold:.3f} "
+                      f"(the review band): too close to call; nearest exemplar {near.name}")
+        elif score < threshold:
             decision, reason = "reject", f"score {score:.3f}{against} is below the threshold {threshold:.3f}"
-        elif rscore is not None and rscore >= score:
+        elif loses:
             decision = "reject"
             reason = (f"more like reject-like {rnear.name} ({rscore:.3f}) than like keep-like "
                       f"{near.name} ({score:.3f}{against})")
@@ -331,11 +448,13 @@ class ImageFilter:
     def __init__(self, encoder, cache=None, threshold: float | str = "auto", prototypes: int | None = None,
                  m: int = DEFAULT_M, target_recall: float = DEFAULT_TARGET_RECALL, batch_size: int = 64,
                  workers: int | None = None, progress: bool = False, follow_symlinks: bool = False,
-                 normalize: str = DEFAULT_NORMALIZE) -> None:
+                 normalize: str = DEFAULT_NORMALIZE, review_band: float | str = "auto") -> None:
         if threshold != "auto" and not isinstance(threshold, (int, float)):
             raise FilterkitError(f"threshold must be 'auto' or a number, got {threshold!r}")
+        _check_review_band(review_band)
         self.encoder, self.cache, self.normalize = encoder, cache, normalize
         self.threshold, self.prototypes, self.m, self.target_recall = threshold, prototypes, m, target_recall
+        self.review_band = review_band
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.follow_symlinks = follow_symlinks
         self._keep: tuple[list[Path], np.ndarray] | None = None
@@ -373,7 +492,24 @@ class ImageFilter:
         return filter_vectors(found.paths, found.vectors, *self._keep, *(self._reject or (None, None)),
                               threshold=self.threshold, prototypes=self.prototypes, m=self.m,
                               target_recall=self.target_recall, skipped=found.skipped,
-                              skipped_exemplars=self._skipped, normalize=self.normalize)
+                              skipped_exemplars=self._skipped, normalize=self.normalize,
+                              review_band=self.review_band)
+
+
+def parse_scoring(scoring: str) -> tuple[str, bool]:
+    """"topm", "linear+knn"... -> (base scoring, smoothed over the kNN graph or not)."""
+    base, plus, rest = scoring.partition("+")
+    if base not in SCORINGS or (plus and rest != "knn"):
+        raise FilterkitError(f"scoring must be one of {', '.join(SCORINGS)}, optionally with +knn "
+                             f"(e.g. topm+knn), got {scoring!r}")
+    return base, bool(plus)
+
+
+def _check_review_band(band: float | str) -> None:
+    if band == "auto":
+        return
+    if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 0:
+        raise FilterkitError(f"--review-band must be 'auto' or a score width >= 0 (0: no review), got {band!r}")
 
 
 def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path], keep_vectors: np.ndarray,
@@ -381,18 +517,45 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
                    threshold: float | str = "auto", prototypes: int | None = None, m: int = DEFAULT_M,
                    target_recall: float = DEFAULT_TARGET_RECALL, skipped: list | None = None,
                    skipped_exemplars: list | None = None, normalize: str = DEFAULT_NORMALIZE,
-                   target_precision: float | None = None) -> FilterResult:
+                   target_precision: float | None = None, scoring: str = DEFAULT_SCORING,
+                   review_band: float | str = "auto") -> FilterResult:
     """Score, calibrate and decide on vectors; ``skipped`` images become "error" decisions.
 
     ``normalize`` (see ``normalize.Normalizer``) is fitted on the incoming vectors and both
-    exemplar sets together, and applied to all of them before any cosine."""
+    exemplar sets together, and applied to all of them before any cosine. ``scoring``: see
+    the module docstring; ``prototypes=K`` implies "prototypes". With "+knn" the exemplars'
+    held-out scores used for the threshold are smoothed the same way, over their nearest
+    incoming images, so threshold and scores stay comparable. ``linear`` and ``+knn`` are
+    offered here only, for benchmarks/filter_quality.py: neither beat top-m beyond the spread
+    over exemplar draws (benchmarks/README.md), so ImageFilter and the CLI do not take them.
+
+    ``review_band="auto"``: the threshold's bootstrap spread, i.e. the standard deviation of
+    the automatic threshold over ``BOOTSTRAP_RESAMPLES`` resamples (with replacement) of the
+    exemplars' held-out scores: how far the threshold would move with another draw of as many
+    exemplars. It is in score units, and exists for every scoring, with or without reject-like
+    exemplars (a band from the pool mixture's posterior would exist only without them). A fixed
+    threshold has no estimated error, so "auto" gives it no band; a number is used as given,
+    0 disables review."""
+    _check_review_band(review_band)
+    base, smooth = parse_scoring(scoring)
+    if prototypes and base == "topm":
+        base = "prototypes"
+    if base == "prototypes":
+        prototypes = prototypes or DEFAULT_PROTOTYPES
+    elif prototypes:
+        raise FilterkitError(f"prototypes=K goes with scoring 'prototypes' or 'topm', not {scoring!r}")
+    scoring = base + ("+knn" if smooth else "")
     has_neg = reject_vectors is not None and len(reject_vectors) > 0
+    if base == "linear" and not has_neg:
+        raise FilterkitError("scoring 'linear' needs reject-like exemplars: a classifier "
+                             "learns keep-like against reject-like")
     normalizer = Normalizer.fit(np.concatenate([v for v in (vectors, keep_vectors, reject_vectors)
                                                 if v is not None and len(v)]), normalize)
     vectors, keep_vectors = normalizer(vectors), normalizer(keep_vectors)
     if has_neg:
         reject_vectors = normalizer(reject_vectors)
     protos = spherical_kmeans(keep_vectors, prototypes) if prototypes else None
+    smooth = smooth and len(paths) >= 2
 
     def keep_of(q: np.ndarray) -> Scores:
         return prototype_scores(q, protos) if prototypes else exemplar_scores(q, keep_vectors, m)
@@ -400,35 +563,90 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
     def reject_of(q: np.ndarray) -> Scores:
         return exemplar_scores(q, reject_vectors, m)
 
-    keep = keep_of(vectors) if len(paths) else None
-    if threshold == "auto":
-        pos_keep = (held_out_prototype_scores(keep_vectors, prototypes) if prototypes
-                    else leave_one_out_scores(keep_vectors, m))
-        pos_reject = neg_keep = neg_reject = None
-        if not has_neg and keep is not None and len(pos_keep) >= POOL_MIN_EXEMPLARS and len(keep.values) >= POOL_MIN:
-            # The pool itself tells how many are keep-like, so precision can be stated too.
-            calibrated = pool_threshold(keep.values, pos_keep, target_recall, target_precision)
-        elif has_neg:
-            pos_reject = reject_of(keep_vectors).values
-            neg_keep = keep_of(reject_vectors).values
-            neg_reject = (leave_one_out_scores(reject_vectors, m) if len(reject_vectors) > 1
-                          else np.full(len(reject_vectors), -np.inf, dtype=np.float32))
-            calibrated = auto_threshold(pos_keep, pos_reject, neg_keep, neg_reject, target_recall)
+    def smoothed(incoming: np.ndarray | None, held_out: np.ndarray | None = None,
+                 exemplars: np.ndarray | None = None) -> np.ndarray | None:
+        """``incoming`` scores over the incoming kNN graph; with ``held_out``: those exemplars'
+        scores, smoothed over their nearest incoming images."""
+        if not smooth or incoming is None:
+            return incoming if held_out is None else held_out
+        if held_out is None:
+            return smooth_scores(incoming, neighbour_mean(incoming, vectors))
+        return smooth_scores(held_out, neighbour_mean(incoming, vectors, exemplars))
+
+    # Scores of the incoming images: keep (and reject, for topm/prototypes with negatives).
+    keep = reject = None
+    if len(paths):
+        if base == "linear":
+            keep = linear_scores(vectors, keep_vectors, reject_vectors)
         else:
-            calibrated = auto_threshold(pos_keep, target_recall=target_recall)
+            keep = keep_of(vectors).values
+            reject = reject_of(vectors).values if has_neg else None
+    keep_s, reject_s = smoothed(keep), smoothed(reject)  # what is decided on
+
+    calibrated = Threshold(float(threshold), "fixed") if threshold != "auto" else None
+    if calibrated is None:
+        # Held-out scores of the exemplars: each scored without itself.
+        pos_reject = neg_keep = neg_reject = value = None
+        if base == "linear":
+            pos_keep, neg_keep = held_out_linear_scores(keep_vectors, reject_vectors)
+            pos_keep, neg_keep = smoothed(keep, pos_keep, keep_vectors), smoothed(keep, neg_keep, reject_vectors)
+        else:
+            pos_keep = (held_out_prototype_scores(keep_vectors, prototypes) if prototypes
+                        else leave_one_out_scores(keep_vectors, m))
+            pos_keep = smoothed(keep, pos_keep, keep_vectors)
+            if has_neg:
+                pos_reject = smoothed(reject, reject_of(keep_vectors).values, keep_vectors)
+                neg_keep = smoothed(keep, keep_of(reject_vectors).values, reject_vectors)
+                neg_reject = (leave_one_out_scores(reject_vectors, m) if len(reject_vectors) > 1
+                              else np.full(len(reject_vectors), -np.inf, dtype=np.float32))
+                neg_reject = smoothed(reject, neg_reject, reject_vectors)
+        pool = keep_s
+        if not has_neg and pool is not None and len(pos_keep) >= POOL_MIN_EXEMPLARS and len(pool) >= POOL_MIN:
+            # The pool itself tells how many are keep-like, so precision can be stated too.
+            def calibrate(pk):
+                return pool_threshold(pool, pk, target_recall, target_precision)
+
+            def value(pk):  # the same threshold without the mixture where it does not need it
+                return (pool_recall_threshold(pk, target_recall) if target_precision is None
+                        else calibrate(pk).value)
+
+            groups = [(pos_keep,)]
+        elif has_neg:
+            def calibrate(pk, pr, nk, nr):
+                return auto_threshold(pk, pr, nk, nr, target_recall)
+
+            groups = [(pos_keep, pos_reject), (neg_keep, neg_reject)]
+        else:
+            def calibrate(pk):
+                return auto_threshold(pk, target_recall=target_recall)
+
+            groups = [(pos_keep,)]
+        calibrated = calibrate(*[a for g in groups for a in g])
+    if review_band == "auto":  # a fixed threshold has no estimated error: no band
+        band = 0.0
+        if calibrated.source == "auto":
+            band = threshold_spread(value or (lambda *arrays: calibrate(*arrays).value), groups)
+        source = "bootstrap" if band > 0 else None
     else:
-        calibrated = Threshold(float(threshold), "fixed")
+        band, source = float(review_band), "given" if review_band > 0 else None
+    calibrated = replace(calibrated, review_band=band, review_source=source)
 
     decisions = []
     if len(paths):
-        # The nearest *exemplar* explains a decision even when scoring used prototypes.
-        nearest = keep if not prototypes else exemplar_scores(vectors, keep_vectors, 1)
-        rej = reject_of(vectors) if has_neg else None
+        # The nearest *exemplar* explains a decision whatever was scored against.
+        nearest = exemplar_scores(vectors, keep_vectors, 1).nearest
+        nearest_reject = reject_of(vectors).nearest if has_neg else None
+        via = None
+        if prototypes:
+            via = [f"prototype {i}" for i in keep_of(vectors).nearest]
+        elif base == "linear":
+            via = ["classifier"] * len(paths)
+        if smooth:
+            via = [f"{v}, kNN-smoothed" for v in via] if via else ["kNN-smoothed"] * len(paths)
         decisions = decide(
-            paths, keep.values, [keep_paths[i] for i in nearest.nearest], calibrated.value,
-            rej.values if rej else None, [reject_paths[i] for i in rej.nearest] if rej else None,
-            [f"prototype {i}" for i in keep.nearest] if prototypes else None)
+            paths, keep_s, [keep_paths[i] for i in nearest], calibrated.value, reject_s,
+            [reject_paths[i] for i in nearest_reject] if has_neg and base != "linear" else None, via, band)
     for s in skipped or []:
         decisions.append(Decision(s.path, "error", None, None, None, None, None, s.reason))
     return FilterResult(decisions, calibrated, len(keep_vectors), len(reject_vectors) if has_neg else 0,
-                        prototypes, list(skipped_exemplars or []), normalizer)
+                        prototypes, list(skipped_exemplars or []), normalizer, scoring)

@@ -28,7 +28,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:290px;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px}
-.card.keep{border-color:#2a2}.card.reject{border-color:#c33}.card.error{border-color:#c90}
+.card.keep{border-color:#2a2}.card.review{border-color:#36c}.card.reject{border-color:#c33}.card.error{border-color:#c90}
 .pics{display:flex;gap:4px;align-items:flex-start}
 .pics img{max-width:140px;max-height:140px}
 .name{word-break:break-all;font-weight:600}.reason{color:#555}
@@ -86,7 +86,8 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
 
     budget = [MAX_THUMBS]
     sections = []
-    for label, kind in (("Kept", "keep"), ("Rejected", "reject"), ("Could not be read", "error")):
+    for label, kind in (("Kept", "keep"), ("To review (score near the threshold)", "review"), ("Rejected", "reject"),
+                        ("Could not be read", "error")):
         chosen = sorted((d for d in result.decisions if d.decision == kind), key=lambda d: -(d.score or 0))
         cards = []
         for d in chosen:

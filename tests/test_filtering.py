@@ -215,3 +215,131 @@ def test_the_cli_and_the_library_default_to_the_same_normaliser():
 
     assert inspect.signature(filter_command).parameters["normalize"].default == DEFAULT_NORMALIZE
     assert inspect.signature(ImageFilter).parameters["normalize"].default == DEFAULT_NORMALIZE
+
+
+# -- review band, linear classifier, kNN smoothing ---------------------------------------------------
+def _line(scores):
+    """Unit vectors whose top-1 cosine with the exemplar [1, 0] is exactly each score."""
+    return unit(*[[s, np.sqrt(1 - s * s)] for s in scores])
+
+
+def test_review_goes_to_scores_within_the_band_of_the_threshold():
+    paths = [Path("far_above.jpg"), Path("at.jpg"), Path("just_below.jpg"), Path("far_below.jpg")]
+    incoming = _line([0.95, 0.5, 0.47, 0.1])
+    result = filter_vectors(paths, incoming, [Path("ex.jpg")], unit([1, 0]), threshold=0.5, m=1,
+                            normalize="none", review_band=0.05)
+    got = {d.path.name: d for d in result.decisions}
+    assert [got[n].decision for n in ("far_above.jpg", "at.jpg", "just_below.jpg", "far_below.jpg")] == \
+        ["keep", "review", "review", "reject"]
+    assert "within +-0.050 of the threshold 0.500" in got["at.jpg"].reason
+    assert result.counts() == {"keep": 1, "review": 2, "reject": 1, "error": 0}
+    summary = result.to_dict()["summary"]
+    assert (summary["review"], summary["review_band"], summary["review_band_source"]) == (2, 0.05, "given")
+    assert "kept at or above the threshold" in summary["estimates_count_review_as"]
+    assert dict((p.name, c) for p, c in result.categories())["at.jpg"] == "review"
+    assert "review 2" in result.summary_line()
+    # Band 0: no review; "auto" with a fixed threshold: no estimated error, so no band either.
+    for band in (0, "auto"):
+        plain = filter_vectors(paths, incoming, [Path("ex.jpg")], unit([1, 0]), threshold=0.5, m=1,
+                               normalize="none", review_band=band)
+        assert [d.decision for d in plain.decisions] == ["keep", "keep", "reject", "reject"]
+        assert plain.threshold.review_band == 0.0
+    with pytest.raises(FilterkitError, match="review-band"):
+        filter_vectors(paths, incoming, [Path("ex.jpg")], unit([1, 0]), review_band=-0.1)
+
+
+def test_an_image_more_like_the_reject_like_exemplars_is_rejected_even_in_the_band():
+    result = filter_vectors([Path("x.jpg")], unit([0.5, 0.55]), [Path("k")], unit([1, 0]), [Path("n")],
+                            unit([0, 1]), threshold=0.66, m=1, normalize="none", review_band=0.1)
+    assert result.decisions[0].decision == "reject" and "more like reject-like" in result.decisions[0].reason
+
+
+def test_the_auto_review_band_is_the_bootstrap_spread_of_the_threshold():
+    from filterkit.filtering import leave_one_out_scores, threshold_spread
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    spread = threshold_spread(lambda a: float(a.mean()), [(x,)], resamples=1000)
+    assert spread == pytest.approx(x.std() / np.sqrt(len(x)), rel=0.1)  # the standard error of a mean
+    # Arrays of one group are resampled with the same rows: a - a never moves.
+    assert threshold_spread(lambda a, b: float((a - b).mean()), [(x, x.copy())]) == 0.0
+    # filter_vectors' automatic band: the spread of auto_threshold over resamples of the held-out scores.
+    exemplars, incoming = unit(*rng.normal(size=(6, 8)) + 1), unit(*rng.normal(size=(5, 8)))
+    paths, ex_paths = [Path(f"{i}") for i in range(5)], [Path(f"e{i}") for i in range(6)]
+    result = filter_vectors(paths, incoming, ex_paths, exemplars, normalize="none")
+    held_out = leave_one_out_scores(exemplars)
+    expected = threshold_spread(lambda a: auto_threshold(a).value, [(held_out,)])
+    assert result.threshold.review_band == pytest.approx(expected) and expected > 0
+    assert result.threshold.review_source == "bootstrap" and "review within" in result.threshold.describe()
+
+
+def test_the_linear_scoring_is_a_balanced_logistic_regression_on_the_exemplars():
+    from sklearn.linear_model import LogisticRegression
+
+    from filterkit.filtering import LINEAR_C, linear_scores
+
+    rng = np.random.default_rng(0)
+    keep = rng.normal(size=(12, 4)) + [2, 0, 0, 0]
+    reject = rng.normal(size=(4, 4)) - [2, 0, 0, 0]  # fewer: class_weight="balanced" weighs them up
+    queries = rng.normal(size=(5, 4))
+    expected = LogisticRegression(C=LINEAR_C, class_weight="balanced", max_iter=1000).fit(
+        np.concatenate([keep, reject]), np.r_[np.ones(12), np.zeros(4)]).decision_function(queries)
+    np.testing.assert_allclose(linear_scores(queries, keep, reject), expected, rtol=1e-5, atol=1e-6)
+    norm_keep, norm_reject = unit(*keep), unit(*reject)
+    result = filter_vectors([Path("like_keep"), Path("like_reject")], unit([1, 0.1, 0, 0], [-1, 0.1, 0, 0]),
+                            [Path(f"k{i}") for i in range(12)], norm_keep, [Path(f"r{i}") for i in range(4)],
+                            norm_reject, normalize="none", scoring="linear")
+    assert [d.decision for d in result.decisions] == ["keep", "reject"]
+    assert "classifier" in result.decisions[0].reason and result.decisions[0].reject_score is None
+    assert result.summary()["scoring"] == "linear"
+    with pytest.raises(FilterkitError, match="needs reject-like exemplars"):
+        filter_vectors([Path("x")], unit([1, 0, 0, 0]), [Path("k")], norm_keep[:1], scoring="linear")
+    with pytest.raises(FilterkitError, match="scoring must be one of"):
+        filter_vectors([Path("x")], unit([1, 0, 0, 0]), [Path("k")], norm_keep[:1], scoring="topm+pagerank")
+
+
+def test_knn_smoothing_moves_each_score_towards_its_neighbours_mean_by_the_formula():
+    from filterkit.filtering import neighbour_mean, smooth_scores
+
+    # Three images close together and one far off; the middle one scored low, alone.
+    vectors = unit([1, 0.0], [1, 0.05], [1, 0.1], [0, 1])
+    scores = np.array([0.9, 0.2, 0.8, 0.0], dtype=np.float32)
+    means = neighbour_mean(scores, vectors, k=2)
+    np.testing.assert_allclose(means[:3], [(0.2 + 0.8) / 2, (0.9 + 0.8) / 2, (0.2 + 0.9) / 2], atol=1e-6)
+    smoothed = smooth_scores(scores, means, alpha=0.5)
+    assert smoothed[1] == pytest.approx(0.5 * 0.2 + 0.5 * 0.85, abs=1e-6)  # pulled up to 0.525
+    # An exact duplicate is a neighbour, never the image itself; queries from outside keep all k.
+    twins = unit([1, 0], [1, 0], [0, 1])
+    np.testing.assert_allclose(neighbour_mean(np.array([1.0, 3.0, 5.0]), twins, k=1)[:2], [3.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(neighbour_mean(scores, vectors, unit([0, 1]), k=1), [0.0], atol=1e-6)
+    # Through filter_vectors: the decided score is the smoothed top-m score (default k and alpha).
+    rng = np.random.default_rng(0)
+    incoming, exemplars = unit(*rng.normal(size=(30, 6))), unit(*rng.normal(size=(5, 6)))
+    paths = [Path(f"{i}") for i in range(30)]
+    plain = filter_vectors(paths, incoming, [Path(f"e{i}") for i in range(5)], exemplars, threshold=0.0,
+                           normalize="none")
+    knn = filter_vectors(paths, incoming, [Path(f"e{i}") for i in range(5)], exemplars, threshold=0.0,
+                         normalize="none", scoring="topm+knn")
+    raw = np.array([d.score for d in plain.decisions], dtype=np.float32)
+    np.testing.assert_allclose([d.score for d in knn.decisions],
+                               smooth_scores(raw, neighbour_mean(raw, incoming)), atol=1e-5)
+    assert "kNN-smoothed" in knn.decisions[0].reason
+
+
+def test_filter_cli_review_band_reaches_the_json_the_report_and_the_out_folder(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    out, report = tmp_path / "sorted", tmp_path / "r.html"
+    base = ["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+            "--model", str(small_model_dir), "--json", "-q", "--workers", "0"]
+    # A band wider than any cosine gap: every image that is read goes to review.
+    assert main(base + ["--review-band", "5", "--action", "copy", "--out", str(out), "--report", str(report)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["summary"]["review"], doc["summary"]["keep"], doc["summary"]["reject"]) == (5, 0, 0)
+    assert {p.name for p in (out / "review").iterdir()} == {Path(d["path"]).name for d in doc["images"]
+                                                            if d["decision"] == "review"}
+    assert not (out / "kept").exists() and not (out / "rejected").exists()
+    assert "To review" in report.read_text() and '"review": 5' in report.with_suffix(".json").read_text()
+    assert main(base + ["--review-band", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["review"] == 0
+    assert main(base + ["--review-band", "wide"]) == 1
+    assert "--review-band must be 'auto' or a score width" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import typer
 
 from ..errors import FilterkitError
 from .common import (BatchOpt, CacheOpt, DeviceOpt, DryRunOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt, ReportOpt,
-                     WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, threshold_arg)
+                     WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, review_band_arg,
+                     threshold_arg)
 
 
 @app.command()
@@ -106,8 +107,9 @@ def filter_command(
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
     prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    review_band: Annotated[str, typer.Option("--review-band", help="Decide 'review' when the score is within this much of the threshold; auto: the automatic threshold's bootstrap spread over resamples of the exemplars (none with a fixed --threshold); 0: no review.")] = "auto",
     normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine) | center | whiten, fitted on the exemplars and incoming images together; auto centres 64 images and more. A fixed --threshold is a cosine in that space.")] = "auto",
-    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept and --out/rejected.")] = "report",
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept, --out/review and --out/rejected.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
@@ -120,8 +122,9 @@ def filter_command(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Keep or reject each image in INCOMING by its similarity to the exemplars, with reasons."""
+    """Keep, review or reject each image in INCOMING by its similarity to the exemplars, with reasons."""
     threshold_value = threshold_arg(threshold)
+    band_value = review_band_arg(review_band)
     from ..actions import check_action, run_actions
     from ..cache import EmbeddingCache
     from ..filtering import ImageFilter
@@ -131,7 +134,7 @@ def filter_command(
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
                                    batch_size=batch_size, workers=workers, progress=not quiet,
-                                   follow_symlinks=follow_symlinks, normalize=normalize)
+                                   follow_symlinks=follow_symlinks, normalize=normalize, review_band=band_value)
         image_filter.keep_like(keep_like)
         if reject_like is not None:
             image_filter.reject_like(reject_like)
@@ -152,9 +155,10 @@ def filter_command(
     table = Table(title=f"filter {incoming}", title_justify="left")
     for column in ("decision", "score", "path", "reason"):
         table.add_column(column, overflow="fold")
-    shown = sorted(result.decisions, key=lambda d: (d.decision != "keep", -(d.score or -9)))
+    order = {"keep": 0, "review": 1, "reject": 2, "error": 3}
+    shown = sorted(result.decisions, key=lambda d: (order[d.decision], -(d.score or -9)))
     for d in shown[:50]:
-        colour = {"keep": "green", "reject": "red", "error": "yellow"}[d.decision]
+        colour = {"keep": "green", "review": "blue", "reject": "red", "error": "yellow"}[d.decision]
         table.add_row(f"[{colour}]{d.decision}[/]", "" if d.score is None else f"{d.score:.3f}", str(d.path), d.reason)
     Console().print(table)
     if len(shown) > 50:

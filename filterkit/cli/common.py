@@ -107,3 +107,16 @@ def threshold_arg(value: str) -> float | str:
         return float(value)
     except ValueError:
         raise FilterkitError(f"--threshold must be 'auto' or a number, got {value!r}") from None
+
+
+def review_band_arg(value: str) -> float | str:
+    """--review-band: 'auto' or a score width >= 0."""
+    if value == "auto":
+        return value
+    try:
+        band = float(value)
+    except ValueError:
+        band = -1.0
+    if not band >= 0:  # also NaN
+        raise FilterkitError(f"--review-band must be 'auto' or a score width >= 0 (0: no review), got {value!r}")
+    return band
