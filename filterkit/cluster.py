@@ -22,6 +22,10 @@ from .errors import FilterkitError
 from .images import Skip
 from .index import build_index, search, spherical_kmeans
 
+# Raw cosine: centring left k-means NMI unchanged within its spread on Imagenette and CIFAR-10,
+# and whitening halved it (benchmarks/collection_quality.py).
+DEFAULT_NORMALIZE = "none"
+
 
 @dataclass(frozen=True)
 class Clustering:
@@ -63,6 +67,7 @@ class FolderClusters:
     selected: np.ndarray | None = None  # [N] bool
     keep: str | None = None  # "hard" | "easy" when selected
     skipped: list[Skip] = field(default_factory=list)
+    normalize: dict = field(default_factory=lambda: {"kind": "none"})  # Normalizer.to_dict() of the space
 
     def categories(self) -> list[tuple[Path, str]]:
         """(image, "selected" | "pruned") for file actions; empty without a selection."""
@@ -84,21 +89,24 @@ class FolderClusters:
                  **({"selected": bool(self.selected[i])} if self.selected is not None else {})}
                 for i, (p, a, d) in enumerate(zip(self.paths, c.assignment, c.distance))]
         return {"clusters": [{"id": i, "size": int(n)} for i, n in enumerate(c.sizes())], "images": rows,
-                "skipped": [s.to_dict() for s in self.skipped]}
+                "normalize": self.normalize, "skipped": [s.to_dict() for s in self.skipped]}
 
 
 def cluster_folder(folder: str | os.PathLike, encoder, k: int, keep_fraction: float | None = None,
                    keep: str = "hard", seed: int = 0, cache=None, batch_size: int = 64,
                    workers: int | None = None, progress: bool = False,
-                   follow_symlinks: bool = False) -> FolderClusters:
+                   follow_symlinks: bool = False, normalize: str = DEFAULT_NORMALIZE) -> FolderClusters:
     """Embed ``folder`` (through ``cache``, an open ``EmbeddingCache``; None: the default),
-    cluster it into ``k`` prototypes, and select ``keep_fraction`` of it when given."""
+    cluster it into ``k`` prototypes, and select ``keep_fraction`` of it when given.
+    ``normalize``: a normaliser fitted on the folder's vectors before clustering."""
+    from .normalize import Normalizer
     from .pipeline import embed_folder
 
     found = embed_folder(folder, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
     if len(found.paths) < k:
         raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded")
-    clustering = cluster_vectors(found.vectors, k, seed=seed)
+    norm = Normalizer.fit(found.vectors, normalize)
+    clustering = cluster_vectors(norm(found.vectors), k, seed=seed)
     selected = select_fraction(clustering.distance, keep_fraction, keep) if keep_fraction is not None else None
     return FolderClusters(found.paths, clustering, selected, keep if selected is not None else None,
-                          found.skipped)
+                          found.skipped, norm.to_dict())

@@ -35,6 +35,7 @@ KINDS = ("none", "center", "whiten")
 # that raw cosine rejected). Whitening is never automatic: it measured below centring
 # (benchmarks/README.md, filter_quality.py).
 AUTO_CENTER_MIN = 64
+NORMALIZER_FILES = ("normalizer.json", "normalizer_mean.npy", "normalizer_transform.npy")  # save() writes them
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ An index directory holds:
                  directory can be moved or mounted read-only)
   lists.ivfdata  the merged inverted lists
   ids.txt        content sha256 of each vector id, one per line
-  meta.json      model id, dimension, sizes, nlist, nprobe and the measured recall
+  meta.json      model id, dimension, sizes, nlist, nprobe, the measured recall and the
+                 normaliser (its arrays in normalizer_*.npy: the vectors are indexed normalised)
 
     >>> build_index_dir(["part0.sqlite", "part1.sqlite"], model_id, "idx/")
     >>> index, sha256_of_id, meta = load_index_dir("idx/")   # lists memory-mapped
@@ -34,6 +35,7 @@ from .cache import EmbeddingCache
 from .errors import FilterkitError
 from .fsutil import atomic_write_text
 from .index import TRAIN_POINTS_PER_LIST, default_nlist, exact_top_scores, sample_rows, smallest_nprobe
+from .normalize import NORMALIZER_FILES, Normalizer
 
 FORMAT = "filterkit-ivf/1"
 
@@ -78,8 +80,11 @@ def _stream(caches: Sequence[Path], model_id: str, owner: dict[str, int], only: 
 
 def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str | os.PathLike,
                     nlist: int | None = None, target_recall: float = 0.99, seed: int = 0,
-                    on_progress: Callable[[str], None] | None = None) -> dict:
-    """Build the index directory ``out`` from the vectors of ``model_id`` in ``caches``."""
+                    on_progress: Callable[[str], None] | None = None, normalize: str = "auto") -> dict:
+    """Build the index directory ``out`` from the vectors of ``model_id`` in ``caches``.
+
+    ``normalize``: a normaliser fitted on the quantizer's training sample; every vector is
+    indexed normalised, and searches apply the stored normaliser to their queries."""
     caches = [Path(c).resolve() for c in caches]
     for c in caches:
         if not c.is_file():
@@ -106,11 +111,17 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         dim = vectors.shape[1]
         rows = [i for i, h in enumerate(hashes) if id_of[h] in wanted]
         sample.append(vectors[rows])
-    say(f"training {nlist} lists on {sum(map(len, sample))} of {n} vectors")
+    sample = np.concatenate(sample)
+    norm = Normalizer.fit(sample, normalize)
+    say(f"training {nlist} lists on {len(sample)} of {n} vectors ({norm.describe()})")
     trained = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     trained.cp.seed = seed
-    trained.train(np.concatenate(sample))
+    trained.train(norm(sample))
     del sample
+
+    def normalised(only: int | None = None):
+        for hashes, vectors in _stream(caches, model_id, owner, only):
+            yield hashes, norm(vectors)
 
     # 2. One shard index per cache, written to disk, then merged into on-disk lists.
     created = not out.exists()
@@ -123,7 +134,7 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         shard_files = []
         for number in range(len(caches)):
             shard = faiss.read_index(empty)
-            for hashes, vectors in _stream(caches, model_id, owner, only=number):
+            for hashes, vectors in normalised(only=number):
                 shard.add_with_ids(vectors, np.asarray([id_of[h] for h in hashes], dtype=np.int64))
             if shard.ntotal:
                 shard_files.append(str(work / f"shard{number}.index"))
@@ -135,12 +146,12 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         index = faiss.read_index(empty)
         with _stdout_to_stderr():  # index.faiss records this path; load_index_dir looks beside it instead
             merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
-        index.nprobe, recall = _tune_nprobe(index, lambda: _stream(caches, model_id, owner), id_of,
-                                            target_recall, seed)
+        index.nprobe, recall = _tune_nprobe(index, normalised, id_of, target_recall, seed)
+        norm.save(out)  # before index.faiss: an index file always has its normaliser beside it
         faiss.write_index(index, str(work / "index.faiss"))
         os.replace(work / "index.faiss", out / "index.faiss")
     except BaseException:  # leave no half-built index behind: a retry must find an empty folder
-        for name in ("index.faiss", "lists.ivfdata"):
+        for name in ("index.faiss", "lists.ivfdata", *NORMALIZER_FILES):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         if created:
@@ -149,7 +160,8 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
     shutil.rmtree(work, ignore_errors=True)
     atomic_write_text(out / "ids.txt", "".join(f"{h}\n" for h, _ in ids))
     meta = {"format": FORMAT, "model_id": model_id, "dim": dim, "vectors": n, "nlist": nlist,
-            "nprobe": int(index.nprobe), "recall_at_10": recall, "caches": [str(c) for c in caches]}
+            "nprobe": int(index.nprobe), "recall_at_10": recall, "normalize": norm.to_dict(),
+            "caches": [str(c) for c in caches]}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -164,6 +176,13 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     q = np.concatenate([vectors[[j for j, h in enumerate(hashes) if id_of[h] in picks]]
                         for hashes, vectors in stream()])
     return smallest_nprobe(index, q, exact_top_scores(q, (vectors for _, vectors in stream()), k), target_recall)
+
+
+def load_normalizer(path: str | os.PathLike) -> Normalizer:
+    """The normaliser an index directory's vectors were indexed with (raw cosine for indexes
+    built before normalisers were stored)."""
+    path = Path(path)
+    return Normalizer.load(path) if (path / "normalizer.json").is_file() else Normalizer("none")
 
 
 def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:

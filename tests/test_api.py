@@ -99,3 +99,16 @@ def test_without_a_cache_argument_the_default_cache_keeps_the_folder_index(workf
         search_folder([sorted(photos_dir.iterdir())[0]], photos_dir, small_encoder, k=2)
     kept = list(private_cache.with_name(private_cache.name + ".indexes").glob("*.ivf.faiss"))
     assert len(kept) == 1
+
+
+def test_cluster_and_search_record_the_space_they_measured_in(photos_dir, small_encoder):
+    raw = cluster_folder(photos_dir, small_encoder, k=2, workers=0)
+    centred = cluster_folder(photos_dir, small_encoder, k=2, workers=0, normalize="center")
+    assert raw.to_dict()["normalize"] == {"kind": "none", "fitted_on": 8}
+    assert centred.to_dict()["normalize"] == {"kind": "center", "fitted_on": 8}
+    # Centred, prototype distances spread over more of [0, 2] than raw cosines crowded near 1.
+    assert centred.clustering.distance.mean() > raw.clustering.distance.mean()
+    found = search_folder([sorted(photos_dir.iterdir())[0]], photos_dir, small_encoder, k=2, normalize="auto")
+    assert found.to_dict()["normalize"]["kind"] == "none"  # auto leaves 8 vectors raw (AUTO_CENTER_MIN)
+    with pytest.raises(FilterkitError, match="--normalize must be one of"):
+        cluster_folder(photos_dir, small_encoder, k=2, normalize="zca")

@@ -58,16 +58,28 @@ def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_enc
     for i in range(2):
         assert main(["embed", str(photos_dir), "--shard", f"{i}/2", "--model", str(model),
                      "--cache", str(tmp_path / f"p{i}.sqlite"), "-q"]) == 0
+    # Centred on the 8 photos (auto would leave so few raw): the index stores the normaliser
+    # and applies it to the queries, so it ranks and scores as the folder search does.
     assert main(["index", "build", "--cache", str(tmp_path / "p0.sqlite"), "--cache", str(tmp_path / "p1.sqlite"),
-                 "--out", str(tmp_path / "idx"), "--nlist", "2", "--model", str(model), "-q"]) == 0
+                 "--out", str(tmp_path / "idx"), "--nlist", "2", "--model", str(model), "--normalize", "center",
+                 "-q"]) == 0
     capsys.readouterr()
     query = str(photos_dir / "chelsea.jpg")
     assert main(["search", query, "--index", str(tmp_path / "idx"), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
-    from_index = json.loads(capsys.readouterr().out)["queries"][0]["results"]
-    assert main(["search", query, "--in", str(photos_dir), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
-    from_folder = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    indexed = json.loads(capsys.readouterr().out)
+    from_index = indexed["queries"][0]["results"]
+    assert main(["search", query, "--in", str(photos_dir), "-k", "3", "--model", str(model), "--normalize", "center",
+                 "--json", "-q"]) == 0
+    folder = json.loads(capsys.readouterr().out)
+    from_folder = folder["queries"][0]["results"]
+    assert indexed["normalize"] == folder["normalize"] == {"kind": "center", "fitted_on": 8}
     assert from_index[0]["path"].endswith("chelsea.jpg")
     assert [r["path"] for r in from_index] == [r["path"] for r in from_folder]
+    np.testing.assert_allclose([r["score"] for r in from_index], [r["score"] for r in from_folder], atol=1e-5)
+    assert main(["search", query, "--in", str(photos_dir), "-k", "3", "--model", str(model), "--normalize", "none",
+                 "--json", "-q"]) == 0
+    raw = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    assert raw[1]["score"] > from_folder[1]["score"] + 0.05  # raw cosines crowd near 1; centred ones do not
     # Another model's queries are refused.
     other = tmp_path / "other"
     from filterkit import Encoder
@@ -75,6 +87,30 @@ def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_enc
     Encoder.random("vit-tiny-8-64", seed=1, depth=1).save(other)
     assert main(["search", query, "--index", str(tmp_path / "idx"), "--model", str(other), "-q"]) == 1
     assert "pass the --model it was built with" in capsys.readouterr().err
+
+
+def test_an_index_is_built_in_its_normalised_space_and_older_indexes_read_as_raw(tmp_path):
+    from filterkit.ondisk import load_normalizer
+
+    rng = np.random.default_rng(3)
+    common = rng.standard_normal(16).astype(np.float32)
+    x = _unit(rng, 1000) + 2 * common / np.linalg.norm(common)  # anisotropic: one shared direction
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with EmbeddingCache(tmp_path / "a.sqlite") as cache:
+        cache.put("m", [f"{i:064x}" for i in range(len(x))], x)
+    meta = build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx", nlist=4)
+    norm = load_normalizer(tmp_path / "idx")
+    assert meta["normalize"]["kind"] == norm.kind == "center"
+    np.testing.assert_allclose(norm.mean, x.mean(axis=0), atol=0.05)  # the mean of the training sample
+    index, _, _ = load_index_dir(tmp_path / "idx")
+    index.nprobe = 4
+    scores, ids = index.search(norm(x[:20]), 1)
+    assert list(ids[:, 0]) == list(range(20)) and np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    raw = build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "raw", nlist=4, normalize="none")
+    assert raw["normalize"]["kind"] == "none"
+    for name in ("normalizer.json", "normalizer_mean.npy"):  # an index from before normalisers were stored
+        (tmp_path / "idx" / name).unlink()
+    assert load_normalizer(tmp_path / "idx").kind == "none"
 
 
 def test_an_index_directory_can_be_moved_and_read_only(tmp_path):

@@ -62,6 +62,7 @@ def search(
     index_path: Annotated[Optional[Path], typer.Option("--index", help="Search an index directory from `filterkit index build` instead of --in.")] = None,
     follow_symlinks: FollowOpt = False,
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine) | center | whiten, fitted on the searched folder; auto centres 64 images and more. With --index, the index's own.")] = "auto",
     model: ModelOpt = None,
     cache: CacheOpt = None,
     batch_size: BatchOpt = 64,
@@ -81,7 +82,8 @@ def search(
         result = search_index(queries, index_path, encoder, k, caches=[cache] if cache else [], batch_size=batch_size)
     else:
         with EmbeddingCache(cache) as store:
-            result = search_folder(queries, folder, encoder, k, store, batch_size, workers, not quiet, follow_symlinks)
+            result = search_folder(queries, folder, encoder, k, store, batch_size, workers, not quiet, follow_symlinks,
+                                   normalize)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -228,6 +230,7 @@ def cluster(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
     dry_run: DryRunOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+    normalize: Annotated[str, typer.Option("--normalize", help="none (raw cosine) | center | whiten | auto, fitted on the folder before clustering.")] = "none",
     follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -248,7 +251,7 @@ def cluster(
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = cluster_folder(folder, encoder, k, keep_fraction, keep, seed, store, batch_size, workers,
-                                not quiet, follow_symlinks)
+                                not quiet, follow_symlinks, normalize)
     plan, done = run_actions(result.categories(), folder, out, action, dry_run)
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},

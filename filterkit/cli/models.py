@@ -32,6 +32,7 @@ def index_build(
     out: Annotated[Path, typer.Option("--out", help="New index directory.")],
     nlist: Annotated[Optional[int], typer.Option("--nlist", min=1, help="IVF lists.", show_default="4 sqrt(N)")] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.5, max=1.0, help="recall@10 that nprobe is tuned for.")] = 0.99,
+    normalize: Annotated[str, typer.Option("--normalize", help="none | center | whiten | auto (centre), fitted on the training sample and stored with the index; searches apply it to their queries.")] = "auto",
     model: ModelOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,7 +41,7 @@ def index_build(
 
     model_id = load_encoder(model, "cpu").model_id
     meta = build_index_dir(caches, model_id, out, nlist=nlist, target_recall=target_recall,
-                           on_progress=None if quiet else typer.echo)
+                           on_progress=None if quiet else typer.echo, normalize=normalize)
     typer.echo(f"{out}: {meta['vectors']} vectors, {meta['nlist']} lists, nprobe {meta['nprobe']} "
                f"(recall@10 {meta['recall_at_10']:.3f} on a sample); search it with `filterkit search Q --index {out}`")
 
