@@ -23,8 +23,8 @@ shifts), computed only for the candidate pairs.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
 
 SIDE = 12  # thumbnail side (benchmarks/README.md compared 8, 12 and 16 on 32-px images)
 SCALES = (0.95, 0.85, 0.75)  # window side fractions, as near_duplicate_variant crops 70-95 %
