@@ -95,7 +95,6 @@ def evaluate(name, paths, labels, encoder, seed, args):
     everything = images + copies
     n, m = len(images), len(copies)
     planted = {(k, n + k) for k in range(m)}
-    rotated = {k for k, c in enumerate(copies)}  # filled below
     i, j = np.triu_indices(len(everything), k=1)
     truth = np.fromiter(((a, b) in planted for a, b in zip(i.tolist(), j.tolist())), bool, len(i))
     row = {}
@@ -109,7 +108,6 @@ def evaluate(name, paths, labels, encoder, seed, args):
     row["pHash oracle"] = recall_at_precision(-(bits[i] != bits[j]).sum(axis=1).astype(float), truth, m)
     px = raw_pixels(everything)
     row["raw pixels oracle"] = recall_at_precision(np.einsum("nd,nd->n", px[i], px[j]), truth, m)
-    del rotated
     folder = Path(tempfile.mkdtemp(prefix=f"fk-dedup-{name}-"))
     try:
         names = [f"img{k:05d}.png" for k in range(len(everything))]
@@ -122,9 +120,6 @@ def evaluate(name, paths, labels, encoder, seed, args):
         links = group_pairs(result, index_of)
         hits = len(links & planted)
         c = result.calibration
-        found_copies = {b - n for (a, b) in links & planted}
-        rot_found = sum(1 for k in found_copies if copies[k].size != images[k].size and False)
-        del rot_found
         row["verified auto"] = (hits / max(len(links), 1), hits / m, c.precision, c.recall, c.threshold,
                                 len(result.groups), seconds)
     finally:

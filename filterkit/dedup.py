@@ -225,12 +225,13 @@ def vector_groups(vectors: np.ndarray, threshold: float) -> list[DuplicateGroup]
     if vectors.ndim != 2:
         raise FilterkitError(f"expected vectors [N, D], got an array of shape {list(vectors.shape)}")
     _check_threshold(threshold)
-    rows, cols, _ = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), None)
+    rows, cols, sims = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), np.empty(0))
     groups = []
-    for members in group_indices(len(vectors), (rows.astype(np.int64), cols.astype(np.int64))):
+    for members, (w_score, w_a, w_b) in _spanning_groups(len(vectors), rows.astype(np.int64), cols.astype(np.int64),
+                                                         np.asarray(sims, dtype=np.float64)):
         keep, rest = members[0], members[1:]  # members are in row order
         groups.append(DuplicateGroup(int(keep), [Duplicate(int(i), float(vectors[i] @ vectors[keep]), False)
-                                                 for i in rest]))
+                                                 for i in rest], Link(int(w_a), int(w_b), w_score)))
     return groups
 
 
@@ -360,6 +361,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     pairs at or above the threshold, plus identical bytes.
     """
     from . import verify
+    from .errors import ImageError
     from .images import load_image
     from .index import build_index, search
 
