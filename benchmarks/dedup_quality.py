@@ -1,105 +1,172 @@
-"""Near-duplicate detection on real photos: filterkit's dedup at its calibrated threshold
-against a perceptual-hash baseline (imagehash pHash), on the same synthetic set.
+"""Near-duplicate detection on planted copies: filterkit's verified dedup (``--threshold auto``,
+calibrated on the collection itself) against embedding-only cosine, pHash and raw pixels.
 
     pip install imagehash    # benchmark-only (the `bench` extra)
-    python benchmarks/dedup_quality.py [--data DIR] [--model models/x]     # DIR/imagenette/train
+    python benchmarks/dedup_quality.py [--data DIR] [--model models/filterkit-vit-mini] \
+        [--collections cifar10 imagenette] [--seeds 0 1 2]
 
-Photos sorted by name are split: the first ``--calibrate`` calibrate both methods (each picks
-its threshold at pair precision 0.99 on originals + one synthetic near-duplicate each), the
-next ``--distinct`` form the test collection, a ``--dup-fraction`` of which get one synthetic
-near-duplicate (crop 70-95 %, resize, flip, JPEG q 30-90, colour shift). Pair-level precision
-and recall of the planted pairs are reported for each method.
+Per seed and collection (CIFAR-10 train at 32 px, Imagenette train at 224 px): ``--originals``
+images drawn at random get one planted copy each (dedup.synthetic_copy: crop 70-95 %, resize
+50-100 %, maybe a flip, colour shift, JPEG q30-90, and one time in four a 90/180/270-degree
+rotation); each original also brings its look-alike, the nearest other image of its class by
+the model's embedding (a hard negative); ``--distractors`` more images drawn at random complete
+the collection. Everything is written as PNG to a temporary folder (the copies keep their JPEG
+artefacts). Pair precision and recall of the planted pairs, per method:
+
+- embedding cosine at the model directory's threshold (calibrated on other photos);
+- embedding cosine, pHash (64-bit, imagehash), per-image-normalised raw pixels (RGB 32x32, zero
+  mean, unit norm) at their oracle thresholds: the best recall at precision >= 0.90 on the test
+  pairs themselves (no method could pick these without labels);
+- ``find_duplicates(folder, encoder, threshold="auto")``: links inside its groups, with the
+  precision and recall it states beside the true ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from filterkit import Encoder, FilterkitError
-from filterkit.dedup import near_duplicate_variant, threshold_for_precision
+from filterkit import Encoder
+from filterkit.dedup import find_duplicates, model_threshold, synthetic_copy
 from filterkit.images import discover_images, load_image
 from filterkit.index import range_pairs
-from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 
 
-def phash_bits(images: list[Image.Image]) -> np.ndarray:
+def phash_bits(images) -> np.ndarray:
     import imagehash
 
     return np.array([imagehash.phash(im).hash.flatten() for im in images], dtype=bool)
 
 
-def pair_scores(kind: str, reps, n: int):
-    """All pairs (i<j) with a similarity: cosine, or 64 - Hamming distance for pHash."""
-    i, j = np.triu_indices(n, k=1)
-    if kind == "cosine":
-        return i, j, np.einsum("nd,nd->n", reps[i], reps[j])
-    return i, j, 64 - (reps[i] != reps[j]).sum(axis=1)
+def raw_pixels(images) -> np.ndarray:
+    x = np.stack([np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC), np.float32).ravel()
+                  for im in images])
+    x -= x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
 
-def collection(images, rng, dup_fraction):
-    n = len(images)
-    chosen = rng.choice(n, int(round(dup_fraction * n)), replace=False)
-    variants = [near_duplicate_variant(images[k], rng) for k in chosen]
-    planted = {(int(k), n + m) for m, k in enumerate(chosen)}
-    return images + variants, planted
+def recall_at_precision(scores: np.ndarray, truth: np.ndarray, n_planted: int, precision: float = 0.90) -> float:
+    """The best recall of a cut 'score >= t' whose precision reaches ``precision`` (oracle)."""
+    order = np.argsort(-scores, kind="stable")
+    hits = np.cumsum(truth[order])
+    ok = np.flatnonzero(hits / np.arange(1, len(order) + 1) >= precision)
+    return float(hits[ok[-1]] / n_planted) if len(ok) else 0.0
+
+
+def group_pairs(result, index_of) -> set:
+    pairs = set()
+    for g in result.groups:
+        members = sorted(index_of[Path(p).name] for p in [g.keep] + [d.path for d in g.duplicates])
+        pairs |= {(a, b) for k, a in enumerate(members) for b in members[k + 1:]}
+    return pairs
+
+
+def build(paths, labels, encoder, rng, n_orig, n_distract):
+    """originals, their look-alikes and distractors (as images) and the planted copies."""
+    pool = rng.choice(len(paths), min(len(paths), 3000 + n_orig + n_distract), replace=False)
+    orig, rest = pool[:n_orig], pool[n_orig:]
+    rest_vectors = encoder.embed([load_image(paths[i]) for i in rest[:3000]])
+    orig_images = [load_image(paths[i]) for i in orig]
+    orig_vectors = encoder.embed(orig_images)
+    used, look = set(), []
+    for k, o in enumerate(orig):
+        for j in np.argsort(-(rest_vectors @ orig_vectors[k])):
+            c = int(rest[j])
+            if labels[c] == labels[o] and c not in used:
+                used.add(c)
+                look.append(c)
+                break
+    others = [int(c) for c in rest if int(c) not in used][:n_distract]
+    images = orig_images + [load_image(paths[i]) for i in look + others]
+    copies = [synthetic_copy(im, rng) for im in orig_images]
+    return images, copies
+
+
+def evaluate(name, paths, labels, encoder, seed, args):
+    rng = np.random.default_rng(seed)
+    images, copies = build(paths, labels, encoder, rng, args.originals, args.distractors)
+    everything = images + copies
+    n, m = len(images), len(copies)
+    planted = {(k, n + k) for k in range(m)}
+    i, j = np.triu_indices(len(everything), k=1)
+    truth = np.fromiter(((a, b) in planted for a, b in zip(i.tolist(), j.tolist())), bool, len(i))
+    row = {}
+    vectors = encoder.embed(everything)
+    t = model_threshold(encoder)
+    a, b, _ = range_pairs(vectors, t)
+    found = set(zip(a.tolist(), b.tolist()))
+    row["cosine@model"] = (len(found & planted) / max(len(found), 1), len(found & planted) / m)
+    row["cosine oracle"] = recall_at_precision(np.einsum("nd,nd->n", vectors[i], vectors[j]), truth, m)
+    bits = phash_bits(everything)
+    row["pHash oracle"] = recall_at_precision(-(bits[i] != bits[j]).sum(axis=1).astype(float), truth, m)
+    px = raw_pixels(everything)
+    row["raw pixels oracle"] = recall_at_precision(np.einsum("nd,nd->n", px[i], px[j]), truth, m)
+    folder = Path(tempfile.mkdtemp(prefix=f"fk-dedup-{name}-"))
+    try:
+        names = [f"img{k:05d}.png" for k in range(len(everything))]
+        for im, fname in zip(everything, names):
+            im.save(folder / fname)
+        index_of = {fname: k for k, fname in enumerate(names)}
+        start = time.perf_counter()
+        result = find_duplicates(folder, encoder=encoder, threshold="auto", seed=seed)
+        seconds = time.perf_counter() - start
+        links = group_pairs(result, index_of)
+        hits = len(links & planted)
+        c = result.calibration
+        row["verified auto"] = (hits / max(len(links), 1), hits / m, c.precision, c.recall, c.threshold,
+                                len(result.groups), seconds)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return row, len(everything)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser)
-    parser.add_argument("--imagenette", type=Path, help="photo folder (default: DATA/imagenette/train)")
-    parser.add_argument("--model", type=Path, help="model directory (default: random-init vit-tiny-16-224)")
-    parser.add_argument("--calibrate", type=int, default=200)
-    parser.add_argument("--distinct", type=int, default=600)
-    parser.add_argument("--dup-fraction", type=float, default=0.5)
-    parser.add_argument("--precision", type=float, default=0.99)
+    parser.add_argument("--model", type=Path, default=Path("models/filterkit-vit-mini"))
+    parser.add_argument("--collections", nargs="+", default=["cifar10", "imagenette"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--originals", type=int, default=100)
+    parser.add_argument("--distractors", type=int, default=900)
     args = parser.parse_args()
-    args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
+    import torch
 
-    rng = np.random.default_rng(0)
-    paths = discover_images(args.imagenette)
-    picked = [paths[i] for i in np.sort(rng.choice(len(paths), args.calibrate + args.distinct, replace=False))]
-    calib_imgs = [load_image(p) for p in picked[:args.calibrate]]
-    test_imgs = [load_image(p) for p in picked[args.calibrate:]]
-    encoder = Encoder.load(args.model) if args.model else Encoder.random("vit-tiny-16-224")
-    name = str(args.model) if args.model else "random-init vit-tiny-16-224"
+    torch.set_num_threads(1)
+    encoder = Encoder.load(args.model)
+    root = data_root(args.data)
+    for name in args.collections:
+        folder = cifar10(root) / "train" if name == "cifar10" else imagenette_train(root)
+        paths = discover_images(folder)
+        labels = [p.parent.name for p in paths]
+        rows = []
+        for seed in args.seeds:
+            row, total = evaluate(name, paths, labels, encoder, seed, args)
+            rows.append(row)
+            v = row["verified auto"]
+            print(f"{name} seed {seed}: {total} images ({args.originals} planted pairs); "
+                  + "; ".join(f"{k} {v_:.3f}" if not isinstance(v_, tuple) else f"{k} P {v_[0]:.3f} R {v_[1]:.3f}"
+                              for k, v_ in row.items() if k != "verified auto")
+                  + f"; verified auto: P {v[0]:.3f} R {v[1]:.3f} (stated P {v[2]:.3f} R {v[3]:.3f}, "
+                    f"score >= {v[4]:.4f}, {v[5]} groups, {v[6]:.1f} s)", flush=True)
 
-    calib_all, calib_planted = collection(calib_imgs, rng, 1.0)
-    test_all, planted = collection(test_imgs, rng, args.dup_fraction)
-    print(f"calibration: {len(calib_imgs)} photos + {len(calib_planted)} near-duplicates; test: "
-          f"{len(test_imgs)} photos + {len(planted)} planted near-duplicates ({len(test_all)} images)")
-
-    for method, represent, kind in (
-        (f"filterkit ({name})", lambda ims: encoder.embed(ims), "cosine"),
-        ("pHash (imagehash)", phash_bits, "hamming"),
-    ):
-        reps = represent(calib_all)
-        i, j, s = pair_scores(kind, reps, len(calib_all))
-        truth = np.array([(a, b) in calib_planted for a, b in zip(i, j)])
-        try:
-            t, cal_p, cal_r = threshold_for_precision(s.astype(np.float64), truth, args.precision)
-        except FilterkitError:
-            print(f"  {method}: no threshold reaches precision {args.precision} on the calibration set "
-                  "(recall 0 at that precision)")
-            continue
-        reps = represent(test_all)
-        if kind == "cosine":  # the way `filterkit dedup` finds pairs: FAISS range search
-            a, b, _ = range_pairs(reps, t)
-            found = set(zip(a.tolist(), b.tolist()))
-        else:
-            i, j, s = pair_scores(kind, reps, len(test_all))
-            found = {(int(x), int(y)) for x, y in zip(i[s >= t], j[s >= t])}
-        hits = len(found & planted)
-        precision = hits / max(len(found), 1)
-        recall = hits / len(planted)
-        unit = f"cosine >= {t:.4f}" if kind == "cosine" else f"Hamming <= {64 - int(t)} bits"
-        print(f"  {method}: threshold {unit} (calibration precision {cal_p:.3f}, recall {cal_r:.3f}) -> "
-              f"test precision {precision:.3f}, recall {recall:.3f} ({hits}/{len(planted)} planted pairs, "
-              f"{len(found)} pairs reported)")
+        def spread(values):
+            return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+        print(f"{name}, {len(rows)} seeds (mean ± std):")
+        print(f"  cosine at the model dir's threshold: precision {spread([r['cosine@model'][0] for r in rows])}, "
+              f"recall {spread([r['cosine@model'][1] for r in rows])}")
+        for key in ("cosine oracle", "pHash oracle", "raw pixels oracle"):
+            print(f"  {key}: recall at precision 0.90 {spread([r[key] for r in rows])}")
+        v = [r["verified auto"] for r in rows]
+        print(f"  verified, --threshold auto: precision {spread([x[0] for x in v])}, recall "
+              f"{spread([x[1] for x in v])}; stated precision {spread([x[2] for x in v])}, stated recall "
+              f"{spread([x[3] for x in v])}; {np.mean([x[6] for x in v]):.1f} s per run")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Exact and near duplicates: identical bytes by content hash, near copies by cosine similarity
-(FAISS range search), grouped with union-find; each group keeps its best image.
+"""Exact and near duplicates: identical bytes by content hash; near copies found as candidates
+(embedding neighbours, and thumbnail neighbours under flips/rotations), verified image by image
+(verify.py) and linked when their pair score reaches a threshold calibrated on the collection
+itself; groups are the connected components of the links; each group keeps its best image.
 
 ``find_duplicates`` takes a folder (with an encoder) or an ``[N, D]`` array of unit vectors
-(groups of row indices, as imagededup's ``encoding_map`` takes precomputed encodings). In a
-folder the keeper of a group is the largest resolution, then the larger file, then the first
-path; among vectors it is the first row.
+(groups of row indices, as imagededup's ``encoding_map`` takes precomputed encodings; with no
+images there is nothing to verify, so those links are cosine only). In a folder the keeper of
+a group is the largest resolution, then the larger file, then the first path; among vectors it
+is the first row.
 
     >>> result = find_duplicates("./photos", encoder=Encoder.load("models/x"), threshold=0.95)
     >>> [(g.keep, [d.path for d in g.duplicates]) for g in result.groups]
@@ -33,36 +36,102 @@ class Duplicate:
     exact: bool  # identical bytes
 
 
+def _name(p: Path | int):
+    return p if isinstance(p, int) else str(p)
+
+
+@dataclass(frozen=True)
+class Link:
+    a: Path | int
+    b: Path | int
+    score: float  # the pair score (verified) or cosine (vectors only); 1.0 for identical bytes
+
+    def to_dict(self) -> dict:
+        return {"a": _name(self.a), "b": _name(self.b), "score": round(self.score, 6)}
+
+
 @dataclass(frozen=True)
 class DuplicateGroup:
     keep: Path | int
     duplicates: list[Duplicate]
+    weakest: Link | None = None  # the lowest-scored link of the group's strongest spanning tree
 
     def to_dict(self) -> dict:
-        def name(p: Path | int):
-            return p if isinstance(p, int) else str(p)
-        return {"keep": name(self.keep),
-                "duplicates": [{"path": name(d.path), "score": round(d.score, 6), "exact": d.exact}
-                               for d in self.duplicates]}
+        return {"keep": _name(self.keep),
+                "duplicates": [{"path": _name(d.path), "score": round(d.score, 6), "exact": d.exact}
+                               for d in self.duplicates],
+                "weakest_link": self.weakest.to_dict() if self.weakest is not None else None}
+
+
+@dataclass(frozen=True)
+class CollectionCalibration:
+    """The pair-score threshold and its estimates, measured on the collection being deduplicated.
+
+    ``recall``: the share of synthetic copies (crop, resize, flip, colour, JPEG, 90-degree
+    rotations) of ``images`` sampled images whose pair score with their image reaches the
+    threshold. ``prevalence``: real copies per image, estimated from the sampled images'
+    candidate neighbours at the anchor (a score 75 % of the synthetic copies reach), where every link
+    is taken for a real copy. ``precision`` = prevalence x recall / links per sampled image at
+    the threshold (1.0 where none is expected); see ``estimate``.
+    """
+
+    threshold: float
+    precision: float
+    recall: float
+    target_precision: float
+    images: int
+    prevalence: float
+    anchor: float
+    cosine_floor: float
+    pixel_floor: float
+    source: str  # "calibrated" (auto) or "given"
+
+    def to_dict(self) -> dict:
+        return {"threshold": round(self.threshold, 6), "precision": round(self.precision, 4),
+                "recall": round(self.recall, 4), "target_precision": self.target_precision,
+                "images": self.images, "prevalence": round(self.prevalence, 4), "anchor": round(self.anchor, 6),
+                "cosine_floor": round(self.cosine_floor, 6), "pixel_floor": round(self.pixel_floor, 6),
+                "threshold_source": self.source,
+                "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation; "
+                          "positives: synthetic copies of sampled images of this collection; negatives: "
+                          "their candidate neighbours in it, less the real copies estimated at the anchor"}
 
 
 @dataclass
 class DedupResult:
-    """Duplicate groups (sorted by keeper), the threshold used, and the inputs skipped."""
+    """Duplicate groups (sorted by keeper), the threshold used, and the inputs skipped.
+
+    ``verified``: links were checked image by image and ``threshold`` is a pair score (with
+    ``calibration`` stating its estimated precision and recall on this collection); otherwise
+    it is a cosine between vectors and ``threshold_note`` says where it came from.
+    """
 
     groups: list[DuplicateGroup]
     threshold: float
     skipped: list[Skip] = field(default_factory=list)
+    verified: bool = False
+    calibration: CollectionCalibration | None = None
+    threshold_note: str = "given"
 
     @property
     def n_duplicates(self) -> int:
         return sum(len(g.duplicates) for g in self.groups)
 
     def summary_line(self) -> str:
-        return f"{len(self.groups)} group(s), {self.n_duplicates} duplicate(s) at cosine >= {self.threshold:.4f}"
+        head = f"{len(self.groups)} group(s), {self.n_duplicates} duplicate(s)"
+        c = self.calibration
+        if self.verified and c is not None:
+            how = "calibrated on this collection" if c.source == "calibrated" else "given"
+            return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; estimated pair precision "
+                    f"{c.precision:.3f}, recall {c.recall:.3f}, from synthetic copies of {c.images} of its images)")
+        return f"{head} at cosine >= {self.threshold:.4f} (cosine only, not verified; threshold {self.threshold_note})"
 
     def to_dict(self) -> dict:
         return {"groups": [g.to_dict() for g in self.groups], "threshold": round(self.threshold, 6),
+                "verified": self.verified, "threshold_note": self.threshold_note,
+                "estimated_precision": None if self.calibration is None else round(self.calibration.precision, 4),
+                "estimated_recall": None if self.calibration is None else round(self.calibration.recall, 4),
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "skipped": [s.to_dict() for s in self.skipped]}
 
 
@@ -156,12 +225,13 @@ def vector_groups(vectors: np.ndarray, threshold: float) -> list[DuplicateGroup]
     if vectors.ndim != 2:
         raise FilterkitError(f"expected vectors [N, D], got an array of shape {list(vectors.shape)}")
     _check_threshold(threshold)
-    rows, cols, _ = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), None)
+    rows, cols, sims = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), np.empty(0))
     groups = []
-    for members in group_indices(len(vectors), (rows.astype(np.int64), cols.astype(np.int64))):
+    for members, (w_score, w_a, w_b) in _spanning_groups(len(vectors), rows.astype(np.int64), cols.astype(np.int64),
+                                                         np.asarray(sims, dtype=np.float64)):
         keep, rest = members[0], members[1:]  # members are in row order
         groups.append(DuplicateGroup(int(keep), [Duplicate(int(i), float(vectors[i] @ vectors[keep]), False)
-                                                 for i in rest]))
+                                                 for i in rest], Link(int(w_a), int(w_b), w_score)))
     return groups
 
 
@@ -174,24 +244,264 @@ def model_threshold(encoder) -> float:
     return float(threshold)
 
 
+ROTATIONS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+NEIGHBOURS = 10  # candidates per image and per source (embedding, thumbnails): bounded work
+SAMPLE = 200  # images whose synthetic copies calibrate the threshold
+FLOOR_QUANTILE = 0.02  # candidate floors: what 98 % of the synthetic copies reach
+# The anchor: links at least as strong as 75 % of the synthetic copies are taken for real copies.
+# Lower admits more look-alikes as "real"; higher extrapolates further from fewer links (and
+# real copies easier than the synthetic ones inflate the prevalence by 1 / 0.75 at most).
+ANCHOR_QUANTILE = 0.25
+
+
+def pair_score(cosine: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """The fused score of a pair: the mean of its embedding cosine and its thumbnail
+    correlation (verify.pixel_scores), both in [-1, 1]. A plain mean: on planted copies of
+    32-px images it beat a logistic fit of the same two numbers (benchmarks/README.md)."""
+    return (np.asarray(cosine, dtype=np.float64) + np.asarray(pixel, dtype=np.float64)) / 2
+
+
+def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """near_duplicate_variant, then a 90, 180 or 270-degree rotation one time in four."""
+    out = near_duplicate_variant(image, rng)
+    if rng.random() < 0.25:
+        out = out.transpose(ROTATIONS[int(rng.integers(3))])
+    return out
+
+
+def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float, float, float]:
+    """Estimated (precision, recall, prevalence, anchor) of linking pairs scored >= ``threshold``.
+
+    ``positive``: the pair scores of one synthetic copy per sampled image; ``neighbour``: the
+    scores of the sampled images' candidate pairs in the collection (a pair of two sampled
+    images counts for both), ``n_images`` sampled images. With
+    R(t) the share of positives >= t and c(t) the links >= t per sampled image, the anchor a is
+    the ANCHOR_QUANTILE quantile of the positives, prevalence q = c(a) / R(a) (every link as
+    strong as most synthetic copies is taken for a real copy), and precision(t) = min(1, q R(t) / c(t)), or 1 when c(t) = 0.
+    """
+    positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
+    anchor = float(np.quantile(positive, ANCHOR_QUANTILE))
+    recall = float(np.mean(positive >= threshold))
+    at_anchor = float(np.sum(neighbour >= anchor)) / n_images
+    prevalence = at_anchor / max(float(np.mean(positive >= anchor)), 1e-12)
+    links = float(np.sum(neighbour >= threshold)) / n_images
+    precision = 1.0 if links == 0 else min(1.0, prevalence * recall / links)
+    return precision, recall, prevalence, anchor
+
+
+def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: int, target_precision: float) -> float:
+    """The lowest pair score whose estimated precision reaches the target (the most recall);
+    else the one of best estimated precision (the caller states it, and move refuses)."""
+    cuts = np.unique(np.concatenate([positive, neighbour, [1.0 + 1e-9]]))
+    best, best_key = float(cuts[-1]), (-1.0, -1.0)
+    for t in cuts:  # at most a few thousand cut points
+        precision, recall, _, _ = estimate(float(t), positive, neighbour, n_images)
+        if precision >= target_precision:
+            return float(t)
+        if (precision, recall) > best_key:
+            best, best_key = float(t), (precision, recall)
+    return best
+
+
+class _Views:
+    """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        from . import verify
+
+        self.paths = paths
+        self.rows: dict[int, np.ndarray] = {}
+        self.blank = np.zeros((verify.N_VIEWS, verify.SIDE ** 2), dtype=np.float32)
+
+    def get(self, indices) -> np.ndarray:
+        from . import verify
+        from .errors import ImageError
+        from .images import load_image
+
+        for i in indices:
+            i = int(i)
+            if i not in self.rows:
+                try:
+                    self.rows[i] = verify.image_views(load_image(self.paths[i], draft_size=verify.DRAFT))
+                except ImageError:  # gone or changed since it was embedded: it verifies nothing
+                    self.rows[i] = self.blank
+        return np.stack([self.rows[int(i)] for i in indices]) if len(indices) else self.blank[:0][None]
+
+
+def _spanning_groups(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray):
+    """Union-find over links taken strongest first (Kruskal): (members, weakest merging link)
+    per component of size >= 2; the weakest link of a maximum spanning tree is the group's
+    bottleneck: below its score the group would split."""
+    uf = _UnionFind(n)
+    weakest: dict[int, tuple[float, int, int]] = {}
+    for k in np.argsort(-scores, kind="stable"):
+        a, b = int(rows[k]), int(cols[k])
+        ra, rb = uf.find(a), uf.find(b)
+        if ra == rb:
+            continue
+        merged = [w for w in (weakest.pop(ra, None), weakest.pop(rb, None)) if w is not None]
+        uf.union(a, b)
+        weakest[uf.find(a)] = min(merged + [(float(scores[k]), a, b)])
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(uf.find(i), []).append(i)
+    return [(members, weakest[root]) for root, members in groups.items() if len(members) > 1]
+
+
+def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, encoder,
+                    threshold: float | str = "auto", target_precision: float = 0.99, rotations: bool = True,
+                    index=None, seed: int = 0, sample: int = SAMPLE) -> tuple[list[DuplicateGroup], CollectionCalibration | None]:
+    """Groups of exact and verified near duplicates, and the calibration that set (or, for a
+    given ``threshold``, estimated) the pair-score threshold on this collection.
+
+    Candidates: each image's ``NEIGHBOURS`` nearest by cosine (at or above the cosine most
+    synthetic copies reach) and, with ``rotations``, by whole-frame thumbnail under the 8
+    flips/rotations (this decodes every image once more; without it only the candidates'
+    images are read). Each candidate pair gets a pair score (``pair_score``); links are the
+    pairs at or above the threshold, plus identical bytes.
+    """
+    from . import verify
+    from .errors import ImageError
+    from .images import load_image
+    from .index import build_index, search
+
+    if len(paths) != len(vectors) or len(paths) != len(hashes):
+        raise FilterkitError("paths, hashes and vectors must have the same length")
+    if threshold != "auto":
+        threshold = _check_threshold(float(threshold))
+    if not 0 < target_precision <= 1:
+        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    n = len(paths)
+    first_of_hash: dict[str, int] = {}
+    canonical = np.empty(n, dtype=np.int64)  # the first row with the same bytes
+    for i, h in enumerate(hashes):
+        canonical[i] = first_of_hash.setdefault(h, i)
+    unique = np.flatnonzero(canonical == np.arange(n))  # verification runs on distinct contents
+    views = _Views(paths)
+    calibration = None
+    rows = cols = np.empty(0, dtype=np.int64)
+    scores = np.empty(0)
+    if len(unique) >= 2:
+        rng = np.random.default_rng(seed)
+        sampled = np.sort(rng.choice(unique, min(sample, len(unique)), replace=False))
+        originals, kept = [], []
+        for i in sampled:
+            try:
+                originals.append(load_image(paths[i]))
+                kept.append(int(i))
+            except ImageError:  # unreadable now: not sampled
+                pass
+        sampled = np.array(kept, dtype=np.int64)
+        copies = [synthetic_copy(im, rng) for im in originals]
+        copy_views = np.stack([verify.image_views(im) for im in copies]) if copies else None
+        if len(sampled) == 0:
+            raise FilterkitError("no image of the collection could be decoded to calibrate dedup")
+        pos_cos = np.einsum("nd,nd->n", vectors[sampled], encoder.embed(copies)).astype(np.float64)
+        both = np.concatenate([views.get(sampled), copy_views])
+        m = len(sampled)
+        pos_pix = verify.pixel_scores(both, np.arange(m), np.arange(m, 2 * m)).astype(np.float64)
+        pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
+        positive = pair_score(pos_cos, pos_pix)
+        cosine_floor = float(np.quantile(pos_cos, FLOOR_QUANTILE))
+        pixel_floor = float(np.quantile(pos_frame, FLOOR_QUANTILE))
+
+        sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
+        idx = index if index is not None and len(unique) == n else build_index(sub)
+        hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
+        i = np.repeat(np.arange(len(unique)), hits.ids.shape[1])
+        j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
+        keep = (j >= 0) & (j != i) & (s >= cosine_floor)
+        pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
+        if rotations:
+            frames = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
+            for k, row in enumerate(unique):
+                try:
+                    frames[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
+                except ImageError:  # unreadable now: a zero thumbnail matches nothing
+                    frames[k] = 0.0
+            a, b = verify.dihedral_neighbours(frames, NEIGHBOURS, pixel_floor)
+            pairs.append(np.stack([a, b], axis=1))
+        pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
+        rows, cols = unique[pairs[:, 0]], unique[pairs[:, 1]]
+        cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
+        touched = np.unique(np.concatenate([rows, cols]))
+        table = views.get(touched)
+        where = np.searchsorted(touched, np.concatenate([rows, cols]))
+        pix = verify.pixel_scores(table, where[:len(rows)], where[len(rows):])
+        scores = pair_score(cos, pix)
+
+        neighbour = np.concatenate([scores[np.isin(rows, sampled)], scores[np.isin(cols, sampled)]])
+        source = "given"
+        if threshold == "auto":
+            threshold = choose_threshold(positive, neighbour, m, target_precision)
+            source = "calibrated"
+        precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, m)
+        calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision), m,
+                                            prevalence, anchor, cosine_floor, pixel_floor, source)
+    elif threshold == "auto":
+        threshold = 1.0  # nothing to calibrate on: only identical bytes link
+    linked = scores >= threshold
+    dup_rows = np.flatnonzero(canonical != np.arange(n))
+    all_rows = np.concatenate([rows[linked], canonical[dup_rows]])
+    all_cols = np.concatenate([cols[linked], dup_rows])
+    all_scores = np.concatenate([scores[linked], np.ones(len(dup_rows))])
+    groups = []
+    for members, (w_score, w_a, w_b) in _spanning_groups(n, all_rows, all_cols, all_scores):
+        order = keeper_order([paths[i] for i in members])
+        keep = members[order[0]]
+        others = [members[k] for k in order[1:]]
+        near = [i for i in others if hashes[i] != hashes[keep]]
+        direct = {}
+        if near:
+            table = views.get([keep] + near)
+            pix = verify.pixel_scores(table, np.zeros(len(near), dtype=np.int64), np.arange(1, len(near) + 1))
+            cos = vectors[near] @ vectors[keep]
+            direct = dict(zip(near, pair_score(cos, pix).tolist()))
+        dups = [Duplicate(paths[i], 1.0 if hashes[i] == hashes[keep] else float(direct[i]), hashes[i] == hashes[keep])
+                for i in others]
+        groups.append(DuplicateGroup(paths[keep], dups, Link(paths[w_a], paths[w_b], w_score)))
+    return sorted(groups, key=lambda g: str(g.keep)), calibration
+
+
+def check_move(result: DedupResult, target_precision: float) -> None:
+    """Refuse to move files on links whose estimated precision is below the target."""
+    c = result.calibration
+    if not result.verified or c is None:
+        raise FilterkitError("--action move needs verified links with an estimated precision; this result has "
+                             "cosine-only links")
+    if c.precision < target_precision:
+        raise FilterkitError(
+            f"--action move refused: the estimated pair precision {c.precision:.3f} at pair score >= "
+            f"{c.threshold:.4f} is below the target {target_precision:.3f} (estimated recall {c.recall:.3f}); "
+            "look at the groups with --action report, raise --threshold or lower --target-precision")
+
+
 def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, threshold: float | str | None = "auto",
                     cache=None, batch_size: int = 64, workers: int | None = None, progress: bool = False,
-                    follow_symlinks: bool = False) -> DedupResult:
-    """Group the duplicates of a folder (embedded through the cache by ``encoder``) or of the
-    rows of an ``[N, D]`` array of unit vectors.
+                    follow_symlinks: bool = False, target_precision: float = 0.99, rotations: bool = True,
+                    seed: int = 0) -> DedupResult:
+    """Group the duplicates of a folder (embedded through the cache by ``encoder``, each
+    candidate pair verified on its images) or of the rows of an ``[N, D]`` array of unit
+    vectors (cosine only: there are no images to verify).
 
-    ``threshold="auto"`` (or None) uses the dedup threshold calibrated into the encoder's model
-    directory; vectors without an encoder need a number. ``cache``: an open ``EmbeddingCache``
-    (None: the default cache).
+    Folder: ``threshold="auto"`` (or None) calibrates the pair-score threshold on the folder
+    itself at ``target_precision``; a number is a pair score, whose precision and recall are
+    estimated the same way. Vectors: a cosine; "auto" reads the threshold the encoder's model
+    directory was calibrated with (on other images: the result says so). ``cache``: an open
+    ``EmbeddingCache`` (None: the default cache).
     """
-    if threshold in ("auto", None):
-        if encoder is None:
-            raise FilterkitError("threshold='auto' reads the encoder's calibrated threshold: pass encoder= "
-                                 "or a cosine threshold")
-        threshold = model_threshold(encoder)
-    threshold = _check_threshold(float(threshold))
+    if threshold is None:
+        threshold = "auto"
     if isinstance(source, np.ndarray):
-        return DedupResult(vector_groups(source, threshold), threshold)
+        note = "given"
+        if threshold == "auto":
+            if encoder is None:
+                raise FilterkitError("threshold='auto' on vectors reads the encoder's calibrated threshold: pass "
+                                     "encoder= or a cosine threshold")
+            threshold = model_threshold(encoder)
+            note = "from the model directory, calibrated on other images"
+        threshold = _check_threshold(float(threshold))
+        return DedupResult(vector_groups(source, threshold), threshold, threshold_note=note)
     if encoder is None:
         raise FilterkitError("find_duplicates(folder) needs encoder= to embed the folder")
     from .index import cached_index, content_key
@@ -202,8 +512,11 @@ def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, thresh
         index = None
         if len(found.vectors):
             index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes), store.index_dir)
-    groups = duplicate_groups(found.paths, found.hashes, found.vectors, threshold, index)
-    return DedupResult(groups, threshold, found.skipped)
+    groups, calibration = verified_groups(found.paths, found.hashes, found.vectors, encoder, threshold,
+                                          target_precision, rotations, index, seed)
+    used = calibration.threshold if calibration is not None else (1.0 if threshold == "auto" else float(threshold))
+    return DedupResult(groups, used, found.skipped, verified=True, calibration=calibration,
+                       threshold_note="calibrated on this collection" if threshold == "auto" else "given")
 
 
 def near_duplicate_variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:

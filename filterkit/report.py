@@ -117,7 +117,7 @@ def write_dedup_report(groups, html_path: str | os.PathLike, title: str = "filte
     for g in groups:
         pics = [f'<div>{_thumbnail(g.keep, budget)}<div class="name">keep: {html.escape(str(g.keep))}</div></div>']
         pics += [f'<div>{_thumbnail(d.path, budget)}<div class="name">{html.escape(str(d.path))}</div>'
-                 f'<div class="reason">{"identical bytes" if d.exact else f"cosine {d.score:.3f}"}</div></div>'
+                 f'<div class="reason">{"identical bytes" if d.exact else f"score {d.score:.3f}"}</div></div>'
                  for d in g.duplicates]
         blocks.append(f'<div class="group"><div class="pics">{"".join(pics)}</div></div>')
     n_dups = sum(len(g.duplicates) for g in groups)

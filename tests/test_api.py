@@ -23,7 +23,9 @@ def test_find_duplicates_on_vectors_groups_row_indices():
     assert result.groups[0].duplicates[0].score == pytest.approx(float(v[0] @ v[2]))
     doc = json.loads(json.dumps(result.to_dict()))
     assert doc["groups"][1] == {"keep": 1, "duplicates": [{"path": 4, "score": round(float(v[1] @ v[4]), 6),
-                                                           "exact": False}]}
+                                                           "exact": False}],
+                                "weakest_link": {"a": 1, "b": 4, "score": round(float(v[1] @ v[4]), 6)}}
+    assert not doc["verified"] and "cosine only, not verified" in result.summary_line()
     assert doc["threshold"] == 0.99 and doc["skipped"] == []
     assert result.n_duplicates == 2 and "2 group(s), 2 duplicate(s)" in result.summary_line()
     assert find_duplicates(v, threshold=0.9999).groups == []

@@ -63,14 +63,15 @@ def dup_folder(tmp_path, photos_dir):
 
 
 def test_dedup_cli_groups_copies_and_moves_only_duplicates(tmp_path, capsys, dup_folder, small_model_dir):
-    args = ["dedup", str(dup_folder), "--threshold", "0.99", "--model", str(small_model_dir), "--json", "-q",
-            "--workers", "0"]
+    args = ["dedup", str(dup_folder), "--threshold", "0.9", "--target-precision", "0.5", "--model",
+            str(small_model_dir), "--json", "-q", "--workers", "0"]
     assert main(args) == 0
     groups = {Path(g["keep"]).name: g for g in json.loads(capsys.readouterr().out)["groups"]}
     assert set(groups) == {"chelsea.jpg", "coffee.jpg"}  # keepers: the larger image; path order for copies
     assert [Path(d["path"]).name for d in groups["chelsea.jpg"]["duplicates"]] == ["chelsea_flipped_small.jpg"]
     assert groups["coffee.jpg"]["duplicates"] == [{"path": str(dup_folder / "renamed_coffee.jpg"), "score": 1.0,
                                                    "exact": True}]
+    assert groups["coffee.jpg"]["weakest_link"]["score"] == 1.0
     out = tmp_path / "dups"
     assert main(args + ["--action", "move", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -78,9 +79,11 @@ def test_dedup_cli_groups_copies_and_moves_only_duplicates(tmp_path, capsys, dup
     assert sorted(p.stem for p in dup_folder.iterdir()) == sorted(PHOTO_NAMES)
 
 
-def test_dedup_auto_threshold_needs_a_calibrated_model(capsys, dup_folder, small_model_dir):
-    assert main(["dedup", str(dup_folder), "--model", str(small_model_dir), "-q"]) == 1
-    assert "no calibrated dedup threshold" in capsys.readouterr().err
+def test_vectors_auto_threshold_needs_a_calibrated_model(small_encoder):
+    from filterkit.dedup import find_duplicates
+
+    with pytest.raises(FilterkitError, match="no calibrated dedup threshold"):
+        find_duplicates(np.eye(3, dtype=np.float32), encoder=small_encoder)
 
 
 def test_cluster_vectors_and_pruning_fractions():
@@ -126,7 +129,7 @@ def test_threshold_for_precision_takes_whole_runs_of_equal_scores():
 
 def test_model_calibrate_writes_a_dedup_threshold_that_dedup_auto_uses(tmp_path, capsys, photos_dir, dup_folder):
     from filterkit import Encoder
-    from filterkit.dedup import near_duplicate_variant
+    from filterkit.dedup import find_duplicates, near_duplicate_variant
 
     rng = np.random.default_rng(0)
     images = tmp_path / "held_out"
@@ -147,4 +150,8 @@ def test_model_calibrate_writes_a_dedup_threshold_that_dedup_auto_uses(tmp_path,
     assert -1 <= t <= 1 and doc["thresholds"]["dedup_calibration"]["images"] == 16
     assert Encoder.load(model).meta["thresholds"]["dedup"] == t
     assert main(["dedup", str(dup_folder), "--model", str(model), "--json", "-q", "--workers", "0"]) == 0
-    assert "groups" in json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)  # a folder: calibrated on itself, not on the model's threshold
+    assert doc["verified"] and doc["calibration"]["threshold_source"] == "calibrated"
+    vectors = Encoder.load(model).embed([Image.open(dup_folder / "coffee.jpg")] * 2)
+    result = find_duplicates(vectors, encoder=Encoder.load(model))
+    assert result.threshold == t and not result.verified and "calibrated on other images" in result.summary_line()

@@ -173,8 +173,10 @@ def filter_command(
 @app.command()
 def dedup(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (the model's calibrated value) or a cosine similarity.")] = "auto",
-    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates.")] = "report",
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
+    target_precision: Annotated[float, typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires.")] = 0.99,
+    rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (reads every image once more).")] = True,
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision).")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
@@ -187,17 +189,20 @@ def dedup(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find exact and near duplicates; each group keeps its largest-resolution image."""
+    """Find exact and near duplicates, each candidate pair verified on its images; each group
+    keeps its largest-resolution image and reports its weakest link."""
     threshold_value = threshold_arg(threshold)
     from ..actions import check_action, run_actions
     from ..cache import EmbeddingCache
-    from ..dedup import find_duplicates
+    from ..dedup import check_move, find_duplicates
 
     check_action(action, out, ("report", "move"))
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
-                                 follow_symlinks)
+                                 follow_symlinks, target_precision=target_precision, rotations=rotations)
+    if action == "move":  # before anything moves, dry run included: the same refusal either way
+        check_move(result, target_precision)
     if report is not None:
         from ..report import write_dedup_report
 
@@ -210,7 +215,8 @@ def dedup(
         return
     print_skips(result.skipped, quiet)
     for g in result.groups[:50]:
-        typer.echo(f"keep {g.keep}")
+        weakest = f"  (weakest link {g.weakest.score:.3f})" if g.weakest is not None else ""
+        typer.echo(f"keep {g.keep}{weakest}")
         for d in g.duplicates:
             typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}")
     if len(result.groups) > 50:

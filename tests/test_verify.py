@@ -1,0 +1,115 @@
+"""Verified dedup: the thumbnail check (verify.py), the calibration's estimates, the weakest
+link, and the CLI's refusal to move below the precision target. Images are made here from
+scikit-image's sample photos (no data download)."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from filterkit import Encoder, verify
+from filterkit.cli import main
+from filterkit.dedup import _spanning_groups, choose_threshold, estimate, find_duplicates
+
+from conftest import sample_photo
+
+SHIPPED = "models/filterkit-vit-mini"
+
+
+def test_rotated_and_flipped_thumbnails_correlate_fully_and_others_do_not():
+    a, b = sample_photo("astronaut"), sample_photo("chelsea")
+    views = np.stack([verify.image_views(im) for im in
+                      (a, a.transpose(Image.Transpose.ROTATE_90), a.transpose(Image.Transpose.FLIP_TOP_BOTTOM), b)])
+    scores = verify.pixel_scores(views, np.array([0, 0, 0]), np.array([1, 2, 3]))
+    assert scores[0] > 0.99 and scores[1] > 0.99 and scores[2] < 0.7
+    frames = views[:, 0]
+    rows, cols = verify.dihedral_neighbours(frames, k=1, threshold=0.99)
+    assert set(zip(rows.tolist(), cols.tolist())) == {(0, 1), (0, 2), (1, 2)}
+
+
+def test_estimates_equal_their_formula_on_a_hand_built_case():
+    # 4 sampled images: their synthetic copies score 0.9, 0.8, 0.7, 0.6 (anchor = the 25 %
+    # quantile = 0.675, R(anchor) = 0.75); their neighbours: one real copy at 0.85, look-alikes
+    # at 0.65 and 0.5.
+    positive = np.array([0.9, 0.8, 0.7, 0.6])
+    neighbour = np.array([0.85, 0.65, 0.5])
+    precision, recall, prevalence, anchor = estimate(0.6, positive, neighbour, 4)
+    assert anchor == pytest.approx(0.675)
+    assert prevalence == pytest.approx((1 / 4) / 0.75)  # c(a) / R(a)
+    assert recall == 1.0
+    assert precision == pytest.approx(prevalence * 1.0 / (2 / 4))  # q R(t) / c(t): 2 links >= 0.6
+    assert estimate(0.95, positive, neighbour, 4)[0] == 1.0  # no link expected: nothing to be wrong
+    t = choose_threshold(positive, neighbour, 4, 0.99)  # the lowest cut that keeps precision 1
+    assert t == pytest.approx(0.7) and estimate(t, positive, neighbour, 4)[0] == 1.0
+
+
+def test_weakest_link_is_the_bottleneck_of_the_strongest_spanning_tree():
+    rows, cols = np.array([0, 1, 0, 3]), np.array([1, 2, 2, 4])
+    groups = sorted(_spanning_groups(6, rows, cols, np.array([0.9, 0.8, 0.7, 0.95])))
+    assert groups == [([0, 1, 2], (0.8, 1, 2)), ([3, 4], (0.95, 3, 4))]
+
+
+def _jpeg(im, quality):
+    buffer = io.BytesIO()
+    im.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def edited_folder(tmp_path_factory, photos_dir):
+    root = tmp_path_factory.mktemp("edited")
+    for p in photos_dir.iterdir():
+        if p.stem != "coffee":
+            shutil.copy(p, root)
+    astronaut = Image.open(root / "astronaut.jpg")
+    astronaut.transpose(Image.Transpose.ROTATE_90).save(root / "astronaut_rot90.png")
+    chelsea = Image.open(root / "chelsea.jpg")
+    small = chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((chelsea.width * 3 // 5, chelsea.height * 3 // 5))
+    _jpeg(small, 40).save(root / "chelsea_flip_small_q40.png")
+    coffee = sample_photo("coffee")  # two look-alikes: the same scene, far-apart halves
+    w, h = coffee.size
+    coffee.crop((0, 0, int(w * 0.45), h)).resize((128, 200)).save(root / "coffee_left.jpg", quality=90)
+    coffee.crop((int(w * 0.55), 0, w, h)).resize((128, 200)).save(root / "coffee_right.jpg", quality=90)
+    return root
+
+
+def test_verified_dedup_links_rotated_and_edited_copies_and_not_look_alikes(edited_folder):
+    result = find_duplicates(edited_folder, encoder=Encoder.load(SHIPPED), workers=0)
+    groups = {frozenset([g.keep.name] + [d.path.name for d in g.duplicates]) for g in result.groups}
+    assert groups == {frozenset({"astronaut.jpg", "astronaut_rot90.png"}),  # the larger file is kept
+                      frozenset({"chelsea.jpg", "chelsea_flip_small_q40.png"})}
+    assert result.verified and result.calibration.source == "calibrated"
+    doc = result.to_dict()
+    assert 0 <= doc["estimated_precision"] <= 1 and 0 <= doc["estimated_recall"] <= 1
+    for g in doc["groups"]:
+        assert g["weakest_link"]["score"] == pytest.approx(g["duplicates"][0]["score"])
+    assert "estimated pair precision" in result.summary_line()
+
+
+def test_without_rotations_the_rotated_copy_needs_the_embedding(edited_folder):
+    result = find_duplicates(edited_folder, encoder=Encoder.load(SHIPPED), workers=0, rotations=False)
+    found = {d.path.name for g in result.groups for d in g.duplicates}
+    assert "chelsea_flip_small_q40.png" in found and "coffee_right.jpg" not in found
+
+
+def test_move_refuses_below_the_target_precision_and_moves_nothing(tmp_path, capsys, edited_folder):
+    folder = tmp_path / "photos"
+    shutil.copytree(edited_folder, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "out"
+    base = ["dedup", str(folder), "--model", SHIPPED, "-q", "--workers", "0"]
+    # a threshold below every look-alike links false pairs: the estimate falls below 0.99
+    assert main(base + ["--threshold", "0.3", "--action", "move", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--action move refused: the estimated pair precision" in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir()) == before and not out.exists()
+    assert main(base + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["calibration"]["target_precision"] == 0.99 and doc["estimated_precision"] is not None
+    assert main(base) == 0
+    text = capsys.readouterr().out
+    assert "weakest link" in text and "estimated pair precision" in text
