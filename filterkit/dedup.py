@@ -224,6 +224,11 @@ def vector_groups(vectors: np.ndarray, threshold: float) -> list[DuplicateGroup]
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise FilterkitError(f"expected vectors [N, D], got an array of shape {list(vectors.shape)}")
+    norms = np.linalg.norm(vectors, axis=1)
+    if len(vectors) and not np.allclose(norms, 1.0, atol=1e-3):  # inner products are cosines only then
+        worst = int(np.argmax(np.abs(norms - 1.0)))
+        raise FilterkitError(f"find_duplicates(vectors) needs unit rows (L2-normalised, as Encoder.embed returns "
+                             f"them): row {worst} has norm {norms[worst]:.4g}")
     _check_threshold(threshold)
     rows, cols, sims = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), np.empty(0))
     groups = []

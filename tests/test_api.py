@@ -114,3 +114,10 @@ def test_cluster_and_search_record_the_space_they_measured_in(photos_dir, small_
     assert found.to_dict()["normalize"]["kind"] == "none"  # auto leaves 8 vectors raw (AUTO_CENTER_MIN)
     with pytest.raises(FilterkitError, match="--normalize must be one of"):
         cluster_folder(photos_dir, small_encoder, k=2, normalize="zca")
+
+
+def test_find_duplicates_on_vectors_refuses_rows_that_are_not_unit():
+    v = _unit([[1, 0, 0], [0, 1, 0]])
+    v[1] *= 3
+    with pytest.raises(FilterkitError, match="row 1 has norm 3"):
+        find_duplicates(v, threshold=0.9)
