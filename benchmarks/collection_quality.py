@@ -23,14 +23,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from filterkit import Encoder
-from filterkit.augment import eval_transform
 from filterkit.cluster import cluster_vectors
-from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
+from filterkit.evaluate import labelled_images
 from filterkit.normalize import Normalizer
 from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
+from _encoders import compared_encoders, embed_paths  # benchmarks/_encoders.py
 
 K = 10
 
@@ -63,19 +61,7 @@ def main() -> None:
     root = data_root(args.data)
     folders = {"imagenette": lambda: imagenette_train(root), "cifar10": lambda: cifar10(root) / "test"}
 
-    encoders = []
-    if args.model:
-        trained = Encoder.load(args.model)
-        encoders.append(("model", trained))
-        cfg = trained.config
-    else:
-        from filterkit.modeldir import ModelConfig
-
-        cfg = ModelConfig.from_preset(args.preset)
-    from filterkit.encoder import build_backbone
-
-    torch.manual_seed(0)
-    encoders.append(("random init", Encoder(build_backbone(cfg), cfg)))
+    encoders = compared_encoders(args.model, args.preset)
 
     for name in args.sets:
         data = labelled_images(folders[name]())
@@ -90,14 +76,8 @@ def main() -> None:
               f"precision@{K} of search and k-means NMI (k = {len(data.classes)}), mean ± std over draws")
         print(f"  {'encoder':12s} {'normalise':9s} {'precision@10':>16s} {'NMI':>16s}")
         paths = [data.paths[i] for i in needed]
-        for enc_name, enc in encoders + [("raw pixels", None)]:
-            if enc is None:
-                vecs, kept = features(paths, eval_transform(RAW_PIXEL_SIZE), RAW_PIXEL_SIZE, raw_pixel_embed,
-                                      workers=args.workers)
-            else:
-                vecs, kept = features(paths, enc.transform, enc.config.img_size, enc.embed_batch,
-                                      workers=args.workers)
-            assert len(kept) == len(paths), "an image failed to decode"
+        for enc_name, enc in encoders:
+            vecs = embed_paths(enc, paths, args.workers)
             row_of = {int(i): r for r, i in enumerate(needed)}
             for kind in args.normalize:
                 if enc is None and kind == "whiten":
