@@ -72,7 +72,7 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
         if rank == 0:
             import time
 
-            import filterkit.train.monitor as monitor
+            from filterkit.train import monitor
 
             monitor._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
     try:

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import sample_photo
+from test_train import TINY, _free_port, params
 
 from filterkit import FilterkitError
 from filterkit.cli import main
@@ -17,7 +19,17 @@ from filterkit.methods.simclr import SimCLR, nt_xent
 from filterkit.modeldir import CONFIG_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainOptions, load_checkpoint, pretrain
 
-from test_train import TINY, _free_port, params, train_dir  # noqa: F401 (train_dir is a fixture)
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    """test_train.py's folder: 24 crops of one photo in 3 sub-folders."""
+    root = tmp_path_factory.mktemp("train")
+    photo = sample_photo("astronaut")
+    for i in range(24):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
+    return root
 
 
 def reference_nt_xent(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
@@ -58,7 +70,7 @@ def test_nt_xent_equals_the_formula_on_fixed_tensors():
 def test_byol_loss_equals_the_formula_on_fixed_tensors():
     rng = np.random.default_rng(1)
     p1, p2, t1, t2 = (rng.normal(size=(6, 8)) for _ in range(4))
-    as_t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
     got = regression_loss(as_t(p1), as_t(t2)) + regression_loss(as_t(p2), as_t(t1))
     assert float(got) == pytest.approx(reference_byol(p1, p2, t1, t2), rel=1e-5)
 
@@ -117,7 +129,7 @@ def test_every_registered_method_builds_and_exports_its_online_backbone():
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
-def test_method_trains_with_finite_losses_and_resumes_exactly(tmp_path, train_dir, method):  # noqa: F811
+def test_method_trains_with_finite_losses_and_resumes_exactly(tmp_path, train_dir, method):
     opts = TrainOptions(max_steps=4, epochs=10, method=method, **TINY)
     straight = pretrain(train_dir, tmp_path / "a", opts, device="cpu", workers=0, progress=False)
     log = [json.loads(line) for line in (tmp_path / "a" / "training" / "log.jsonl").read_text().splitlines()]
@@ -140,7 +152,7 @@ def test_method_trains_with_finite_losses_and_resumes_exactly(tmp_path, train_di
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_init_from_another_methods_run_loads_the_backbone_only(tmp_path, train_dir):  # noqa: F811
+def test_init_from_another_methods_run_loads_the_backbone_only(tmp_path, train_dir):
     moco = pretrain(train_dir, tmp_path / "moco", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu",
                     workers=0, progress=False)
     byol = pretrain(train_dir, tmp_path / "byol", TrainOptions(max_steps=1, epochs=10, lr=0.0, method="byol",
@@ -161,7 +173,7 @@ def test_init_from_another_methods_run_loads_the_backbone_only(tmp_path, train_d
         "encoders and heads"
 
 
-def test_cli_method_errors_are_one_line(tmp_path, train_dir, capsys):  # noqa: F811
+def test_cli_method_errors_are_one_line(tmp_path, train_dir, capsys):
     common = ["pretrain", str(train_dir), "--out", str(tmp_path / "m"), "--batch-size", "8", "--max-steps", "1",
               "--workers", "0", "-q"]
     assert main([*common, "--method", "dino"]) == 1
@@ -172,10 +184,9 @@ def test_cli_method_errors_are_one_line(tmp_path, train_dir, capsys):  # noqa: F
     assert not (tmp_path / "m").exists()
 
 
-def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir):  # noqa: F811
-    import torch.multiprocessing as mp
-
+def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir):
     import _ddp_worker
+    import torch.multiprocessing as mp
 
     mp.start_processes(_ddp_worker.run_simclr, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
                                                      str(tmp_path)), nprocs=2, join=True, start_method="spawn")
@@ -195,7 +206,7 @@ def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir)
     assert math.isfinite(r0["loss"]) and (tmp_path / "m" / CONFIG_FILE).is_file()
 
 
-def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, train_dir):  # noqa: F811
+def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, train_dir):
     # Recorded from the single-module trainer (before --method): 3 steps, seed 3. On that machine
     # the refactored trainer reproduced them bit for bit; the tolerance only allows for other CPUs.
     opts = TrainOptions(max_steps=3, epochs=10, seed=3, **TINY)

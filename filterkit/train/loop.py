@@ -25,11 +25,20 @@ from ..images import Skip
 from ..loader import default_workers
 from ..methods import build_method, method_class
 from ..methods.base import Method
-from ..modeldir import ModelConfig
 from ..moco import momentum_at
+from ..modeldir import ModelConfig
 from ..progress import progress_bar
-from .checkpoints import (CHECKPOINT, _apply_init, _export, _Init, _load_init, _merge_resume_options,
-                          _options_from_init, _save_checkpoint, load_checkpoint)
+from .checkpoints import (
+    CHECKPOINT,
+    _apply_init,
+    _export,
+    _Init,
+    _load_init,
+    _merge_resume_options,
+    _options_from_init,
+    _save_checkpoint,
+    load_checkpoint,
+)
 from .data import Batches, _EpochSampler, load_images
 from .monitor import LOG, Monitor, _truncate_log
 from .options import TrainingInterrupted, TrainOptions, TrainResult

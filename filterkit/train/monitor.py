@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ..encoder import Encoder
 from ..fsutil import atomic_write_bytes
 from ..methods.base import Method
-from ..modeldir import ModelConfig
 from ..moco import gather_keys
+from ..modeldir import ModelConfig
 from .options import TrainingStopped
 
 LOG = Path("training") / "log.jsonl"
