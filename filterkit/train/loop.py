@@ -108,7 +108,6 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-
 @dataclass
 class _Run:
     """Everything ``_prepare`` settled for one call of ``pretrain``."""
