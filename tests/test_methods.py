@@ -218,3 +218,19 @@ def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, tr
     total = sum(float(v.double().abs().sum()) for v in result.model.state_dict().values() if v.is_floating_point())
     assert total == pytest.approx(22347.658336933262, rel=1e-5)
     assert type(result.model).__name__ == "MoCo"
+
+
+def test_a_checkpoint_from_before_methods_resumes_as_moco_v3(tmp_path, train_dir):
+    out = tmp_path / "m"
+    pretrain(train_dir, out, TrainOptions(max_steps=2, epochs=10, **TINY), device="cpu", workers=0, progress=False,
+             stop_at_step=1)
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    options = json.loads(state["options"])
+    del options["method"]  # as written before --method existed
+    state["options"] = json.dumps(options)
+    torch.save(state, out / CHECKPOINT)
+    with pytest.raises(FilterkitError, match=r"method \(checkpoint 'moco-v3', now 'simclr'\)"):
+        pretrain(train_dir, out, TrainOptions(method="simclr"), resume=True, device="cpu", workers=0, progress=False)
+    resumed = pretrain(train_dir, out, TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+    assert resumed.steps == 2 and type(resumed.model).__name__ == "MoCo"
+    assert load_checkpoint(out / CHECKPOINT)["options"]["method"] == "moco-v3"
