@@ -8,19 +8,24 @@ Transformers"), in the shape of the paper's Algorithm 1:
     after the optimiser step: f_m ← m·f_m + (1 − m)·f   (backbone + projector, never predictor)
 
     >>> model = MoCo(backbone, embed_dim=192)
-    >>> loss = model(x1, x2)
+    >>> loss, features = model(x1, x2)
     >>> loss.backward(); optimizer.step(); model.momentum_update(momentum_at(step, total))
+
+The default ``--method`` (``moco-v3``); methods.base describes the interface it shares with the others.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .methods.base import Method
 
 
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -80,8 +85,10 @@ def momentum_at(step: int, total_steps: int, base: float = 0.99) -> float:
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t)) * (1.0 - base)
 
 
-class MoCo(nn.Module):
+class MoCo(Method):
     """The base encoder (backbone + projector + predictor) and its momentum copy."""
+
+    name, title, uses_momentum = "moco-v3", "MoCo v3", True
 
     def __init__(
         self,
@@ -100,6 +107,11 @@ class MoCo(nn.Module):
         self.momentum = copy.deepcopy(self.base)
         self.momentum.requires_grad_(False)
 
+    @classmethod
+    def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> MoCo:
+        return cls(backbone, embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden,
+                   options.temperature, options.predictor)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, detached backbone features of both views, for monitoring)."""
         z1, z2, features = self.base(x1, x2)
@@ -116,3 +128,8 @@ class MoCo(nn.Module):
         momentum = list(self.momentum.parameters())
         torch._foreach_mul_(momentum, m)
         torch._foreach_add_(momentum, base, alpha=1.0 - m)
+
+    def load_backbone(self, state: dict[str, torch.Tensor]) -> None:
+        """Both encoders start from ``state``: f_m = f, as at a fresh start."""
+        self.base.backbone.load_state_dict(state)
+        self.momentum.backbone.load_state_dict(state)

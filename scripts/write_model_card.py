@@ -62,7 +62,7 @@ def card(doc: dict) -> str:
         "",
         f"{'The default encoder of filterkit' if shipped else 'A filterkit encoder'}: a small Vision Transformer "
         "pretrained by `filterkit pretrain`",
-        "(MoCo v3, self-supervised, no labels)."
+        f"({training.get('method', 'MoCo v3')}, self-supervised, no labels)."
         + (" `Encoder.load()` and every command without `--model` use it." if shipped else ""),
         "",
         "## Architecture",
@@ -88,7 +88,7 @@ def card(doc: dict) -> str:
             f"{sum(walls) / 60:.0f} minutes wall-clock ({' + '.join(f'{w / 60:.0f}' for w in walls)}).")
     else:
         lines += [
-            f"- MoCo v3: {recipe(training)}",
+            f"- {training.get('method', 'MoCo v3')}: {recipe(training)}",
             f"- Compute: {compute.get('device', '?')}, {compute.get('processes', 1)} process(es), "
             f"{compute.get('torch_threads', '?')} threads, {compute.get('precision', '?')}, "
             f"{compute.get('wall_seconds', 0) / 60:.0f} minutes wall-clock.",

@@ -72,7 +72,9 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
         if rank == 0:
             import time
 
-            train._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
+            from filterkit.train import monitor
+
+            monitor._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
     try:
         train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
         outcome = "ok"
@@ -82,3 +84,30 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
         f.write(outcome)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_simclr(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """SimCLR under gloo DDP: NT-Xent on fixed tensors split across the ranks (loss and
+    gradients), then a short pretraining run; writes dump/simclr<rank>.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from filterkit.methods.simclr import nt_xent
+    from filterkit.train import TrainOptions, pretrain
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(7)
+    z1_all, z2_all = torch.randn(world * 3, 8), torch.randn(world * 3, 8)
+    z1 = z1_all[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+    z2 = z2_all[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+    loss = nt_xent(z1, z2, 0.2)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=2, epochs=10, method="simclr",
+                           proj_hidden=32, out_dim=16, checkpoint_every=100)
+    result = pretrain(data, out, options, device="cpu", workers=0, progress=False)
+    torch.save({"z1_all": z1_all, "z2_all": z2_all, "mean_loss": mean_loss / world, "grad1": z1.grad,
+                "grad2": z2.grad, "state": result.model.state_dict(), "loss": result.final_loss},
+               f"{dump}/simclr{rank}.pt")
+    dist.destroy_process_group()

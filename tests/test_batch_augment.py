@@ -125,7 +125,7 @@ TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_
 
 
 def test_training_from_memory_runs_resumes_exactly_and_stores_links_once(tmp_path, linked_dir, monkeypatch):
-    import filterkit.train as train
+    import filterkit.train.data as train  # where the store is decoded
 
     stored = []
     real = train._decode_store
@@ -156,7 +156,7 @@ def test_training_from_memory_runs_resumes_exactly_and_stores_links_once(tmp_pat
 def test_memory_estimate_refuses_what_cannot_fit(tmp_path, linked_dir, monkeypatch):
     from filterkit import FilterkitError
 
-    import filterkit.train as train
+    import filterkit.train.data as train  # where the store is decoded
 
     monkeypatch.setattr(train, "available_memory", lambda: 4096)
     with pytest.raises(FilterkitError, match="--data-in-memory needs"):

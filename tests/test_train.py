@@ -121,7 +121,7 @@ def test_collapsed_features_stop_the_run(tmp_path, train_dir, monkeypatch):
 
 
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path, train_dir, monkeypatch):
-    import filterkit.train as train
+    import filterkit.train.loop as train  # where the loop looks the schedule up
 
     real = train.momentum_at
 
@@ -418,7 +418,7 @@ def test_resume_refuses_a_folder_whose_image_count_changed(tmp_path, train_dir):
 
 
 def test_ctrl_c_before_training_starts_claims_no_checkpoint(tmp_path, train_dir, monkeypatch, capsys):
-    import filterkit.train as train
+    import filterkit.train.data as train  # where discovery runs
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -431,7 +431,7 @@ def test_ctrl_c_before_training_starts_claims_no_checkpoint(tmp_path, train_dir,
 
 
 def test_ctrl_c_in_the_loop_says_the_checkpoint_was_saved(tmp_path, train_dir, monkeypatch, capsys):
-    import filterkit.train as train
+    import filterkit.train.loop as train  # where the loop looks the schedule up
 
     real = train.momentum_at
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import presets
+from .. import methods, presets
 from ..errors import FilterkitError
 from .common import BatchOpt, DeviceOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt, WorkersOpt, app, echo_err, load_encoder, print_skips
 
@@ -18,6 +18,7 @@ from .common import BatchOpt, DeviceOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt,
 def pretrain(
     folder: Annotated[Path, typer.Argument(help="Folder of images (any depth, no labels needed).")],
     out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    method: Annotated[Optional[str], typer.Option("--method", help=f"Self-supervised method ({methods.method_help()}); docs/DESIGN.md, \"Methods\", gives each one's loss.", show_default=f"{presets.TRAIN_DEFAULTS['method']}, or the --init-from checkpoint's")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help=f"Architecture preset ({presets.preset_help()}); its recipe fills unset options.", show_default=f"{presets.DEFAULT_PRESETS['cpu']} on a CPU, {presets.DEFAULT_PRESETS['cuda']} on a GPU, or the --init-from model's")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over FOLDER.", show_default="the preset's recipe")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
@@ -47,7 +48,7 @@ def pretrain(
     json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Per-step JSON lines.", show_default="OUT/training/log.jsonl")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pretrain a ViT on FOLDER with MoCo v3 and write a model directory to --out."""
+    """Pretrain a ViT on FOLDER (MoCo v3 unless --method says otherwise) and write a model directory to --out."""
     if (knn_train is None) != (knn_test is None):
         raise FilterkitError("--knn-train and --knn-test go together")
     from ..train import TrainingInterrupted, TrainOptions
@@ -55,8 +56,10 @@ def pretrain(
 
     if preset is not None:
         presets.get_preset(preset)
+    if method is not None:
+        methods.method_class(method)
     # None: not given (the recipe's or the checkpoint's value). A flag left out is not given either.
-    options = TrainOptions(preset=preset, init_from=init_from, epochs=epochs, max_steps=max_steps,
+    options = TrainOptions(preset=preset, method=method, init_from=init_from, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
                            momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
                            min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every,

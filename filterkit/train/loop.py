@@ -1,0 +1,360 @@
+"""The pretraining loop: prepare (options, data, method, optimiser, resume state), then the
+steps, with a ``Monitor`` after each. The loop runs any ``methods.base.Method`` the same way.
+
+Batch and LR under DDP: ``batch_size`` is the *global* batch; each of the W ranks takes
+batch_size / W images of every global batch, and lr = base_lr · batch_size / 256 (Goyal et
+al.'s linear scaling, as in MoCo v3). The global batches are the same for any W, so a run
+on 2 processes sees the same data as a run on 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..devices import autocast, autocast_dtype, pick_device
+from ..encoder import build_backbone
+from ..errors import FilterkitError
+from ..images import Skip
+from ..loader import default_workers
+from ..methods import build_method, method_class
+from ..methods.base import Method
+from ..moco import momentum_at
+from ..modeldir import ModelConfig
+from ..progress import progress_bar
+from .checkpoints import (
+    CHECKPOINT,
+    _apply_init,
+    _export,
+    _Init,
+    _load_init,
+    _merge_resume_options,
+    _options_from_init,
+    _save_checkpoint,
+    load_checkpoint,
+)
+from .data import Batches, _EpochSampler, load_images
+from .monitor import LOG, Monitor, _truncate_log
+from .options import TrainingInterrupted, TrainOptions, TrainResult
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then half-cosine to 0 at the end."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer, scaler,
+               x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
+               amp_dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
+    """One step of any method: loss on both views, backward, AdamW, then the momentum update
+    (a no-op for a method without an EMA target).
+
+    ``model`` is ``method`` or its DDP wrapper. Returns (loss, detached backbone features); a
+    non-finite loss returns before the weights are touched. Under DDP a non-finite loss on any
+    rank returns a non-finite value (the sum over ranks) on every rank.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(x1.device, amp_dtype):
+        loss, features = model(x1, x2)
+    loss_value = float(loss.detach())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # The ranks must all return here or all go on: a rank that returned while the others
+        # entered backward's gradient all-reduce would leave them waiting for it forever.
+        summed = torch.tensor([loss_value], dtype=torch.float64, device=loss.device)
+        dist.all_reduce(summed)  # non-finite when any rank's loss is
+        if not math.isfinite(float(summed)):
+            return float(summed), features
+    if not math.isfinite(loss_value):
+        return loss_value, features
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    method.momentum_update(m)
+    return loss_value, features
+
+
+def make_optimizer(method: Method, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: fused kernels on CUDA, multi-tensor (foreach) on CPU."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused,
+                             foreach=None if fused else True)
+
+
+def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl on GPUs, gloo on CPU. A single process never needs torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@dataclass
+class _Run:
+    """Everything ``_prepare`` settled for one call of ``pretrain``."""
+
+    options: TrainOptions
+    cfg: ModelConfig
+    data_dir: Path
+    out_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    paths: list[Path]
+    refused: list[Skip]
+    global_batch: int
+    steps_per_epoch: int
+    total: int
+    warmup_steps: int
+    method: Method
+    model: torch.nn.Module  # ``method``, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    step: int  # steps done: the checkpoint's on resume; the loop advances it
+    init_info: dict[str, Any] | None
+    prior_seconds: float  # training time of the runs this one resumes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: int,
+                     device_kind: str) -> tuple[TrainOptions, dict | None, _Init | None, bool]:
+    """(resolved options, checkpoint to resume, model to start from, whether --lr was given),
+    refusing what cannot run before any work is done."""
+    checkpoint = None
+    if resume and options.init_from:
+        raise FilterkitError("--init-from starts a new run and --resume continues OUT's own checkpoint: "
+                             "give one or the other")
+    if resume:
+        if not (out_dir / CHECKPOINT).is_file():
+            raise FilterkitError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
+        checkpoint = load_checkpoint(out_dir / CHECKPOINT)
+        options = _merge_resume_options(options, checkpoint["options"], checkpoint.get("images"), world)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise FilterkitError(f"{out_dir} already holds files: pass --resume to continue its training, "
+                             "or choose a new --out folder")
+    init = None
+    if options.init_from and checkpoint is None:
+        init = _load_init(options.init_from)
+        options = _options_from_init(options, init)
+    lr_given = options.lr is not None
+    options = options.resolved(device_kind)
+    if method_class(options.method).needs_predictor and not options.predictor:
+        raise FilterkitError(f"--method {options.method} trains through its predictor: leave out --no-predictor")
+    if options.batch_size % world:
+        raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
+    if options.batch_size < 2 * world:  # each process's projector batch-normalises its share
+        per = "" if world == 1 else f" for {world} processes (2 per process)"
+        raise FilterkitError(f"--batch-size {options.batch_size} is too small: pretraining needs at least "
+                             f"{2 * world}{per}")
+    return options, checkpoint, init, lr_given
+
+
+def _schedule(options: TrainOptions, data_dir: Path, images: int, world: int, lr_given: bool,
+              checkpoint: dict | None) -> tuple[TrainOptions, int, int, int, int]:
+    """(options, global batch, steps per epoch, total steps, warmup steps) for ``images``."""
+    # The image count sets the steps per epoch, and with them the data order and the schedules.
+    # Checkpoints from before the count was stored resume as they always did.
+    if checkpoint is not None and checkpoint.get("images", images) != images:
+        raise FilterkitError(f"{data_dir} has {images} training images but the checkpoint was trained on "
+                             f"{checkpoint['images']}: resuming would change the steps per epoch and shift the "
+                             "schedules. Resume on the same images, or start a new --out")
+    if images < 2 * world:  # each process's batch needs 2 images (its projector's batch norm)
+        raise FilterkitError(f"{data_dir} has {images} images for {world} processes; pretraining needs at "
+                             "least 2 per process: use fewer processes or more images")
+    global_batch = min(options.batch_size, images // world * world)
+    if global_batch < options.batch_size:  # a folder smaller than one batch: the LR follows the real batch
+        options = replace(options, batch_size=global_batch,
+                          lr=options.lr if lr_given else options.base_lr * global_batch / 256)
+    steps_per_epoch = images // global_batch
+    total = steps_per_epoch * options.epochs
+    if options.max_steps:
+        total = min(total, options.max_steps)
+    warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
+    return options, global_batch, steps_per_epoch, total, warmup_steps
+
+
+def _build(options: TrainOptions, cfg: ModelConfig, checkpoint: dict | None, init: _Init | None,
+           dev: torch.device, precision: str, world: int):
+    """(method, model to step, optimiser, scaler, amp dtype, steps done, init provenance): fresh
+    from the seed, then the init model's or the checkpoint's state."""
+    torch.manual_seed(options.seed)
+    backbone = build_backbone(cfg)
+    if options.freeze_patch_embed:  # MoCo v3's stability trick: a fixed random patch projection
+        backbone.patch_embed.requires_grad_(False)
+    method = build_method(options.method, backbone, cfg.embed_dim, options).to(dev)
+    amp_dtype = autocast_dtype(dev, precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    optimizer = make_optimizer(method, options.lr, options.weight_decay, dev)
+    start = 0
+    init_info = checkpoint.get("init") if checkpoint is not None else None
+    if init is not None:
+        init_info = {**init.info, "loaded": _apply_init(method, init, options)}
+    if checkpoint is not None:
+        method.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if checkpoint["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        start = int(checkpoint["step"])
+    model: torch.nn.Module = method
+    if world > 1:
+        if dev.type == "cuda":  # SyncBatchNorm needs a GPU backend; gloo runs keep per-rank BN
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return method, model, optimizer, scaler, amp_dtype, start, init_info
+
+
+def _prepare(data_dir: Path, out_dir: Path, options: TrainOptions, resume: bool, device: str, precision: str,
+             workers: int | None, progress: bool, follow_symlinks: bool) -> tuple[_Run, Batches]:
+    """The run ``pretrain`` will step, and its batches."""
+    rank, world, dev = _dist_setup(device)
+    options, checkpoint, init, lr_given = _resolve_options(options, out_dir, resume, world, dev.type)
+    if checkpoint is not None:
+        cfg = ModelConfig.from_dict(checkpoint["model_config"])
+    elif init is not None:
+        cfg = init.config  # the architecture is the init model's, whatever its origin
+    else:
+        cfg = ModelConfig.from_preset(options.preset, **({"depth": options.depth} if options.depth else {}))
+    paths, refused, store, store_rows = load_images(data_dir, follow_symlinks, options.data_in_memory,
+                                                    cfg.img_size, workers, progress and rank == 0, world)
+    options, global_batch, steps_per_epoch, total, warmup_steps = _schedule(options, data_dir, len(paths), world,
+                                                                            lr_given, checkpoint)
+    method, model, optimizer, scaler, amp_dtype, start, init_info = _build(options, cfg, checkpoint, init, dev,
+                                                                           precision, world)
+    prior_seconds = float(checkpoint.get("wall_seconds", 0.0)) if checkpoint is not None else 0.0
+    run = _Run(options, cfg, data_dir, out_dir, rank, world, dev, paths, refused, global_batch, steps_per_epoch,
+               total, warmup_steps, method, model, optimizer, scaler, amp_dtype, start, init_info, prior_seconds)
+    batches = Batches(paths, store, store_rows, cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std,
+                      global_batch // world, default_workers() if workers is None else workers, dev)
+    return run, batches
+
+
+def _open_monitor(run: _Run, json_log, knn_train, knn_test, knn_max_per_class, collapse_patience: int) -> Monitor:
+    """Rank 0 writes the log (from the checkpoint's step on) and loads the kNN sets."""
+    log_path = Path(json_log) if json_log else run.out_dir / LOG
+    if run.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    if run.is_main and run.step and log_path.is_file():
+        _truncate_log(log_path, run.step)
+    knn_sets = None
+    if knn_train and knn_test and run.is_main:
+        from ..evaluate import labelled_images
+
+        knn_sets = (labelled_images(knn_train, knn_max_per_class), labelled_images(knn_test, knn_max_per_class))
+    return Monitor(log_path if run.is_main else None, run.cfg.embed_dim, run.warmup_steps, collapse_patience,
+                   knn_sets=knn_sets, wait_for_knn=bool(knn_train and knn_test and run.world > 1),
+                   prior_seconds=run.prior_seconds)
+
+
+def _save(run: _Run, monitor: Monitor) -> None:
+    """Rank 0 writes the checkpoint of ``run.step`` and exports the model directory."""
+    if not run.is_main:
+        return
+    wall = monitor.wall_seconds()
+    _save_checkpoint(run.out_dir, run.method, run.optimizer, run.scaler, run.step, run.options, run.cfg, wall,
+                     run.init_info, len(run.paths))
+    dev = run.device
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    precision_used = "fp32" if run.amp_dtype is None else str(run.amp_dtype).removeprefix("torch.")
+    compute = {"device": device_name, "processes": run.world, "torch_threads": torch.get_num_threads(),
+               "precision": precision_used, "wall_seconds": round(wall, 1)}
+    _export(run.out_dir, run.method, run.cfg, run.options, run.step, run.total, run.data_dir, len(run.paths),
+            compute, run.init_info)
+
+
+def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int) -> None:
+    """Train from ``run.step`` to ``stop``, epoch by epoch, checkpointing on the way."""
+    o, dev = run.options, run.device
+    epochs = math.ceil(run.total / run.steps_per_epoch)
+    while run.step < stop:
+        epoch = run.step // run.steps_per_epoch
+        sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, epoch, o.seed,
+                                run.step - epoch * run.steps_per_epoch, run.rank, run.world)
+        loader = batches(sampler)
+        monitor.start_epoch()
+        for x1, x2, failures in loader:
+            monitor.skipped.update(failures)
+            lr = lr_at(run.step, run.total, run.warmup_steps, o.lr)
+            m = momentum_at(run.step, run.total, o.momentum)
+            loss, feats = train_step(run.model, run.method, run.optimizer, run.scaler,
+                                     x1.to(dev, non_blocking=True), x2.to(dev, non_blocking=True), lr, m,
+                                     run.amp_dtype)
+            monitor.check_loss(loss, run.step)
+            run.step += 1
+            monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
+                               feats, f"epoch {epoch + 1}/{epochs}")
+            if run.step % o.checkpoint_every == 0 and run.step < run.total:
+                _save(run, monitor)
+            if run.step % run.steps_per_epoch == 0:
+                monitor.end_of_epoch(run.step // run.steps_per_epoch, run.step, run.method, run.cfg, workers)
+            if run.step >= stop:
+                break
+
+
+def pretrain(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    knn_train: str | os.PathLike | None = None,
+    knn_test: str | os.PathLike | None = None,
+    knn_max_per_class: int | None = None,
+    json_log: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    collapse_patience: int = 5,
+    follow_symlinks: bool = False,
+) -> TrainResult:
+    """Pretrain a ViT with ``options.method`` (MoCo v3 by default) on the images under
+    ``data_dir``; write ``out_dir``.
+
+    ``stop_at_step`` stops after that many steps as an interruption would, leaving a
+    checkpoint that ``resume=True`` continues from.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    run, batches = _prepare(data_dir, out_dir, options or TrainOptions(), resume, device, precision, workers,
+                            progress, follow_symlinks)
+    monitor = _open_monitor(run, json_log, knn_train, knn_test, knn_max_per_class, collapse_patience)
+    stop = run.total if stop_at_step is None else min(run.total, stop_at_step)
+    try:
+        with progress_bar("pretrain", (run.total - run.step) * run.global_batch, progress and run.is_main) as advance:
+            monitor.advance = advance
+            _steps(run, batches, monitor, stop, batches.workers)
+    except KeyboardInterrupt:
+        _save(run, monitor)
+        raise TrainingInterrupted(run.step, out_dir / CHECKPOINT) from None
+    finally:
+        monitor.close()
+    _save(run, monitor)
+    skipped = run.refused + [Skip(run.paths[i], r) for i, r in sorted(monitor.skipped.items())]
+    return TrainResult(out_dir, run.step, monitor.loss, monitor.images_per_s(), monitor.knn_history, skipped,
+                       run.method, run.total)
