@@ -70,8 +70,8 @@ class CollectionCalibration:
     ``recall``: the share of synthetic copies (crop, resize, flip, colour, JPEG, 90-degree
     rotations) of ``images`` sampled images whose pair score with their image reaches the
     threshold. ``prevalence``: real copies per image, estimated from the sampled images'
-    candidate neighbours at the anchor (a score 75 % of the synthetic copies reach), where every link
-    is taken for a real copy. ``precision`` = prevalence x recall / links per sampled image at
+    candidate neighbours at the anchor (a score 75 % or 50 % of the synthetic copies reach, the
+    one estimating fewer), where every link is taken for a real copy. ``precision`` = prevalence x recall / links per sampled image at
     the threshold (1.0 where none is expected); see ``estimate``.
     """
 
@@ -82,7 +82,6 @@ class CollectionCalibration:
     images: int
     prevalence: float
     anchor: float
-    cosine_floor: float
     pixel_floor: float
     source: str  # "calibrated" (auto) or "given"
 
@@ -90,11 +89,12 @@ class CollectionCalibration:
         return {"threshold": round(self.threshold, 6), "precision": round(self.precision, 4),
                 "recall": round(self.recall, 4), "target_precision": self.target_precision,
                 "images": self.images, "prevalence": round(self.prevalence, 4), "anchor": round(self.anchor, 6),
-                "cosine_floor": round(self.cosine_floor, 6), "pixel_floor": round(self.pixel_floor, 6),
+                "pixel_floor": round(self.pixel_floor, 6),
                 "threshold_source": self.source,
-                "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation; "
-                          "positives: synthetic copies of sampled images of this collection; negatives: "
-                          "their candidate neighbours in it, less the real copies estimated at the anchor"}
+                "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation less "
+                          "the pair's background; positives: synthetic copies of sampled images of this "
+                          "collection; negatives: their candidate neighbours in it, less the real copies "
+                          "estimated at the anchor (the smallest of the anchors' estimates)"}
 
 
 @dataclass
@@ -252,18 +252,41 @@ def model_threshold(encoder) -> float:
 ROTATIONS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 NEIGHBOURS = 10  # candidates per image and per source (embedding, thumbnails): bounded work
 SAMPLE = 200  # images whose synthetic copies calibrate the threshold
-FLOOR_QUANTILE = 0.02  # candidate floors: what 98 % of the synthetic copies reach
-# The anchor: links at least as strong as 75 % of the synthetic copies are taken for real copies.
-# Lower admits more look-alikes as "real"; higher extrapolates further from fewer links (and
-# real copies easier than the synthetic ones inflate the prevalence by 1 / 0.75 at most).
-ANCHOR_QUANTILE = 0.25
+FLOOR_QUANTILE = 0.02  # thumbnail candidates' floor: what 98 % of the synthetic copies reach
+# Anchors: links at least as strong as 75 % or 50 % of the synthetic copies are taken for
+# real copies. Each overstates the prevalence (look-alikes above it count as copies; real copies
+# easier than the synthetic ones inflate it by 1 / R(anchor) at most), so the smallest is used.
+ANCHOR_QUANTILES = (0.25, 0.5)
+BACKGROUND = 10  # an image's background: the mean of its BACKGROUND best other pixel scores
 
 
-def pair_score(cosine: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+def pair_score(cosine: np.ndarray, pixel: np.ndarray, background: np.ndarray | float = 0.0) -> np.ndarray:
     """The fused score of a pair: the mean of its embedding cosine and its thumbnail
-    correlation (verify.pixel_scores), both in [-1, 1]. A plain mean: on planted copies of
-    32-px images it beat a logistic fit of the same two numbers (benchmarks/README.md)."""
-    return (np.asarray(cosine, dtype=np.float64) + np.asarray(pixel, dtype=np.float64)) / 2
+    correlation (verify.pixel_scores) less the pair's background (``backgrounds``). A plain
+    mean: on planted copies of 32-px images it beat a logistic fit (benchmarks/README.md)."""
+    return (np.asarray(cosine, dtype=np.float64) + np.asarray(pixel, dtype=np.float64)
+            - np.asarray(background, dtype=np.float64)) / 2
+
+
+def backgrounds(n: int, rows: np.ndarray, cols: np.ndarray, pixel: np.ndarray, k: int = BACKGROUND) -> np.ndarray:
+    """[n]: each image's background, the mean of its 2nd to (k+1)-th largest pixel scores over
+    its candidate pairs (0 with fewer than two). The best is left out because it may be a copy;
+    the same rule for every pair, and for a synthetic copy through its image, keeps the
+    calibration's positives scored like the collection's pairs.
+
+    A low-texture image (a small object on a plain sky) correlates highly with many unrelated
+    ones; a copy stands out from that level, a look-alike does not. Subtracting it is the
+    contextual dissimilarity of Jegou, Harzallah and Schmid 2007 ("A contextual dissimilarity
+    measure for accurate and efficient image search"; CSLS in Conneau et al. 2018)."""
+    ends = np.concatenate([rows, cols]).astype(np.int64)
+    values = np.concatenate([pixel, pixel]).astype(np.float64)
+    order = np.lexsort((-values, ends))  # by image, then score descending
+    ends, values = ends[order], values[order]
+    rank = np.arange(len(ends)) - np.searchsorted(ends, ends)  # 0 for an image's best
+    keep = (rank >= 1) & (rank <= k)
+    total = np.bincount(ends[keep], weights=values[keep], minlength=n)
+    count = np.bincount(ends[keep], minlength=n)
+    return total / np.maximum(count, 1)
 
 
 def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -279,16 +302,17 @@ def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_im
 
     ``positive``: the pair scores of one synthetic copy per sampled image; ``neighbour``: the
     scores of the sampled images' candidate pairs in the collection (a pair of two sampled
-    images counts for both), ``n_images`` sampled images. With
-    R(t) the share of positives >= t and c(t) the links >= t per sampled image, the anchor a is
-    the ANCHOR_QUANTILE quantile of the positives, prevalence q = c(a) / R(a) (every link as
-    strong as most synthetic copies is taken for a real copy), and precision(t) = min(1, q R(t) / c(t)), or 1 when c(t) = 0.
+    images counts for both), ``n_images`` sampled images. With R(t) the share of positives
+    >= t and c(t) the links >= t per sampled image, c(a) >= q R(a) at every a (real copies
+    alone give q R(a), look-alikes add to it), so each anchor a (the ANCHOR_QUANTILES
+    quantiles of the positives) bounds the prevalence from above by c(a) / R(a); q is the
+    smallest of these, the anchor the one giving it, and precision(t) = min(1, q R(t) / c(t)),
+    or 1 when c(t) = 0. It is still an upper bound where look-alikes pass every anchor.
     """
     positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
-    anchor = float(np.quantile(positive, ANCHOR_QUANTILE))
     recall = float(np.mean(positive >= threshold))
-    at_anchor = float(np.sum(neighbour >= anchor)) / n_images
-    prevalence = at_anchor / max(float(np.mean(positive >= anchor)), 1e-12)
+    prevalence, anchor = min((float(np.sum(neighbour >= a)) / n_images / max(float(np.mean(positive >= a)), 1e-12),
+                              float(a)) for a in np.quantile(positive, ANCHOR_QUANTILES))
     links = float(np.sum(neighbour >= threshold)) / n_images
     precision = 1.0 if links == 0 else min(1.0, prevalence * recall / links)
     return precision, recall, prevalence, anchor
@@ -359,11 +383,11 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     """Groups of exact and verified near duplicates, and the calibration that set (or, for a
     given ``threshold``, estimated) the pair-score threshold on this collection.
 
-    Candidates: each image's ``NEIGHBOURS`` nearest by cosine (at or above the cosine most
-    synthetic copies reach) and, with ``rotations``, by whole-frame thumbnail under the 8
-    flips/rotations (this decodes every image once more; without it only the candidates'
-    images are read). Each candidate pair gets a pair score (``pair_score``); links are the
-    pairs at or above the threshold, plus identical bytes.
+    Candidates: each image's ``NEIGHBOURS`` nearest by cosine and, with ``rotations``, by
+    whole-frame thumbnail under the 8 flips/rotations (this decodes every image once more;
+    without it only the candidates' images are read). Each candidate pair gets a pair score
+    (``pair_score``: cosine and pixel score less the mean ``backgrounds`` of its two images);
+    links are the pairs at or above the threshold, plus identical bytes.
     """
     from . import verify
     from .errors import ImageError
@@ -383,7 +407,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         canonical[i] = first_of_hash.setdefault(h, i)
     unique = np.flatnonzero(canonical == np.arange(n))  # verification runs on distinct contents
     views = _Views(paths)
-    calibration = None
+    calibration = background = None
     rows = cols = np.empty(0, dtype=np.int64)
     scores = np.empty(0)
     if len(unique) >= 2:
@@ -406,8 +430,6 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         m = len(sampled)
         pos_pix = verify.pixel_scores(both, np.arange(m), np.arange(m, 2 * m)).astype(np.float64)
         pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
-        positive = pair_score(pos_cos, pos_pix)
-        cosine_floor = float(np.quantile(pos_cos, FLOOR_QUANTILE))
         pixel_floor = float(np.quantile(pos_frame, FLOOR_QUANTILE))
 
         sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
@@ -415,7 +437,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
         i = np.repeat(np.arange(len(unique)), hits.ids.shape[1])
         j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
-        keep = (j >= 0) & (j != i) & (s >= cosine_floor)
+        keep = (j >= 0) & (j != i)  # no cosine floor: every image gets its NEIGHBOURS, its background
         pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
         if rotations:
             frames = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
@@ -433,7 +455,10 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         table = views.get(touched)
         where = np.searchsorted(touched, np.concatenate([rows, cols]))
         pix = verify.pixel_scores(table, where[:len(rows)], where[len(rows):])
-        scores = pair_score(cos, pix)
+        background = backgrounds(n, rows, cols, pix)
+        scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
+        # a synthetic copy is not in the collection: its image's background stands for both ends
+        positive = pair_score(pos_cos, pos_pix, background[sampled])
 
         neighbour = np.concatenate([scores[np.isin(rows, sampled)], scores[np.isin(cols, sampled)]])
         source = "given"
@@ -442,7 +467,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
             source = "calibrated"
         precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, m)
         calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision), m,
-                                            prevalence, anchor, cosine_floor, pixel_floor, source)
+                                            prevalence, anchor, pixel_floor, source)
     elif threshold == "auto":
         threshold = 1.0  # nothing to calibrate on: only identical bytes link
     linked = scores >= threshold
@@ -461,7 +486,8 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
             table = views.get([keep] + near)
             pix = verify.pixel_scores(table, np.zeros(len(near), dtype=np.int64), np.arange(1, len(near) + 1))
             cos = vectors[near] @ vectors[keep]
-            direct = dict(zip(near, pair_score(cos, pix).tolist()))
+            level = 0.0 if background is None else (background[keep] + background[near]) / 2
+            direct = dict(zip(near, pair_score(cos, pix, level).tolist()))
         dups = [Duplicate(paths[i], 1.0 if hashes[i] == hashes[keep] else float(direct[i]), hashes[i] == hashes[keep])
                 for i in others]
         groups.append(DuplicateGroup(paths[keep], dups, Link(paths[w_a], paths[w_b], w_score)))

@@ -63,7 +63,7 @@ def dup_folder(tmp_path, photos_dir):
 
 
 def test_dedup_cli_groups_copies_and_moves_only_duplicates(tmp_path, capsys, dup_folder, small_model_dir):
-    args = ["dedup", str(dup_folder), "--threshold", "0.9", "--target-precision", "0.5", "--model",
+    args = ["dedup", str(dup_folder), "--threshold", "0.6", "--target-precision", "0.5", "--model",
             str(small_model_dir), "--json", "-q", "--workers", "0"]
     assert main(args) == 0
     groups = {Path(g["keep"]).name: g for g in json.loads(capsys.readouterr().out)["groups"]}
