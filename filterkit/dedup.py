@@ -309,27 +309,41 @@ def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_im
     smallest of these, the anchor the one giving it, and precision(t) = min(1, q R(t) / c(t)),
     or 1 when c(t) = 0. It is still an upper bound where look-alikes pass every anchor.
     """
+    prevalence, anchor = _prevalence(positive, neighbour, n_images)
+    precision, recall = _precision_recall(np.array([threshold], dtype=np.float64), positive, neighbour, n_images,
+                                          prevalence)
+    return float(precision[0]), float(recall[0]), prevalence, anchor
+
+
+def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float]:
+    """(q, the anchor giving it): see ``estimate``."""
     positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
-    recall = float(np.mean(positive >= threshold))
-    prevalence, anchor = min((float(np.sum(neighbour >= a)) / n_images / max(float(np.mean(positive >= a)), 1e-12),
-                              float(a)) for a in np.quantile(positive, ANCHOR_QUANTILES))
-    links = float(np.sum(neighbour >= threshold)) / n_images
-    precision = 1.0 if links == 0 else min(1.0, prevalence * recall / links)
-    return precision, recall, prevalence, anchor
+    return min((float(np.sum(neighbour >= a)) / n_images / max(float(np.mean(positive >= a)), 1e-12), float(a))
+               for a in np.quantile(positive, ANCHOR_QUANTILES))
+
+
+def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: int,
+                      prevalence: float) -> tuple[np.ndarray, np.ndarray]:
+    """``estimate``'s precision and recall at every threshold of ``cuts`` at once (sorted counts)."""
+    positive, neighbour = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(neighbour, np.float64))
+    recall = (len(positive) - np.searchsorted(positive, cuts, side="left")) / max(len(positive), 1)
+    links = (len(neighbour) - np.searchsorted(neighbour, cuts, side="left")) / n_images
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(links == 0, 1.0, np.minimum(1.0, prevalence * recall / links))
+    return precision, recall
 
 
 def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: int, target_precision: float) -> float:
     """The lowest pair score whose estimated precision reaches the target (the most recall);
-    else the one of best estimated precision (the caller states it, and move refuses)."""
+    else the one of best estimated precision, then recall (the caller states it, and move refuses)."""
     cuts = np.unique(np.concatenate([positive, neighbour, [1.0 + 1e-9]]))
-    best, best_key = float(cuts[-1]), (-1.0, -1.0)
-    for t in cuts:  # at most a few thousand cut points
-        precision, recall, _, _ = estimate(float(t), positive, neighbour, n_images)
-        if precision >= target_precision:
-            return float(t)
-        if (precision, recall) > best_key:
-            best, best_key = float(t), (precision, recall)
-    return best
+    precision, recall = _precision_recall(cuts, positive, neighbour, n_images,
+                                          _prevalence(positive, neighbour, n_images)[0])
+    ok = np.flatnonzero(precision >= target_precision)
+    if len(ok):
+        return float(cuts[ok[0]])
+    best = np.lexsort((-np.arange(len(cuts)), recall, precision))[-1]  # ties: the lowest cut
+    return float(cuts[best])
 
 
 class _Views:

@@ -147,3 +147,23 @@ def test_plain_sky_look_alikes_are_not_grouped(tmp_path, photos_dir):
         drawings = {name.split(".")[0].split("_")[0] for name in [g.keep.name] + [d.path.name for d in g.duplicates]
                     if name.startswith("sky")}
         assert len(drawings) <= 1, f"different drawings grouped: {sorted(drawings)}"
+
+
+def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transforms():
+    # Written from the definition: every transform of every window of the other image.
+    from filterkit import verify
+
+    rng = np.random.default_rng(0)
+    views = rng.standard_normal((6, verify.N_VIEWS, verify.SIDE ** 2)).astype(np.float32)
+    rows, cols = np.array([0, 1, 2, 5]), np.array([3, 4, 5, 0])
+    expected = []
+    for a, b in zip(rows, cols):
+        best = -np.inf
+        for x, y in ((a, b), (b, a)):
+            for window in views[y]:
+                square = window.reshape(verify.SIDE, verify.SIDE)
+                for t in (square, square[:, ::-1]):
+                    for k in range(4):
+                        best = max(best, float(views[x, 0] @ np.rot90(t, k).ravel()))
+        expected.append(best)
+    np.testing.assert_allclose(verify.pixel_scores(views, rows, cols, chunk=3), expected, rtol=1e-5, atol=1e-4)
