@@ -349,10 +349,10 @@ def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: int,
 class _Views:
     """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], progress: bool = False) -> None:
         from . import verify
 
-        self.paths = paths
+        self.paths, self.progress = paths, progress
         self.rows: dict[int, np.ndarray] = {}
         self.blank = np.zeros((verify.N_VIEWS, verify.SIDE ** 2), dtype=np.float32)
 
@@ -360,14 +360,16 @@ class _Views:
         from . import verify
         from .errors import ImageError
         from .images import load_image
+        from .progress import progress_bar
 
-        for i in indices:
-            i = int(i)
-            if i not in self.rows:
+        todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self.rows]
+        with progress_bar("verify: thumbnails and crops", len(todo), self.progress and len(todo) > 50) as advance:
+            for i in todo:
                 try:
                     self.rows[i] = verify.image_views(load_image(self.paths[i], draft_size=verify.DRAFT))
                 except ImageError:  # gone or changed since it was embedded: it verifies nothing
                     self.rows[i] = self.blank
+                advance()
         return np.stack([self.rows[int(i)] for i in indices]) if len(indices) else self.blank[:0][None]
 
 
@@ -393,7 +395,8 @@ def _spanning_groups(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
 
 def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, encoder,
                     threshold: float | str = "auto", target_precision: float = 0.99, rotations: bool = True,
-                    index=None, seed: int = 0, sample: int = SAMPLE) -> tuple[list[DuplicateGroup], CollectionCalibration | None]:
+                    index=None, seed: int = 0, sample: int = SAMPLE,
+                    progress: bool = False) -> tuple[list[DuplicateGroup], CollectionCalibration | None]:
     """Groups of exact and verified near duplicates, and the calibration that set (or, for a
     given ``threshold``, estimated) the pair-score threshold on this collection.
 
@@ -403,11 +406,6 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     (``pair_score``: cosine and pixel score less the mean ``backgrounds`` of its two images);
     links are the pairs at or above the threshold, plus identical bytes.
     """
-    from . import verify
-    from .errors import ImageError
-    from .images import load_image
-    from .index import build_index, search
-
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
     if threshold != "auto":
@@ -420,77 +418,112 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     for i, h in enumerate(hashes):
         canonical[i] = first_of_hash.setdefault(h, i)
     unique = np.flatnonzero(canonical == np.arange(n))  # verification runs on distinct contents
-    views = _Views(paths)
+    views = _Views(paths, progress)
     calibration = background = None
     rows = cols = np.empty(0, dtype=np.int64)
     scores = np.empty(0)
     if len(unique) >= 2:
         rng = np.random.default_rng(seed)
-        sampled = np.sort(rng.choice(unique, min(sample, len(unique)), replace=False))
-        originals, kept = [], []
-        for i in sampled:
-            try:
-                originals.append(load_image(paths[i]))
-                kept.append(int(i))
-            except ImageError:  # unreadable now: not sampled
-                pass
-        sampled = np.array(kept, dtype=np.int64)
-        copies = [synthetic_copy(im, rng) for im in originals]
-        copy_views = np.stack([verify.image_views(im) for im in copies]) if copies else None
-        if len(sampled) == 0:
-            raise FilterkitError("no image of the collection could be decoded to calibrate dedup")
-        pos_cos = np.einsum("nd,nd->n", vectors[sampled], encoder.embed(copies)).astype(np.float64)
-        both = np.concatenate([views.get(sampled), copy_views])
-        m = len(sampled)
-        pos_pix = verify.pixel_scores(both, np.arange(m), np.arange(m, 2 * m)).astype(np.float64)
-        pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
-        pixel_floor = float(np.quantile(pos_frame, FLOOR_QUANTILE))
-
-        sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
-        idx = index if index is not None and len(unique) == n else build_index(sub)
-        hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
-        i = np.repeat(np.arange(len(unique)), hits.ids.shape[1])
-        j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
-        keep = (j >= 0) & (j != i)  # no cosine floor: every image gets its NEIGHBOURS, its background
-        pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
-        if rotations:
-            frames = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
-            for k, row in enumerate(unique):
-                try:
-                    frames[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
-                except ImageError:  # unreadable now: a zero thumbnail matches nothing
-                    frames[k] = 0.0
-            a, b = verify.dihedral_neighbours(frames, NEIGHBOURS, pixel_floor)
-            pairs.append(np.stack([a, b], axis=1))
-        pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
-        rows, cols = unique[pairs[:, 0]], unique[pairs[:, 1]]
+        sampled, pos_cos, pos_pix, pixel_floor = _synthetic_positives(paths, vectors, encoder, unique, views, rng,
+                                                                      sample)
+        rows, cols = _candidate_pairs(paths, vectors, unique, index, rotations, pixel_floor, progress)
         cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
         touched = np.unique(np.concatenate([rows, cols]))
         table = views.get(touched)
         where = np.searchsorted(touched, np.concatenate([rows, cols]))
-        pix = verify.pixel_scores(table, where[:len(rows)], where[len(rows):])
+        pix = _verify().pixel_scores(table, where[:len(rows)], where[len(rows):])
         background = backgrounds(n, rows, cols, pix)
         scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
         # a synthetic copy is not in the collection: its image's background stands for both ends
         positive = pair_score(pos_cos, pos_pix, background[sampled])
-
         neighbour = np.concatenate([scores[np.isin(rows, sampled)], scores[np.isin(cols, sampled)]])
         source = "given"
         if threshold == "auto":
-            threshold = choose_threshold(positive, neighbour, m, target_precision)
+            threshold = choose_threshold(positive, neighbour, len(sampled), target_precision)
             source = "calibrated"
-        precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, m)
-        calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision), m,
-                                            prevalence, anchor, pixel_floor, source)
+        precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, len(sampled))
+        calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision),
+                                            len(sampled), prevalence, anchor, pixel_floor, source)
     elif threshold == "auto":
         threshold = 1.0  # nothing to calibrate on: only identical bytes link
     linked = scores >= threshold
     dup_rows = np.flatnonzero(canonical != np.arange(n))
-    all_rows = np.concatenate([rows[linked], canonical[dup_rows]])
-    all_cols = np.concatenate([cols[linked], dup_rows])
-    all_scores = np.concatenate([scores[linked], np.ones(len(dup_rows))])
+    links = (np.concatenate([rows[linked], canonical[dup_rows]]), np.concatenate([cols[linked], dup_rows]),
+             np.concatenate([scores[linked], np.ones(len(dup_rows))]))
+    return _linked_groups(paths, hashes, vectors, links, views, background), calibration
+
+
+def _verify():
+    from . import verify
+
+    return verify
+
+
+def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
+    """Sampled rows, and the cosine and pixel score of each with one synthetic copy of it, and the
+    whole-frame correlation most copies reach (the floor of the rotation candidates)."""
+    from .errors import ImageError
+    from .images import load_image
+
+    verify = _verify()
+    sampled = np.sort(rng.choice(unique, min(sample, len(unique)), replace=False))
+    originals, kept = [], []
+    for i in sampled:
+        try:
+            originals.append(load_image(paths[i]))
+            kept.append(int(i))
+        except ImageError:  # unreadable now: not sampled
+            pass
+    if not kept:
+        raise FilterkitError("no image of the collection could be decoded to calibrate dedup")
+    sampled = np.array(kept, dtype=np.int64)
+    copies = [synthetic_copy(im, rng) for im in originals]
+    pos_cos = np.einsum("nd,nd->n", vectors[sampled], encoder.embed(copies)).astype(np.float64)
+    both = np.concatenate([views.get(sampled), np.stack([verify.image_views(im) for im in copies])])
+    m = len(sampled)
+    pos_pix = verify.pixel_scores(both, np.arange(m), np.arange(m, 2 * m)).astype(np.float64)
+    pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
+    return sampled, pos_cos, pos_pix, float(np.quantile(pos_frame, FLOOR_QUANTILE))
+
+
+def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor: float,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols), rows < cols: each distinct image's NEIGHBOURS nearest by cosine, and with
+    ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``)."""
+    from .errors import ImageError
+    from .images import load_image
+    from .index import build_index, search
+    from .progress import progress_bar
+
+    verify = _verify()
+    sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
+    idx = index if index is not None and len(unique) == len(paths) else build_index(sub)
+    hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
+    i = np.repeat(np.arange(len(unique)), hits.ids.shape[1])
+    j = hits.ids.ravel().astype(np.int64)
+    keep = (j >= 0) & (j != i)  # no cosine floor: every image gets its NEIGHBOURS, its background
+    pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
+    if rotations:
+        frames = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
+        with progress_bar("thumbnails (rotated copies)", len(unique), progress) as advance:
+            for k, row in enumerate(unique):
+                try:
+                    frames[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
+                except ImageError:  # unreadable now: a zero thumbnail matches nothing
+                    pass
+                advance()
+        a, b = verify.dihedral_neighbours(frames, NEIGHBOURS, pixel_floor)
+        pairs.append(np.stack([a, b], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
+    return unique[pairs[:, 0]], unique[pairs[:, 1]]
+
+
+def _linked_groups(paths, hashes, vectors, links, views, background) -> list[DuplicateGroup]:
+    """Groups over ``links`` (rows, cols, scores), sorted by keeper; each duplicate scored against
+    its keeper directly, each group with its weakest spanning link."""
+    verify = _verify()
     groups = []
-    for members, (w_score, w_a, w_b) in _spanning_groups(n, all_rows, all_cols, all_scores):
+    for members, (w_score, w_a, w_b) in _spanning_groups(len(paths), *links):
         order = keeper_order([paths[i] for i in members])
         keep = members[order[0]]
         others = [members[k] for k in order[1:]]
@@ -505,7 +538,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         dups = [Duplicate(paths[i], 1.0 if hashes[i] == hashes[keep] else float(direct[i]), hashes[i] == hashes[keep])
                 for i in others]
         groups.append(DuplicateGroup(paths[keep], dups, Link(paths[w_a], paths[w_b], w_score)))
-    return sorted(groups, key=lambda g: str(g.keep)), calibration
+    return sorted(groups, key=lambda g: str(g.keep))
 
 
 def check_move(result: DedupResult, target_precision: float) -> None:
@@ -558,7 +591,7 @@ def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, thresh
         if len(found.vectors):
             index = cached_index(found.vectors, content_key(encoder.model_id, found.hashes), store.index_dir)
     groups, calibration = verified_groups(found.paths, found.hashes, found.vectors, encoder, threshold,
-                                          target_precision, rotations, index, seed)
+                                          target_precision, rotations, index, seed, progress=progress)
     used = calibration.threshold if calibration is not None else (1.0 if threshold == "auto" else float(threshold))
     return DedupResult(groups, used, found.skipped, verified=True, calibration=calibration,
                        threshold_note="calibrated on this collection" if threshold == "auto" else "given")
