@@ -54,7 +54,7 @@ class Link:
 class DuplicateGroup:
     keep: Path | int
     duplicates: list[Duplicate]
-    weakest: Link | None = None  # the lowest-scored link of the group's strongest spanning tree
+    weakest: Link | None = None  # its lowest direct score: the keeper and its least similar duplicate
 
     def to_dict(self) -> dict:
         return {"keep": _name(self.keep),
@@ -232,12 +232,13 @@ def vector_groups(vectors: np.ndarray, threshold: float) -> list[DuplicateGroup]
     _check_threshold(threshold)
     rows, cols, sims = range_pairs(vectors, threshold) if len(vectors) else (np.empty(0), np.empty(0), np.empty(0))
     groups = []
-    for members, (w_score, w_a, w_b) in _spanning_groups(len(vectors), rows.astype(np.int64), cols.astype(np.int64),
-                                                         np.asarray(sims, dtype=np.float64)):
-        keep, rest = members[0], members[1:]  # members are in row order
-        groups.append(DuplicateGroup(int(keep), [Duplicate(int(i), float(vectors[i] @ vectors[keep]), False)
-                                                 for i in rest], Link(int(w_a), int(w_b), w_score)))
-    return groups
+    for members, _ in _spanning_groups(len(vectors), rows.astype(np.int64), cols.astype(np.int64),
+                                       np.asarray(sims, dtype=np.float64)):  # members are in row order
+        for keep, taken in star_groups(members, lambda k, rest: vectors[rest] @ vectors[k], threshold):
+            low, low_score = min(taken, key=lambda t: t[1])
+            groups.append(DuplicateGroup(int(keep), [Duplicate(int(i), sc, False) for i, sc in taken],
+                                         Link(int(keep), int(low), low_score)))
+    return sorted(groups, key=lambda g: g.keep)
 
 
 def model_threshold(encoder) -> float:
@@ -373,6 +374,23 @@ class _Views:
         return np.stack([self.rows[int(i)] for i in indices]) if len(indices) else self.blank[:0][None]
 
 
+def star_groups(members: list, direct, threshold: float) -> list[tuple]:
+    """Split a linked component (``members`` in keeper order) into groups in which every
+    duplicate scores >= ``threshold`` against its keeper directly: links chain (A~B, B~C with
+    A and C unlike), and a group must not merge photos that are not copies of its keeper. The
+    best remaining image keeps every remaining one it scores >= threshold with, then the rest
+    start over. ``direct(keep, others) -> scores``. Returns (keep, [(member, score), ...])."""
+    out, remaining = [], list(members)
+    while len(remaining) >= 2:
+        keep, rest = remaining[0], remaining[1:]
+        scores = [float(x) for x in direct(keep, rest)]
+        taken = [(m, sc) for m, sc in zip(rest, scores) if sc >= threshold]
+        if taken:
+            out.append((keep, taken))
+        remaining = [m for m, sc in zip(rest, scores) if sc < threshold]
+    return out
+
+
 def _spanning_groups(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray):
     """Union-find over links taken strongest first (Kruskal): (members, weakest merging link)
     per component of size >= 2; the weakest link of a maximum spanning tree is the group's
@@ -450,7 +468,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     dup_rows = np.flatnonzero(canonical != np.arange(n))
     links = (np.concatenate([rows[linked], canonical[dup_rows]]), np.concatenate([cols[linked], dup_rows]),
              np.concatenate([scores[linked], np.ones(len(dup_rows))]))
-    return _linked_groups(paths, hashes, vectors, links, views, background), calibration
+    return _linked_groups(paths, hashes, vectors, links, views, background, canonical, float(threshold)), calibration
 
 
 def _verify():
@@ -518,26 +536,33 @@ def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor
     return unique[pairs[:, 0]], unique[pairs[:, 1]]
 
 
-def _linked_groups(paths, hashes, vectors, links, views, background) -> list[DuplicateGroup]:
-    """Groups over ``links`` (rows, cols, scores), sorted by keeper; each duplicate scored against
-    its keeper directly, each group with its weakest spanning link."""
+def _linked_groups(paths, hashes, vectors, links, views, background, canonical,
+                   threshold: float) -> list[DuplicateGroup]:
+    """Groups over ``links`` (rows, cols, scores), split so that every duplicate scores >=
+    ``threshold`` against its keeper directly (``star_groups``), sorted by keeper; each group
+    states its weakest direct link."""
     verify = _verify()
-    groups = []
-    for members, (w_score, w_a, w_b) in _spanning_groups(len(paths), *links):
-        order = keeper_order([paths[i] for i in members])
-        keep = members[order[0]]
-        others = [members[k] for k in order[1:]]
-        near = [i for i in others if hashes[i] != hashes[keep]]
-        direct = {}
+
+    def direct(keep: int, others: list[int]) -> list[float]:
+        out = {i: np.inf for i in others if hashes[i] == hashes[keep]}  # identical bytes always group
+        near = [i for i in others if i not in out]
         if near:
             table = views.get([keep] + near)
             pix = verify.pixel_scores(table, np.zeros(len(near), dtype=np.int64), np.arange(1, len(near) + 1))
             cos = vectors[near] @ vectors[keep]
-            level = 0.0 if background is None else (background[keep] + background[near]) / 2
-            direct = dict(zip(near, pair_score(cos, pix, level).tolist()))
-        dups = [Duplicate(paths[i], 1.0 if hashes[i] == hashes[keep] else float(direct[i]), hashes[i] == hashes[keep])
-                for i in others]
-        groups.append(DuplicateGroup(paths[keep], dups, Link(paths[w_a], paths[w_b], w_score)))
+            # backgrounds belong to distinct contents: an exact copy uses its first row's
+            level = 0.0 if background is None else (background[canonical[keep]] + background[canonical[near]]) / 2
+            out.update(zip(near, pair_score(cos, pix, level).tolist()))
+        return [out[i] for i in others]
+
+    groups = []
+    for members, _ in _spanning_groups(len(paths), *links):
+        order = keeper_order([paths[i] for i in members])
+        for keep, taken in star_groups([members[k] for k in order], direct, threshold):
+            taken = [(i, min(sc, 1.0)) for i, sc in taken]  # identical bytes are stated as 1.0
+            low, low_score = min(taken, key=lambda t: t[1])
+            dups = [Duplicate(paths[i], float(sc), hashes[i] == hashes[keep]) for i, sc in taken]
+            groups.append(DuplicateGroup(paths[keep], dups, Link(paths[keep], paths[low], float(low_score))))
     return sorted(groups, key=lambda g: str(g.keep))
 
 

@@ -121,3 +121,14 @@ def test_find_duplicates_on_vectors_refuses_rows_that_are_not_unit():
     v[1] *= 3
     with pytest.raises(FilterkitError, match="row 1 has norm 3"):
         find_duplicates(v, threshold=0.9)
+
+
+def test_linked_chains_are_split_so_every_duplicate_is_like_its_keeper():
+    # Six directions 18 degrees apart: each links its neighbour (cos 0.951), but the first and
+    # the sixth are orthogonal; one group of all six would call them copies of one photo.
+    angles = np.radians(np.arange(6) * 18.0)
+    v = np.stack([np.cos(angles), np.sin(angles), np.zeros(6)], axis=1).astype(np.float32)
+    result = find_duplicates(v, threshold=0.95)
+    assert [(g.keep, [d.path for d in g.duplicates]) for g in result.groups] == [(0, [1]), (2, [3]), (4, [5])]
+    assert all(d.score >= 0.95 for g in result.groups for d in g.duplicates)
+    assert all(g.weakest.score == min(d.score for d in g.duplicates) for g in result.groups)
