@@ -32,7 +32,7 @@ from .index import range_pairs
 @dataclass(frozen=True)
 class Duplicate:
     path: Path | int  # a file, or a row of the vectors given
-    score: float  # cosine similarity to the kept image (1.0 for identical bytes)
+    score: float  # to the kept image: the pair score (folders) or cosine (vectors); 1.0 for identical bytes
     exact: bool  # identical bytes
 
 
@@ -114,6 +114,11 @@ class DedupResult:
     threshold_note: str = "given"
 
     @property
+    def estimated(self) -> bool:
+        """Whether precision and recall were estimated (on enough sampled images)."""
+        return self.calibration is not None and self.calibration.images >= MIN_CALIBRATION_IMAGES
+
+    @property
     def n_duplicates(self) -> int:
         return sum(len(g.duplicates) for g in self.groups)
 
@@ -122,15 +127,21 @@ class DedupResult:
         c = self.calibration
         if self.verified and c is not None:
             how = "calibrated on this collection" if c.source == "calibrated" else "given"
-            return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; estimated pair precision "
-                    f"{c.precision:.3f}, recall {c.recall:.3f}, from synthetic copies of {c.images} of its images)")
+            if c.images < MIN_CALIBRATION_IMAGES:
+                return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; precision and recall not "
+                        f"estimated: {c.images} sampled images, {MIN_CALIBRATION_IMAGES} needed)")
+            return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; estimated pair precision at "
+                    f"most {c.precision:.3f} (an upper bound where look-alikes pass as copies), recall "
+                    f"{c.recall:.3f}, from synthetic copies of {c.images} of its images)")
+        if self.verified:
+            return f"{head}: identical bytes only (fewer than 2 distinct images to compare)"
         return f"{head} at cosine >= {self.threshold:.4f} (cosine only, not verified; threshold {self.threshold_note})"
 
     def to_dict(self) -> dict:
         return {"groups": [g.to_dict() for g in self.groups], "threshold": round(self.threshold, 6),
                 "verified": self.verified, "threshold_note": self.threshold_note,
-                "estimated_precision": None if self.calibration is None else round(self.calibration.precision, 4),
-                "estimated_recall": None if self.calibration is None else round(self.calibration.recall, 4),
+                "estimated_precision": round(self.calibration.precision, 4) if self.estimated else None,
+                "estimated_recall": round(self.calibration.recall, 4) if self.estimated else None,
                 "calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "skipped": [s.to_dict() for s in self.skipped]}
 
@@ -183,9 +194,21 @@ def keeper_order(paths: list[Path]) -> list[int]:
     return sorted(range(len(paths)), key=key)
 
 
+# Fewer sampled images than this give estimates too coarse to state or to move files on (the
+# same minimum as calibrate_dedup's).
+MIN_CALIBRATION_IMAGES = 10
+
+
 def _check_threshold(threshold: float) -> float:
     if not -1.0 <= threshold <= 1.0:
         raise FilterkitError(f"a cosine threshold lies in [-1, 1], got {threshold}")
+    return float(threshold)
+
+
+def _check_pair_score(threshold: float) -> float:
+    # (cosine + pixel score - background) / 2 with each term in [-1, 1]
+    if not -1.5 <= threshold <= 1.5:
+        raise FilterkitError(f"a pair-score threshold lies in [-1.5, 1.5], got {threshold}")
     return float(threshold)
 
 
@@ -337,7 +360,7 @@ def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndar
 def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: int, target_precision: float) -> float:
     """The lowest pair score whose estimated precision reaches the target (the most recall);
     else the one of best estimated precision, then recall (the caller states it, and move refuses)."""
-    cuts = np.unique(np.concatenate([positive, neighbour, [1.0 + 1e-9]]))
+    cuts = np.unique(np.concatenate([positive, neighbour, [np.inf]]))  # inf: link nothing
     precision, recall = _precision_recall(cuts, positive, neighbour, n_images,
                                           _prevalence(positive, neighbour, n_images)[0])
     ok = np.flatnonzero(precision >= target_precision)
@@ -427,7 +450,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
     if threshold != "auto":
-        threshold = _check_threshold(float(threshold))
+        threshold = _check_pair_score(float(threshold))
     if not 0 < target_precision <= 1:
         raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
     n = len(paths)
@@ -567,11 +590,18 @@ def _linked_groups(paths, hashes, vectors, links, views, background, canonical,
 
 
 def check_move(result: DedupResult, target_precision: float) -> None:
-    """Refuse to move files on links whose estimated precision is below the target."""
+    """Refuse to move files on links whose estimated precision is below the target, or could
+    not be estimated; identical bytes are always safe to move."""
+    if all(d.exact for g in result.groups for d in g.duplicates):
+        return
     c = result.calibration
     if not result.verified or c is None:
         raise FilterkitError("--action move needs verified links with an estimated precision; this result has "
                              "cosine-only links")
+    if c.images < MIN_CALIBRATION_IMAGES:
+        raise FilterkitError(f"--action move refused: {c.images} images are too few to estimate the precision of "
+                             f"near-duplicate links ({MIN_CALIBRATION_IMAGES} needed); look at the groups with "
+                             "--action report and move them yourself")
     if c.precision < target_precision:
         raise FilterkitError(
             f"--action move refused: the estimated pair precision {c.precision:.3f} at pair score >= "
@@ -619,7 +649,8 @@ def find_duplicates(source: str | os.PathLike | np.ndarray, encoder=None, thresh
                                           target_precision, rotations, index, seed, progress=progress)
     used = calibration.threshold if calibration is not None else (1.0 if threshold == "auto" else float(threshold))
     return DedupResult(groups, used, found.skipped, verified=True, calibration=calibration,
-                       threshold_note="calibrated on this collection" if threshold == "auto" else "given")
+                       threshold_note=("identical bytes only" if calibration is None else
+                                       "calibrated on this collection" if threshold == "auto" else "given"))
 
 
 def near_duplicate_variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -449,8 +449,8 @@ class ImageFilter:
                  m: int = DEFAULT_M, target_recall: float = DEFAULT_TARGET_RECALL, batch_size: int = 64,
                  workers: int | None = None, progress: bool = False, follow_symlinks: bool = False,
                  normalize: str = DEFAULT_NORMALIZE, review_band: float | str = "auto") -> None:
-        if threshold != "auto" and not isinstance(threshold, (int, float)):
-            raise FilterkitError(f"threshold must be 'auto' or a number, got {threshold!r}")
+        if threshold != "auto" and (not isinstance(threshold, (int, float)) or not np.isfinite(threshold)):
+            raise FilterkitError(f"threshold must be 'auto' or a finite number, got {threshold!r}")
         _check_review_band(review_band)
         self.encoder, self.cache, self.normalize = encoder, cache, normalize
         self.threshold, self.prototypes, self.m, self.target_recall = threshold, prototypes, m, target_recall
@@ -536,6 +536,8 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
     exemplars (a band from the pool mixture's posterior would exist only without them). A fixed
     threshold has no estimated error, so "auto" gives it no band; a number is used as given,
     0 disables review."""
+    if threshold != "auto" and not np.isfinite(float(threshold)):
+        raise FilterkitError(f"threshold must be 'auto' or a finite number, got {threshold!r}")
     _check_review_band(review_band)
     base, smooth = parse_scoring(scoring)
     if prototypes and base == "topm":

@@ -106,7 +106,7 @@ def search_index(queries: Sequence[str | os.PathLike], index_dir: str | os.PathL
     if meta["model_id"] != encoder.model_id:
         raise FilterkitError(f"{index_dir} holds vectors of model {meta['model_id']}, not of "
                              f"{encoder.model_id}: pass the --model it was built with")
-    norm = load_normalizer(index_dir)
+    norm = load_normalizer(index_dir, meta)
     query_paths, query_vectors = _embed_queries(queries, encoder, batch_size)
     found = search(index, norm(query_vectors), k)
     names = _names_of({sha256_of[j] for j in found.ids.ravel() if j >= 0}, [*caches, *meta["caches"]])

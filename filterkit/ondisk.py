@@ -178,11 +178,23 @@ def _tune_nprobe(index, stream: Callable, id_of: dict[str, int], target_recall: 
     return smallest_nprobe(index, q, exact_top_scores(q, (vectors for _, vectors in stream()), k), target_recall)
 
 
-def load_normalizer(path: str | os.PathLike) -> Normalizer:
-    """The normaliser an index directory's vectors were indexed with (raw cosine for indexes
-    built before normalisers were stored)."""
+def load_normalizer(path: str | os.PathLike, meta: dict) -> Normalizer:
+    """The normaliser an index directory's vectors were indexed with, as ``meta.json`` records
+    it (raw cosine for indexes built before normalisers were stored); refused when its files
+    are missing, damaged or of another dimension than the index."""
     path = Path(path)
-    return Normalizer.load(path) if (path / "normalizer.json").is_file() else Normalizer("none")
+    kind = (meta.get("normalize") or {"kind": "none"}).get("kind")
+    if kind == "none":
+        return Normalizer("none")
+    try:
+        norm = Normalizer.load(path)
+    except (OSError, ValueError) as e:  # missing or damaged files (json and npy raise ValueError)
+        raise FilterkitError(f"{path}: meta.json says its vectors are indexed {kind}ed, but the normaliser "
+                             f"cannot be read ({type(e).__name__}): rebuild the index") from None
+    if norm.kind != kind or norm.mean is None or norm.mean.shape != (meta["dim"],):
+        raise FilterkitError(f"{path}: the stored normaliser does not match meta.json (kind {norm.kind}, "
+                             f"dimension {None if norm.mean is None else norm.mean.shape[0]}, index {meta['dim']})")
+    return norm
 
 
 def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:

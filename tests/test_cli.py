@@ -67,6 +67,10 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
         (["search", "{tmp}/missing.jpg", "--in", "{tmp}/empty", "--model", "{model}"], "query image not found"),
         (["model", "init", "--preset", "vit-giant", "--out", "{tmp}/m"], "unknown preset"),
         (["model", "info", "{tmp}/broken"], "malformed"),
+        # nan compares false with every score: it would keep every image
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/empty", "--threshold", "nan"], "finite number"),
+        (["search", "{tmp}/missing.jpg", "--index", "{tmp}/empty", "--normalize", "center"],
+         "--normalize applies to --in"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, args, message):

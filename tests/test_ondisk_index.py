@@ -99,7 +99,7 @@ def test_an_index_is_built_in_its_normalised_space_and_older_indexes_read_as_raw
     with EmbeddingCache(tmp_path / "a.sqlite") as cache:
         cache.put("m", [f"{i:064x}" for i in range(len(x))], x)
     meta = build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "idx", nlist=4)
-    norm = load_normalizer(tmp_path / "idx")
+    norm = load_normalizer(tmp_path / "idx", meta)
     assert meta["normalize"]["kind"] == norm.kind == "center"
     np.testing.assert_allclose(norm.mean, x.mean(axis=0), atol=0.05)  # the mean of the training sample
     index, _, _ = load_index_dir(tmp_path / "idx")
@@ -107,10 +107,13 @@ def test_an_index_is_built_in_its_normalised_space_and_older_indexes_read_as_raw
     scores, ids = index.search(norm(x[:20]), 1)
     assert list(ids[:, 0]) == list(range(20)) and np.allclose(scores[:, 0], 1.0, atol=1e-4)
     raw = build_index_dir([tmp_path / "a.sqlite"], "m", tmp_path / "raw", nlist=4, normalize="none")
-    assert raw["normalize"]["kind"] == "none"
-    for name in ("normalizer.json", "normalizer_mean.npy"):  # an index from before normalisers were stored
-        (tmp_path / "idx" / name).unlink()
-    assert load_normalizer(tmp_path / "idx").kind == "none"
+    assert raw["normalize"]["kind"] == "none" and load_normalizer(tmp_path / "raw", raw).kind == "none"
+    old = dict(raw)
+    del old["normalize"]  # an index from before normalisers were stored: raw cosine
+    assert load_normalizer(tmp_path / "raw", old).kind == "none"
+    (tmp_path / "idx" / "normalizer_mean.npy").unlink()  # meta.json says centred: refuse, never guess raw
+    with pytest.raises(FilterkitError, match="normaliser.s arrays are missing"):
+        load_normalizer(tmp_path / "idx", meta)
 
 
 def test_an_index_directory_can_be_moved_and_read_only(tmp_path):

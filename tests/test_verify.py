@@ -167,3 +167,26 @@ def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transfor
                         best = max(best, float(views[x, 0] @ np.rot90(t, k).ravel()))
         expected.append(best)
     np.testing.assert_allclose(verify.pixel_scores(views, rows, cols, chunk=3), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_too_few_images_are_not_estimated_and_only_identical_bytes_may_move(tmp_path, capsys, photos_dir):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "chelsea.jpg"):
+        shutil.copy(photos_dir / name, folder)
+    Image.open(folder / "chelsea.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "chelsea_flip.png")
+    base = ["dedup", str(folder), "--model", SHIPPED, "-q", "--workers", "0"]
+    assert main(base + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["estimated_precision"] is None and doc["calibration"]["images"] == 3
+    assert main(base + ["--action", "move", "--out", str(tmp_path / "out")]) == 1
+    assert "too few to estimate" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # Identical bytes need no estimate: two copies of one file move.
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(photos_dir / "astronaut.jpg", same / "a.jpg")
+    shutil.copy(photos_dir / "astronaut.jpg", same / "b.jpg")
+    assert main(["dedup", str(same), "--model", SHIPPED, "-q", "--workers", "0", "--action", "move",
+                 "--out", str(tmp_path / "moved")]) == 0
+    out = capsys.readouterr().out
+    assert "identical bytes only" in out and sorted(p.name for p in same.iterdir()) == ["a.jpg"]

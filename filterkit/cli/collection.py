@@ -74,6 +74,9 @@ def search(
     """Find the K images in --in (or --index) most similar to each query image (cosine)."""
     if (folder is None) == (index_path is None):
         raise FilterkitError("give exactly one of --in FOLDER and --index DIR")
+    if index_path is not None and normalize != "auto":
+        raise FilterkitError("--normalize applies to --in: an index is searched in the space it was built in "
+                             "(filterkit index build --normalize)")
     from ..cache import EmbeddingCache
     from ..neighbours import search_folder, search_index
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -100,13 +101,16 @@ def print_actions(plan, done, dry_run: bool) -> None:
 
 
 def threshold_arg(value: str) -> float | str:
-    """--threshold: 'auto' or a cosine similarity."""
+    """--threshold: 'auto' or a finite number (a score)."""
     if value == "auto":
         return value
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise FilterkitError(f"--threshold must be 'auto' or a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):  # nan compares false with everything: it would keep every image
+        raise FilterkitError(f"--threshold must be 'auto' or a finite number, got {value!r}")
+    return number
 
 
 def review_band_arg(value: str) -> float | str:
