@@ -92,8 +92,11 @@ def test_verified_dedup_links_rotated_and_edited_copies_and_not_look_alikes(edit
 
 def test_without_rotations_the_rotated_copy_needs_the_embedding(edited_folder):
     result = find_duplicates(edited_folder, encoder=Encoder.load(SHIPPED), workers=0, rotations=False)
-    found = {d.path.name for g in result.groups for d in g.duplicates}
+    found = {n for g in result.groups for n in (g.keep.name, *(d.path.name for d in g.duplicates))}
     assert "chelsea_flip_small_q40.png" in found and "coffee_right.jpg" not in found
+    # Without the rotation candidates the 90-degree copy must come from the embedding's nearest
+    # neighbours; here it does (verification under the 8 transforms then links it).
+    assert "astronaut_rot90.png" in found
 
 
 def test_move_refuses_below_the_target_precision_and_moves_nothing(tmp_path, capsys, edited_folder):
@@ -142,7 +145,12 @@ def test_plain_sky_look_alikes_are_not_grouped(tmp_path, photos_dir):
     for k, im in enumerate(skies):
         im.save(tmp_path / f"sky{k}.png")
     skies[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((72, 72)).save(tmp_path / "sky0_copy.png")
+    chelsea = Image.open(tmp_path / "chelsea.jpg")  # a textured copy among them must still be found
+    chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((chelsea.width // 2, chelsea.height // 2)).save(
+        tmp_path / "chelsea_copy.png")
     result = find_duplicates(tmp_path, encoder=Encoder.load(SHIPPED), workers=0)
+    assert any({g.keep.name, *(d.path.name for d in g.duplicates)} == {"chelsea.jpg", "chelsea_copy.png"}
+               for g in result.groups), [g.to_dict() for g in result.groups]
     for g in result.groups:
         drawings = {name.split(".")[0].split("_")[0] for name in [g.keep.name] + [d.path.name for d in g.duplicates]
                     if name.startswith("sky")}
