@@ -113,15 +113,19 @@ def test_the_installed_command_reports_a_typo_without_a_traceback(how):
     assert "Traceback" not in done.stderr
 
 
-def test_ctrl_c_in_any_command_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["embed", "model info"])  # the top app and a sub-app
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, command):
+    import filterkit.encoder
     import filterkit.pipeline
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(filterkit.pipeline, "embed_folder", interrupt)
+    monkeypatch.setattr(filterkit.encoder.Encoder, "load", interrupt)
     (tmp_path / "in").mkdir()
-    code, out, err = run_cli(capsys, "embed", tmp_path / "in", "--cache", tmp_path / "c.sqlite")
+    args = ["embed", tmp_path / "in", "--cache", tmp_path / "c.sqlite"] if command == "embed" else ["model", "info"]
+    code, out, err = run_cli(capsys, *args)
     assert code == 130 and err.strip() == "interrupted" and "Traceback" not in out + err
 
 
