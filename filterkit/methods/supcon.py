@@ -40,7 +40,6 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temper
     itself[own, own + offset] = True
     log_prob = logits - logits.masked_fill(itself, float("-inf")).logsumexp(dim=1, keepdim=True)  # over A(i)
     positive = (y[:, None] == y_all[None, :]) & ~itself
-    # masked_fill, not a product: log_prob is finite everywhere, but keep i out of the sum explicitly
     return (-(log_prob.masked_fill(~positive, 0.0).sum(1)) / positive.sum(1)).mean()
 
 
