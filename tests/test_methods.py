@@ -396,6 +396,75 @@ def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir)
     assert math.isfinite(r0["loss"]) and (tmp_path / "m" / CONFIG_FILE).is_file()
 
 
+def test_ddp_barlow_twins_and_supcon_compute_the_global_batch_loss(tmp_path, train_dir):
+    import _ddp_worker
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker.run_global_batch, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
+                                                           str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"global{r}.pt", weights_only=True) for r in (0, 1))
+    # One process over the global batch: the same loss, and DDP's average of the ranks'
+    # gradients (each rank's / 2) is its gradient. Barlow Twins' batch statistics and C must
+    # cover both ranks' rows; SupCon's positives, both ranks' labels.
+    for name, loss_of in (("barlow", barlow_loss), ("supcon", lambda a, b: supcon_loss(a, b, r0["labels_all"], 0.2))):
+        z1, z2 = r0["z1_all"].clone().requires_grad_(True), r0["z2_all"].clone().requires_grad_(True)
+        single = loss_of(z1, z2)
+        single.backward()
+        torch.testing.assert_close(r0[f"{name}_loss"], single.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(torch.cat([r0[f"{name}_grad1"], r1[f"{name}_grad1"]]) / 2, z1.grad, rtol=1e-4,
+                                   atol=1e-6, msg=name)
+        torch.testing.assert_close(torch.cat([r0[f"{name}_grad2"], r1[f"{name}_grad2"]]) / 2, z2.grad, rtol=1e-4,
+                                   atol=1e-6, msg=name)
+    # A real SupCon run, labels gathered from both ranks: both step the same weights.
+    for key in (k for k in params(r0["state"]) if "running_" not in k):
+        torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0, msg=key)
+    assert math.isfinite(r0["loss"]) and load_checkpoint(tmp_path / "m" / CHECKPOINT)["classes"] == \
+        ["part0", "part1", "part2"]
+
+
+def test_supcon_refuses_loose_images_and_a_resume_on_other_classes(tmp_path, train_dir, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_dir, data)
+    opts = TrainOptions(max_steps=2, epochs=10, method="supcon", **TINY)
+    pretrain(data, tmp_path / "m", opts, device="cpu", workers=0, progress=False, stop_at_step=1)
+    (data / "part2").rename(data / "renamed")  # same images, another class list
+    with pytest.raises(FilterkitError, match="has the classes part0, part1, renamed but the checkpoint was trained "
+                                             "on part0, part1, part2"):
+        pretrain(data, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+    shutil.copy(next((data / "part0").iterdir()), data / "loose.png")
+    assert main(["pretrain", str(data), "--out", str(tmp_path / "n"), "--method", "supcon", "--batch-size", "8",
+                 "--max-steps", "1", "--workers", "0", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 images lie directly in it (e.g. loose.png): move them into class folders" in err[0]
+
+
+def test_labels_follow_the_image_actually_returned_and_the_in_memory_rows(tmp_path):
+    from filterkit.augment import TwoViews
+    from filterkit.train import _memory_batches, _TwoViewDataset
+
+    bad = tmp_path / "a" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    good = tmp_path / "b" / "good.png"
+    good.parent.mkdir()
+    sample_photo("astronaut").resize((40, 40)).save(good)
+    dataset = _TwoViewDataset([bad, good], TwoViews(32, 0.08, (0.5,) * 3, (0.5,) * 3), 32, labels=[0, 1])
+    x1, x2, failures, label = dataset[(0, 5)]  # bad.png fails: good.png and its label stand in
+    assert label == 1 and failures[0][0] == 0
+    assert _TwoViewDataset([good], dataset.views, 32)[(0, 5)][3] is None
+
+    class Views:
+        def __call__(self, images, g):
+            return images, images
+
+    store = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    got = list(_memory_batches(store, torch.tensor([1, 0, 1]), Views(), [(2, 0), (0, 1), (1, 2), (0, 3)], 2,
+                               torch.device("cpu"), torch.tensor([7, 8, 9])))
+    assert [b[3].tolist() for b in got] == [[9, 7], [8, 7]]
+
+
 def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, train_dir):
     # Recorded from the single-module trainer (before --method): 3 steps, seed 3. On that machine
     # the refactored trainer reproduced them bit for bit; the tolerance only allows for other CPUs.
