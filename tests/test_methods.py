@@ -23,6 +23,7 @@ from filterkit.methods.nnclr import NNCLR
 from filterkit.methods.simclr import SimCLR, nt_xent
 from filterkit.methods.simsiam import SimSiam, simsiam_loss
 from filterkit.methods.supcon import SupCon, supcon_loss
+from filterkit.methods.swav import SwAV, sinkhorn, swapped_prediction
 from filterkit.modeldir import CONFIG_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainOptions, load_checkpoint, pretrain
 from filterkit.train.data import folder_labels
@@ -124,6 +125,29 @@ def reference_meanshift(p1, p2, t1, t2, bank, k) -> float:
     return (one_side(p1, t2) + one_side(p2, t1)) / 2
 
 
+def reference_sinkhorn(scores, eps, iterations):
+    """Caron et al. 2020, section 3.1: Q = exp(S/ε) [K, B] scaled to total 1, then alternately
+    each prototype's row to 1/K and each image's column to 1/B; codes = B·Q, one row per image."""
+    b, k = scores.shape
+    q = [[math.exp(scores[i][j] / eps) for i in range(b)] for j in range(k)]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        q = [[v / sum(row) / k for v in row] for row in q]
+        columns = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / columns[i] / b for i in range(b)] for j in range(k)]
+    return np.array([[b * q[j][i] for j in range(k)] for i in range(b)])
+
+
+def reference_swav(s1, s2, q1, q2, tau):
+    """Caron et al. 2020, eq. (2)-(3): ℓ(z_t, q_s) = −Σ_k q_s^k log softmax(z_tᵀc/τ)^k, swapped, averaged."""
+    def ell(s, q):
+        return np.mean([-sum(qk * (sk / tau - math.log(sum(math.exp(v / tau) for v in si)))
+                             for qk, sk in zip(qi, si)) for si, qi in zip(s, q)])
+
+    return (ell(s1, q2) + ell(s2, q1)) / 2
+
+
 def tiny_backbone():
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("vit-mini-8-32", depth=1)
@@ -214,6 +238,27 @@ def test_supcon_loss_equals_the_formula_on_fixed_tensors():
                                                                                rel=1e-5)
     with pytest.raises(FilterkitError, match="supervised"):
         SupCon(*tiny_backbone(), out_dim=16, proj_hidden=32)(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+
+
+def test_swav_codes_and_loss_equal_the_formulas_on_fixed_tensors():
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6, 4))
+    c = rng.normal(size=(5, 4))
+    scores = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    q = sinkhorn(torch.tensor(scores, dtype=torch.float32), epsilon=0.05, iterations=3)
+    torch.testing.assert_close(q, torch.tensor(reference_sinkhorn(scores, 0.05, 3), dtype=torch.float32),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.sum(1), torch.ones(6))  # each image's code sums to 1
+    s1, s2 = rng.uniform(-1, 1, size=(6, 5)), rng.uniform(-1, 1, size=(6, 5))
+    q1, q2 = reference_sinkhorn(s1, 0.05, 3), reference_sinkhorn(s2, 0.05, 3)
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
+    got = swapped_prediction(as_t(s1), as_t(s2), as_t(q1), as_t(q2), 0.1)
+    assert float(got) == pytest.approx(reference_swav(s1, s2, q1, q2, 0.1), rel=1e-5)
+    backbone, dim = tiny_backbone()
+    model = SwAV(backbone, dim, out_dim=16, proj_hidden=32, prototypes=10)
+    model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))[0].backward()
+    torch.testing.assert_close(model.prototypes.weight.detach().norm(dim=1), torch.ones(10))  # renormalised
+    assert model.prototypes.weight.grad is not None and not SwAV.uses_momentum
 
 
 def test_embedding_queue_is_a_fifo_ring_kept_in_the_state_dict():
@@ -311,7 +356,8 @@ def test_every_registered_method_builds_and_exports_its_online_backbone():
         method_class("dino")
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam", "barlow-twins", "nnclr", "meanshift", "supcon"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam", "barlow-twins", "nnclr", "meanshift", "supcon",
+                                    "swav"])
 def test_method_trains_with_finite_losses_and_resumes_exactly(tmp_path, train_dir, method):
     opts = TrainOptions(max_steps=4, epochs=10, method=method, **TINY)
     straight = pretrain(train_dir, tmp_path / "a", opts, device="cpu", workers=0, progress=False)
@@ -367,7 +413,7 @@ def test_cli_method_errors_are_one_line(tmp_path, train_dir, capsys):
               "--workers", "0", "-q"]
     assert main([*common, "--method", "dino"]) == 1
     assert capsys.readouterr().err.strip() == ("error: unknown method 'dino'; choose one of moco-v3, simclr, byol, simsiam, "
-                                                 "barlow-twins, nnclr, meanshift, supcon")
+                                                 "barlow-twins, nnclr, meanshift, supcon, swav")
     assert main([*common, "--method", "byol", "--no-predictor"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --method byol trains through its predictor: leave out --no-predictor"]
@@ -396,7 +442,7 @@ def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir)
     assert math.isfinite(r0["loss"]) and (tmp_path / "m" / CONFIG_FILE).is_file()
 
 
-def test_ddp_barlow_twins_and_supcon_compute_the_global_batch_loss(tmp_path, train_dir):
+def test_ddp_barlow_twins_supcon_and_swav_compute_over_the_global_batch(tmp_path, train_dir):
     import _ddp_worker
     import torch.multiprocessing as mp
 
@@ -415,6 +461,9 @@ def test_ddp_barlow_twins_and_supcon_compute_the_global_batch_loss(tmp_path, tra
                                    atol=1e-6, msg=name)
         torch.testing.assert_close(torch.cat([r0[f"{name}_grad2"], r1[f"{name}_grad2"]]) / 2, z2.grad, rtol=1e-4,
                                    atol=1e-6, msg=name)
+    # SwAV's equal partition is over the global batch: the ranks' codes are the single process's.
+    torch.testing.assert_close(torch.cat([r0["codes"], r1["codes"]]), sinkhorn(r0["scores_all"]), rtol=1e-5,
+                               atol=1e-7)
     # A real SupCon run, labels gathered from both ranks: both step the same weights.
     for key in (k for k in params(r0["state"]) if "running_" not in k):
         torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0, msg=key)

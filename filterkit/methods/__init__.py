@@ -26,6 +26,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "nnclr": ("filterkit.methods.nnclr", "NNCLR"),
     "meanshift": ("filterkit.methods.meanshift", "MeanShift"),
     "supcon": ("filterkit.methods.supcon", "SupCon"),
+    "swav": ("filterkit.methods.swav", "SwAV"),
 }
 
 
