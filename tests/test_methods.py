@@ -221,6 +221,7 @@ def test_barlow_twins_loss_equals_the_formula_on_fixed_tensors():
     got = barlow_loss(torch.tensor(za, dtype=torch.float32), torch.tensor(zb, dtype=torch.float32))
     assert LAMBDA == 5e-3
     assert float(got) == pytest.approx(reference_barlow(za, zb, LAMBDA), rel=1e-4)
+    assert not (BarlowTwins.uses_momentum or BarlowTwins.needs_predictor)
 
 
 def test_supcon_loss_equals_the_formula_on_fixed_tensors():
@@ -500,7 +501,7 @@ def test_labels_follow_the_image_actually_returned_and_the_in_memory_rows(tmp_pa
     good.parent.mkdir()
     sample_photo("astronaut").resize((40, 40)).save(good)
     dataset = _TwoViewDataset([bad, good], TwoViews(32, 0.08, (0.5,) * 3, (0.5,) * 3), 32, labels=[0, 1])
-    x1, x2, failures, label = dataset[(0, 5)]  # bad.png fails: good.png and its label stand in
+    _, _, failures, label = dataset[(0, 5)]  # bad.png fails: good.png and its label stand in
     assert label == 1 and failures[0][0] == 0
     assert _TwoViewDataset([good], dataset.views, 32)[(0, 5)][3] is None
 

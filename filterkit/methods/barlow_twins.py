@@ -47,7 +47,9 @@ def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float = LAMBDA) -> torc
     """L above, in fp32, over the global batch (every rank's rows, gathered with their gradient)."""
     a, _ = gather_with_grad(z1.float())
     b, _ = gather_with_grad(z2.float())
-    c = standardise(a).T @ standardise(b) / a.shape[0]  # [D, D]
+    # fp32 even under autocast: C_ii near 1 in bf16 (3 significant digits) would blur 1 − C_ii
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        c = standardise(a).T @ standardise(b) / a.shape[0]  # [D, D]
     on_diag = (1 - torch.diagonal(c)).pow(2).sum()
     off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return on_diag + lam * off_diag

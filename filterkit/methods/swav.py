@@ -94,6 +94,8 @@ class SwAV(Method):
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         z1, z2, features = self.base(x1, x2)
         c = self.prototypes.weight.float()
-        s1, s2 = F.normalize(z1.float(), dim=1) @ c.T, F.normalize(z2.float(), dim=1) @ c.T
+        # fp32 even under autocast: exp(s/ε) multiplies a bf16 rounding of s by 1/ε = 20
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            s1, s2 = F.normalize(z1.float(), dim=1) @ c.T, F.normalize(z2.float(), dim=1) @ c.T
         q1, q2 = sinkhorn(s1.detach()), sinkhorn(s2.detach())
         return swapped_prediction(s1, s2, q1, q2, self.temperature), features.detach()
