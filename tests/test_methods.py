@@ -26,7 +26,7 @@ from filterkit.methods.supcon import SupCon, supcon_loss
 from filterkit.methods.swav import SwAV, sinkhorn, swapped_prediction
 from filterkit.modeldir import CONFIG_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainOptions, load_checkpoint, pretrain
-from filterkit.train.data import folder_labels
+from filterkit.train import folder_labels
 
 
 @pytest.fixture(scope="module")
