@@ -25,7 +25,13 @@ from filterkit.methods.simsiam import SimSiam, simsiam_loss
 from filterkit.methods.supcon import SupCon, supcon_loss
 from filterkit.methods.swav import SwAV, sinkhorn, swapped_prediction
 from filterkit.modeldir import CONFIG_FILE, ModelConfig
-from filterkit.train import CHECKPOINT, TrainOptions, folder_labels, load_checkpoint, pretrain
+from filterkit.train import (
+    CHECKPOINT,
+    TrainOptions,
+    folder_labels,
+    load_checkpoint,
+    pretrain,
+)
 
 
 @pytest.fixture(scope="module")
