@@ -104,7 +104,7 @@ def reference_supcon(z1, z2, labels, tau) -> float:
 
 
 def reference_nnclr(z1, z2, p1, p2, support, tau) -> float:
-    """Dwibedi et al. 2021, eq. (2), symmetrised: the neighbour of z̄ in the support set against
+    """Dwibedi et al. 2021, section 3, symmetrised: the neighbour of z̄ in the support set against
     the other view's predictions of the batch."""
     def one_side(z, p):
         p = [_unit(v) for v in p]
@@ -145,7 +145,7 @@ def reference_sinkhorn(scores, eps, iterations):
 
 
 def reference_swav(s1, s2, q1, q2, tau):
-    """Caron et al. 2020, eq. (2)-(3): ℓ(z_t, q_s) = −Σ_k q_s^k log softmax(z_tᵀc/τ)^k, swapped, averaged."""
+    """Caron et al. 2020, section 3.1: ℓ(z_t, q_s) = −Σ_k q_s^k log softmax(z_tᵀc/τ)^k, swapped, averaged."""
     def ell(s, q):
         return np.mean([-sum(qk * (sk / tau - math.log(sum(math.exp(v / tau) for v in si)))
                              for qk, sk in zip(qi, si)) for si, qi in zip(s, q)])

@@ -1,5 +1,5 @@
 """NNCLR (Dwibedi, Aytar, Tompson, Sermanet & Zisserman 2021, "With a Little Help from My
-Friends: Nearest-Neighbor Contrastive Learning of Visual Representations"), its eq. (2)-(3):
+Friends: Nearest-Neighbor Contrastive Learning of Visual Representations"), section 3:
 
     z = g(f(x)), p = h(z) for both views; z̄ = z/‖z‖, p̄ = p/‖p‖; Q: the support queue
     NN(z̄, Q) = argmax_{q ∈ Q} ⟨z̄, q⟩                       (no gradient: it is a queue row)

@@ -1,5 +1,5 @@
 """SwAV (Caron, Misra, Mairal, Goyal, Bojanowski & Joulin 2020, "Unsupervised Learning of
-Visual Features by Contrasting Cluster Assignments"), its eq. (2)-(3) and section 3.1, on two
+Visual Features by Contrasting Cluster Assignments"), section 3.1, on two
 views (multi-crop is not part of this trainer):
 
     z = g(f(x))/‖g(f(x))‖ for both views;  C = [c_1 … c_K], each c_k L2-normalised (the paper
