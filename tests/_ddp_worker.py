@@ -111,3 +111,41 @@ def run_simclr(rank: int, world: int, port: int, data: str, out: str, dump: str)
                 "grad2": z2.grad, "state": result.model.state_dict(), "loss": result.final_loss},
                f"{dump}/simclr{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_global_batch(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """Barlow Twins and SupCon under gloo DDP: each loss on fixed tensors split across the ranks
+    (loss and gradients; SupCon with its labels), SwAV's Sinkhorn codes of split scores, then a
+    short SupCon pretraining run whose labels come from the folder; writes dump/global<rank>.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from filterkit.methods.barlow_twins import barlow_loss
+    from filterkit.methods.supcon import supcon_loss
+    from filterkit.methods.swav import sinkhorn
+    from filterkit.train import TrainOptions, pretrain
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(11)
+    n = 3
+    z1_all, z2_all = torch.randn(world * n, 6), torch.randn(world * n, 6)
+    labels_all = torch.tensor([0, 1, 0, 2, 1, 1])[: world * n]
+    mine = slice(rank * n, (rank + 1) * n)
+    found = {"z1_all": z1_all, "z2_all": z2_all, "labels_all": labels_all}
+    for name, loss_of in (("barlow", lambda a, b: barlow_loss(a, b)),
+                          ("supcon", lambda a, b: supcon_loss(a, b, labels_all[mine], 0.2))):
+        z1 = z1_all[mine].clone().requires_grad_(True)
+        z2 = z2_all[mine].clone().requires_grad_(True)
+        loss = loss_of(z1, z2)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        found.update({f"{name}_loss": mean_loss / world, f"{name}_grad1": z1.grad, f"{name}_grad2": z2.grad})
+    scores_all = torch.rand(world * n, 5) * 2 - 1
+    found.update(scores_all=scores_all, codes=sinkhorn(scores_all[mine]))
+    options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=2, epochs=10, method="supcon",
+                           proj_hidden=32, out_dim=16, checkpoint_every=100)
+    result = pretrain(data, out, options, device="cpu", workers=0, progress=False)
+    found.update(state=result.model.state_dict(), loss=result.final_loss)
+    torch.save(found, f"{dump}/global{rank}.pt")
+    dist.destroy_process_group()

@@ -21,6 +21,12 @@ METHODS: dict[str, tuple[str, str]] = {
     "moco-v3": ("filterkit.moco", "MoCo"),
     "simclr": ("filterkit.methods.simclr", "SimCLR"),
     "byol": ("filterkit.methods.byol", "BYOL"),
+    "simsiam": ("filterkit.methods.simsiam", "SimSiam"),
+    "barlow-twins": ("filterkit.methods.barlow_twins", "BarlowTwins"),
+    "nnclr": ("filterkit.methods.nnclr", "NNCLR"),
+    "meanshift": ("filterkit.methods.meanshift", "MeanShift"),
+    "supcon": ("filterkit.methods.supcon", "SupCon"),
+    "swav": ("filterkit.methods.swav", "SwAV"),
 }
 
 

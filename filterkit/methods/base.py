@@ -4,6 +4,7 @@ The loop only ever calls, on any method:
 
     loss, features = method(x1, x2)    # loss: a scalar with a gradient; features: the backbone's
                                        # detached features of both views, [2N, D] (health checks)
+    loss, features = method(x1, x2, labels=y)  # instead, for a method whose needs_labels is set
     method.momentum_update(m)          # after each optimiser step; a no-op without an EMA target
     method.backbone                    # what is exported to the model directory and kNN-monitored
     method.load_backbone(state)        # --init-from a model without this method's heads
@@ -28,6 +29,7 @@ class Method(nn.Module):
     title: ClassVar[str]  # as config.json's training.method records it
     uses_momentum: ClassVar[bool] = False  # keeps an EMA target that momentum_update moves
     needs_predictor: ClassVar[bool] = False  # --no-predictor cannot train it
+    needs_labels: ClassVar[bool] = False  # supervised: forward takes labels= (sub-folder classes)
 
     @classmethod
     def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> Method:
@@ -82,3 +84,40 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows [world·N, C], without gradient (what a queue or a label list needs)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class EmbeddingQueue(nn.Module):
+    """A FIFO ring of the last ``size`` embeddings pushed (NNCLR's support set, MSF's memory
+    bank). Rows, write position and fill count are buffers, so they are in ``state_dict``: the
+    checkpoint carries the queue and ``--resume`` continues with it. Every rank pushes the
+    gathered global batch, so the ranks' queues stay equal (DDP's buffer broadcast from rank 0
+    then changes nothing)."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("rows", torch.zeros(size, dim))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def contents(self) -> torch.Tensor:
+        """The rows pushed so far (all ``size`` once full), in no particular order."""
+        return self.rows[: int(self.filled)]
+
+    @torch.no_grad()
+    def push(self, x: torch.Tensor) -> None:
+        """Write ``x`` (detached, fp32) over the oldest rows; more rows than ``size`` keep the last."""
+        x = x.detach().float()[-self.size:]
+        at = (self.ptr + torch.arange(x.shape[0], device=x.device)) % self.size
+        self.rows[at] = x.to(self.rows.dtype)
+        self.ptr.copy_((self.ptr + x.shape[0]) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + x.shape[0], max=self.size))

@@ -2,7 +2,7 @@
 method of ``filterkit.methods`` (``TrainOptions(method=...)``, ``pretrain --method``).
 
     options.py      TrainOptions (recipe, then DEFAULTS), TrainResult, how a run stops
-    data.py         the two-view dataset, the in-memory store, the epoch sampler
+    data.py         the two-view dataset, the in-memory store, the epoch sampler, folder labels
     checkpoints.py  save, load, resume merge, export with provenance, --init-from
     monitor.py      NaN and collapse checks, the JSON log, rate, the kNN monitor
     loop.py         pretrain: prepare, then the steps; AdamW, LR and momentum schedules, DDP
@@ -36,6 +36,7 @@ from .data import (
     _memory_batches,
     _TwoViewDataset,
     available_memory,
+    folder_labels,
 )
 from .loop import _dist_setup, lr_at, make_optimizer, pretrain, train_step
 from .monitor import (
@@ -91,6 +92,7 @@ __all__ = [
     "_truncate_log",
     "available_memory",
     "discover_images",
+    "folder_labels",
     "gather_keys",
     "load_checkpoint",
     "lr_at",

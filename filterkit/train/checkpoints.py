@@ -30,7 +30,7 @@ _HEAD_KEYS = ("out_dim", "proj_hidden", "pred_hidden", "predictor", "method")
 
 def _save_checkpoint(out_dir: Path, method: Method, optimizer, scaler, step: int, options: TrainOptions,
                      cfg: ModelConfig, wall_seconds: float = 0.0, init: dict[str, Any] | None = None,
-                     images: int | None = None) -> None:
+                     images: int | None = None, classes: list[str] | None = None) -> None:
     state = {
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -46,6 +46,8 @@ def _save_checkpoint(out_dir: Path, method: Method, optimizer, scaler, step: int
         state["images"] = int(images)
     if init:
         state["init"] = json.dumps(init)
+    if classes is not None:  # a supervised method's label order: a resume on other classes is refused
+        state["classes"] = json.dumps(classes)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     (out_dir / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state["model_config"] = json.loads(state["model_config"])
     if "init" in state:
         state["init"] = json.loads(state["init"])
+    if "classes" in state:
+        state["classes"] = json.loads(state["classes"])
     return state
 
 

@@ -20,10 +20,11 @@ from ..progress import progress_bar
 class _TwoViewDataset(Dataset):
     """Items are (index, seed): the seed fixes the sample's augmentations, so a resumed run or
     any number of workers sees exactly the same views. A file that fails to decode is
-    replaced by the next one and reported."""
+    replaced by the next one and reported. With ``labels`` (one class index per path) each
+    item carries the label of the image it really returns; without, None."""
 
-    def __init__(self, paths: list[Path], views: TwoViews, draft_size: int) -> None:
-        self.paths, self.views, self.draft_size = paths, views, draft_size
+    def __init__(self, paths: list[Path], views: TwoViews, draft_size: int, labels: list[int] | None = None) -> None:
+        self.paths, self.views, self.draft_size, self.labels = paths, views, draft_size, labels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,7 +42,7 @@ class _TwoViewDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x1, x2 = self.views(image)
-            return x1, x2, failures
+            return x1, x2, failures, None if self.labels is None else self.labels[i]
         raise FilterkitError("no training image could be decoded")
 
 
@@ -110,22 +111,24 @@ def _decode_store(paths: list[Path], img_size: int, workers: int | None, progres
 
 
 def _memory_batches(store: torch.Tensor, rows: torch.Tensor, views: BatchTwoViews, sampler: Sampler,
-                    per_rank: int, device: torch.device):
+                    per_rank: int, device: torch.device, labels: torch.Tensor | None = None):
     """This rank's batches of the in-memory store, in the sampler's order, augmented on
     ``device``. The generator is seeded by the batch's first sample seed, so a resumed run sees
     the same views (a run on another number of processes draws them differently)."""
     items = iter(sampler)
     while len(chunk := list(itertools.islice(items, per_rank))) == per_rank:
-        index = rows[torch.tensor([i for i, _ in chunk])]
+        picked = torch.tensor([i for i, _ in chunk])
+        index = rows[picked]
         g = torch.Generator().manual_seed(chunk[0][1] % 2**63)  # parameters are drawn on the CPU
         x1, x2 = views(store[index].to(device, non_blocking=True), g)
-        yield x1, x2, []
+        yield x1, x2, [], None if labels is None else labels[picked]
 
 
 def _collate(items):
     x1 = torch.stack([it[0] for it in items])
     x2 = torch.stack([it[1] for it in items])
-    return x1, x2, [f for it in items for f in it[2]]
+    labels = None if items[0][3] is None else torch.tensor([it[3] for it in items], dtype=torch.long)
+    return x1, x2, [f for it in items for f in it[2]], labels
 
 
 class _EpochSampler(Sampler):
@@ -187,21 +190,44 @@ def load_images(data_dir: Path, follow_symlinks: bool, in_memory: bool, img_size
     return paths, refused, store, store_rows
 
 
+def folder_labels(data_dir: Path, paths: list[Path], method: str) -> tuple[list[str], list[int]]:
+    """(classes, class index of each path) for a supervised method: an image's class is its
+    first-level sub-folder of ``data_dir``; classes sorted by name. An image directly in
+    ``data_dir`` has no class, and is refused rather than skipped: silently leaving out part of
+    the folder would train on other data than the user pointed at."""
+    names = [p.relative_to(data_dir).parts for p in paths]
+    loose = [p for p, parts in zip(paths, names) if len(parts) < 2]
+    if loose:
+        raise FilterkitError(f"--method {method} takes each image's class from its sub-folder of {data_dir}, but "
+                             f"{len(loose)} images lie directly in it (e.g. {loose[0].name}): move them into class "
+                             "folders")
+    classes = sorted({parts[0] for parts in names})
+    if len(classes) < 2:
+        raise FilterkitError(f"--method {method} needs at least 2 classes (sub-folders of {data_dir}); found "
+                             f"{len(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [index[parts[0]] for parts in names]
+
+
 class Batches:
-    """This rank's (x1, x2, failures) batches of an epoch's sampler: decoded per step by
-    ``workers`` processes, or cut from the in-memory store and augmented on ``device``."""
+    """This rank's (x1, x2, failures, labels) batches of an epoch's sampler: decoded per step by
+    ``workers`` processes, or cut from the in-memory store and augmented on ``device``. Labels
+    (a class index per image, ``folder_labels``) only when given; otherwise None."""
 
     def __init__(self, paths: list[Path], store: torch.Tensor | None, rows: torch.Tensor | None, img_size: int,
-                 min_crop_scale: float, mean, std, per_rank: int, workers: int, device: torch.device) -> None:
+                 min_crop_scale: float, mean, std, per_rank: int, workers: int, device: torch.device,
+                 labels: list[int] | None = None) -> None:
         self.store, self.rows, self.per_rank, self.workers, self.device = store, rows, per_rank, workers, device
+        self.labels = labels
         if store is None:
-            self.dataset = _TwoViewDataset(paths, TwoViews(img_size, min_crop_scale, mean, std), img_size)
+            self.dataset = _TwoViewDataset(paths, TwoViews(img_size, min_crop_scale, mean, std), img_size, labels)
         else:
             self.views = BatchTwoViews(img_size, min_crop_scale, mean, std)
 
     def __call__(self, sampler: Sampler):
         if self.store is not None:
-            return _memory_batches(self.store, self.rows, self.views, sampler, self.per_rank, self.device)
+            labels = None if self.labels is None else torch.tensor(self.labels, dtype=torch.long)
+            return _memory_batches(self.store, self.rows, self.views, sampler, self.per_rank, self.device, labels)
         return DataLoader(self.dataset, batch_size=self.per_rank, sampler=sampler, num_workers=self.workers,
                           collate_fn=_collate, drop_last=True, pin_memory=self.device.type == "cuda",
                           prefetch_factor=4 if self.workers else None)

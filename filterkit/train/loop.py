@@ -39,7 +39,7 @@ from .checkpoints import (
     _save_checkpoint,
     load_checkpoint,
 )
-from .data import Batches, _EpochSampler, load_images
+from .data import Batches, _EpochSampler, folder_labels, load_images
 from .monitor import LOG, Monitor, _truncate_log
 from .options import TrainingInterrupted, TrainOptions, TrainResult
 
@@ -54,9 +54,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 
 def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer, scaler,
                x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
-               amp_dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
+               amp_dtype: torch.dtype | None, labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """One step of any method: loss on both views, backward, AdamW, then the momentum update
-    (a no-op for a method without an EMA target).
+    (a no-op for a method without an EMA target). ``labels`` go to a method that
+    ``needs_labels`` (SupCon), as ``labels=``; the others are called with the views only.
 
     ``model`` is ``method`` or its DDP wrapper. Returns (loss, detached backbone features); a
     non-finite loss returns before the weights are touched. Under DDP a non-finite loss on any
@@ -65,7 +66,7 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(x1.device, amp_dtype):
-        loss, features = model(x1, x2)
+        loss, features = model(x1, x2) if labels is None else model(x1, x2, labels=labels)
     loss_value = float(loss.detach())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # The ranks must all return here or all go on: a rank that returned while the others
@@ -133,6 +134,7 @@ class _Run:
     step: int  # steps done: the checkpoint's on resume; the loop advances it
     init_info: dict[str, Any] | None
     prior_seconds: float  # training time of the runs this one resumes
+    classes: list[str] | None = None  # a supervised method's classes (sub-folder names), label order
 
     @property
     def is_main(self) -> bool:
@@ -241,15 +243,23 @@ def _prepare(data_dir: Path, out_dir: Path, options: TrainOptions, resume: bool,
         cfg = ModelConfig.from_preset(options.preset, **({"depth": options.depth} if options.depth else {}))
     paths, refused, store, store_rows = load_images(data_dir, follow_symlinks, options.data_in_memory,
                                                     cfg.img_size, workers, progress and rank == 0, world)
+    classes = labels = None
+    if method_class(options.method).needs_labels:
+        classes, labels = folder_labels(data_dir, paths, options.method)
+        saved = checkpoint.get("classes") if checkpoint is not None else None
+        if saved is not None and saved != classes:  # the same label index must mean the same class
+            raise FilterkitError(f"{data_dir} has the classes {', '.join(classes)} but the checkpoint was trained on "
+                                 f"{', '.join(saved)}: resume on the same folders, or start a new --out")
     options, global_batch, steps_per_epoch, total, warmup_steps = _schedule(options, data_dir, len(paths), world,
                                                                             lr_given, checkpoint)
     method, model, optimizer, scaler, amp_dtype, start, init_info = _build(options, cfg, checkpoint, init, dev,
                                                                            precision, world)
     prior_seconds = float(checkpoint.get("wall_seconds", 0.0)) if checkpoint is not None else 0.0
     run = _Run(options, cfg, data_dir, out_dir, rank, world, dev, paths, refused, global_batch, steps_per_epoch,
-               total, warmup_steps, method, model, optimizer, scaler, amp_dtype, start, init_info, prior_seconds)
+               total, warmup_steps, method, model, optimizer, scaler, amp_dtype, start, init_info, prior_seconds,
+               classes)
     batches = Batches(paths, store, store_rows, cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std,
-                      global_batch // world, default_workers() if workers is None else workers, dev)
+                      global_batch // world, default_workers() if workers is None else workers, dev, labels)
     return run, batches
 
 
@@ -277,7 +287,7 @@ def _save(run: _Run, monitor: Monitor) -> None:
         return
     wall = monitor.wall_seconds()
     _save_checkpoint(run.out_dir, run.method, run.optimizer, run.scaler, run.step, run.options, run.cfg, wall,
-                     run.init_info, len(run.paths))
+                     run.init_info, len(run.paths), run.classes)
     dev = run.device
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     precision_used = "fp32" if run.amp_dtype is None else str(run.amp_dtype).removeprefix("torch.")
@@ -297,13 +307,13 @@ def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: in
                                 run.step - epoch * run.steps_per_epoch, run.rank, run.world)
         loader = batches(sampler)
         monitor.start_epoch()
-        for x1, x2, failures in loader:
+        for x1, x2, failures, labels in loader:
             monitor.skipped.update(failures)
             lr = lr_at(run.step, run.total, run.warmup_steps, o.lr)
             m = momentum_at(run.step, run.total, o.momentum)
             loss, feats = train_step(run.model, run.method, run.optimizer, run.scaler,
                                      x1.to(dev, non_blocking=True), x2.to(dev, non_blocking=True), lr, m,
-                                     run.amp_dtype)
+                                     run.amp_dtype, None if labels is None else labels.to(dev, non_blocking=True))
             monitor.check_loss(loss, run.step)
             run.step += 1
             monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
