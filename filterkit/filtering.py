@@ -341,6 +341,21 @@ class PoolModel:
     prevalence: float
     pos_mean: float
     pos_std: float
+    # The mixture's own keep-like normal (exemplars and pool responsibilities): far from the
+    # exemplars' one, the mixture has taken other images for keep-like ones (see consistent()).
+    mix_mean: float | None = None
+    mix_std: float | None = None
+    n_exemplars: int = 0
+
+    def consistent(self) -> bool:
+        """Does the mixture's keep-like component look like the exemplars? Its mean within one
+        standard error of theirs, its std within a factor 1.25. A heavier upper tail of the
+        other images than a normal has is taken for keep-like images and fails this check
+        (synthetic skew-normal negatives, tests/test_filtering.py)."""
+        if self.mix_mean is None or self.n_exemplars < 2:
+            return False
+        close = abs(self.mix_mean - self.pos_mean) <= self.pos_std / np.sqrt(self.n_exemplars)
+        return bool(close and 1 / 1.25 <= self.mix_std / self.pos_std <= 1.25)
 
     def recall(self, t: np.ndarray | float) -> np.ndarray:
         """P(score >= t) for a keep-like image."""
@@ -357,7 +372,7 @@ def _positive_normal(positives: np.ndarray, spread: np.ndarray) -> tuple[np.ndar
 
 
 def _pool_em(pools: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_ITERATIONS,
-             tol: float = 1e-5) -> np.ndarray:
+             tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EM for the prevalence of each row of ``pools`` [B, n] under a mixture of two normals, the
     exemplars' held-out scores ``positives`` [B, m] counted as labelled keep-like points
     (semi-supervised EM: the keep-like normal is fitted to them and to the pool's keep-like
@@ -386,7 +401,7 @@ def _pool_em(pools: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM
         pi = new
         if done:
             break
-    return pi
+    return pi, mu_p, sd_p
 
 
 def fit_pool(pool: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_ITERATIONS) -> PoolModel:
@@ -394,8 +409,8 @@ def fit_pool(pool: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_
     pool, positives = np.asarray(pool, np.float64), np.asarray(positives, np.float64)
     spread = np.array([max(float(pool.std()), 1e-4)])
     mu_p, sd_p = _positive_normal(positives[None], spread)
-    pi = _pool_em(pool[None], positives[None], iterations)
-    return PoolModel(float(pi[0]), float(mu_p[0]), float(sd_p[0]))
+    pi, mix_mu, mix_sd = _pool_em(pool[None], positives[None], iterations)
+    return PoolModel(float(pi[0]), float(mu_p[0]), float(sd_p[0]), float(mix_mu[0]), float(mix_sd[0]), len(positives))
 
 
 def pool_recall_threshold(positives: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL) -> float:
@@ -419,7 +434,7 @@ def bootstrap_pool(pool: np.ndarray, positives: np.ndarray, resamples: int = BOO
     pools = pool[rng.integers(0, len(pool), (resamples, len(pool)))]
     pos = positives[rng.integers(0, len(positives), (resamples, len(positives)))]
     mu_p, sd_p = _positive_normal(pos, pools.std(axis=1))
-    return _pool_em(pools, pos), mu_p, sd_p
+    return _pool_em(pools, pos)[0], mu_p, sd_p
 
 
 def pool_precision(prevalence, pos_mean, pos_std, pool: np.ndarray, t: float) -> np.ndarray:
@@ -472,8 +487,13 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
         tails = [(1 - PRECISION_LEVEL) / 2, (1 + PRECISION_LEVEL) / 2]
         lo, hi = np.quantile(pool_precision(pi, mu, sd, pool, t), tails)
         interval, prevalence_interval = (float(lo), float(hi)), tuple(float(v) for v in np.quantile(pi, tails))
-        stated = hi - lo <= 2 * PRECISION_STATED_WITHIN
-        if not stated:
+        stated = hi - lo <= 2 * PRECISION_STATED_WITHIN and model.consistent()
+        if not model.consistent():
+            note = (f"precision not stated: the pool mixture's keep-like component (mean {model.mix_mean:.3f}, "
+                    f"std {model.mix_std:.3f}) does not look like the exemplars' held-out scores (mean "
+                    f"{model.pos_mean:.3f}, std {model.pos_std:.3f}), so the other images' scores are not "
+                    f"shaped as the model assumes")
+        elif not stated:
             note = (f"precision not stated: the score mixture does not pin the share of keep-like images in "
                     f"the pool ({PRECISION_LEVEL:.0%} bootstrap interval of the precision {lo:.2f}-{hi:.2f}, of "
                     f"the share {prevalence_interval[0]:.0%}-{prevalence_interval[1]:.0%}): the keep-like and "
