@@ -51,6 +51,7 @@ POOL_FIT_MAX = 5000  # pool scores the bootstrap refits the mixture on (a random
 # The pool's precision is stated with its bootstrap interval at this level; its point estimate only
 # when the interval is within +- PRECISION_STATED_WITHIN (issue 18's goal), else it is withheld.
 PRECISION_LEVEL, PRECISION_STATED_WITHIN = 0.90, 0.10
+POOL_MIN_SEPARATION = 2.0  # d' of the mixture's two components below which it is not trusted (PoolModel.consistent)
 
 
 @dataclass(frozen=True)
@@ -346,12 +347,17 @@ class PoolModel:
     mix_mean: float | None = None
     mix_std: float | None = None
     n_exemplars: int = 0
+    neg_mean: float | None = None  # the other images' normal
+    neg_std: float | None = None
 
     def consistent(self) -> bool:
         """Could the exemplars' held-out scores be a sample of the mixture's keep-like normal? Their
         mean within 2 standard errors of its mean, their std within the 95 % chi-square range of a
         sample std of that many (ddof 1). Other images' scores with a heavier upper tail than a
-        normal get taken for keep-like ones and often fail this (not always: benchmarks/README.md)."""
+        normal get taken for keep-like ones and often fail this (not always: benchmarks/README.md).
+        And the two components at least ``POOL_MIN_SEPARATION`` pooled standard deviations apart:
+        closer, EM splits the pool into two broad halves (seen with random-init and raw-pixel
+        scores, whose upper half the exemplars resemble)."""
         from scipy.stats import chi2
 
         m = self.n_exemplars
@@ -359,7 +365,9 @@ class PoolModel:
             return False
         close = abs(self.mix_mean - self.pos_mean) <= 2 * self.mix_std / np.sqrt(m)
         ratio = (self.pos_std / self.mix_std) ** 2 * (m - 1)
-        return bool(close and chi2.ppf(0.025, m - 1) <= ratio <= chi2.ppf(0.975, m - 1))
+        apart = (self.mix_mean - self.neg_mean) / np.sqrt((self.mix_std ** 2 + self.neg_std ** 2) / 2)
+        return bool(close and chi2.ppf(0.025, m - 1) <= ratio <= chi2.ppf(0.975, m - 1)
+                    and apart >= POOL_MIN_SEPARATION)
 
     def recall(self, t: np.ndarray | float) -> np.ndarray:
         """P(score >= t) for a keep-like image, under the exemplars' normal."""
@@ -376,7 +384,7 @@ def _positive_normal(positives: np.ndarray, spread: np.ndarray) -> tuple[np.ndar
 
 
 def _pool_em(pools: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_ITERATIONS,
-             tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             tol: float = 1e-5) -> tuple[np.ndarray, ...]:
     """EM for the prevalence of each row of ``pools`` [B, n] under a mixture of two normals, the
     exemplars' held-out scores ``positives`` [B, m] counted as labelled keep-like points
     (semi-supervised EM: the keep-like normal is fitted to them and to the pool's keep-like
@@ -405,7 +413,7 @@ def _pool_em(pools: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM
         pi = new
         if done:
             break
-    return pi, mu_p, sd_p
+    return pi, mu_p, sd_p, mu_n, sd_n
 
 
 def fit_pool(pool: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_ITERATIONS) -> PoolModel:
@@ -413,8 +421,9 @@ def fit_pool(pool: np.ndarray, positives: np.ndarray, iterations: int = POOL_EM_
     pool, positives = np.asarray(pool, np.float64), np.asarray(positives, np.float64)
     spread = np.array([max(float(pool.std()), 1e-4)])
     mu_p, sd_p = _positive_normal(positives[None], spread)
-    pi, mix_mu, mix_sd = _pool_em(pool[None], positives[None], iterations)
-    return PoolModel(float(pi[0]), float(mu_p[0]), float(sd_p[0]), float(mix_mu[0]), float(mix_sd[0]), len(positives))
+    pi, mix_mu, mix_sd, neg_mu, neg_sd = _pool_em(pool[None], positives[None], iterations)
+    return PoolModel(float(pi[0]), float(mu_p[0]), float(sd_p[0]), float(mix_mu[0]), float(mix_sd[0]), len(positives),
+                     float(neg_mu[0]), float(neg_sd[0]))
 
 
 def pool_recall_threshold(positives: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL) -> float:
@@ -493,10 +502,11 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
         interval, prevalence_interval = (float(lo), float(hi)), tuple(float(v) for v in np.quantile(pi, tails))
         stated = hi - lo <= 2 * PRECISION_STATED_WITHIN and model.consistent()
         if not model.consistent():
-            note = (f"precision not stated: the pool mixture's keep-like component (mean {model.mix_mean:.3f}, "
-                    f"std {model.mix_std:.3f}) does not look like the exemplars' held-out scores (mean "
-                    f"{model.pos_mean:.3f}, std {model.pos_std:.3f}), so the other images' scores are not "
-                    f"shaped as the model assumes")
+            note = (f"precision not stated: the pool mixture is not trusted (its keep-like component: mean "
+                    f"{model.mix_mean:.3f}, std {model.mix_std:.3f}; the others': mean {model.neg_mean:.3f}, std "
+                    f"{model.neg_std:.3f}; the exemplars' held-out scores: mean {model.pos_mean:.3f}, std "
+                    f"{model.pos_std:.3f}): the components overlap, or the keep-like one does not look like the "
+                    f"exemplars")
         elif not stated:
             note = (f"precision not stated: the score mixture does not pin the share of keep-like images in "
                     f"the pool ({PRECISION_LEVEL:.0%} bootstrap interval of the precision {lo:.2f}-{hi:.2f}, of "
