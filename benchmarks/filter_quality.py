@@ -1,4 +1,4 @@
-"""Keep-like filtering quality on Imagenette, with the baselines measured in the same run.
+"""Keep-like filtering quality on Imagenette (224 px) or CIFAR-10 (32 px, --set cifar10), with the baselines measured in the same run.
 
     python benchmarks/filter_quality.py [--data DIR] [--model models/x] [--exemplars 16 --incoming-per-class 50] \
         [--normalize none center whiten] [--scoring topm prototypes linear topm+knn linear+knn]
