@@ -164,26 +164,94 @@ def test_scores_are_cosines_after_the_normaliser_fitted_on_exemplars_and_incomin
 
 
 def test_the_pool_mixture_recovers_the_prevalence_and_its_estimates_equal_their_formulas():
+    from scipy.special import ndtr
     from scipy.stats import norm
 
-    from filterkit.filtering import fit_pool, pool_threshold
+    from filterkit.filtering import PRECISION_LEVEL, bootstrap_pool, fit_pool, pool_precision, pool_threshold
 
     rng = np.random.default_rng(0)
     pool = np.concatenate([rng.normal(0.6, 0.05, 200), rng.normal(0.2, 0.1, 800)])  # 20 % keep-like
     held_out = rng.normal(0.6, 0.05, 16)  # the exemplars' leave-one-out scores
     model = fit_pool(pool, held_out)
-    assert model.prevalence == pytest.approx(0.2, abs=0.03)
+    assert model.prevalence == pytest.approx(0.2, abs=0.03) and model.consistent()
     assert (model.pos_mean, model.pos_std) == (pytest.approx(held_out.mean()), pytest.approx(held_out.std(ddof=1)))
     t = pool_threshold(pool, held_out, target_recall=0.9)
     assert t.value == pytest.approx(norm.ppf(0.1, model.pos_mean, model.pos_std))
     assert t.est_recall == pytest.approx(0.9)
     assert t.est_prevalence == pytest.approx(model.prevalence)
-    assert t.est_precision == pytest.approx(min(1.0, model.prevalence * 0.9 / (pool >= t.value).mean()))
+    share = (pool >= t.value).mean()
+    assert t.est_precision == pytest.approx(min(1.0, model.prevalence * 0.9 / share))
+    # The interval: quantiles of the same formula over the bootstrap refits.
+    pi, mu, sd = bootstrap_pool(pool, held_out)
+    per_resample = np.minimum(1.0, pi * ndtr((mu - t.value) / sd) / share)
+    tails = [(1 - PRECISION_LEVEL) / 2, (1 + PRECISION_LEVEL) / 2]
+    assert t.precision_interval == pytest.approx(tuple(np.quantile(per_resample, tails)))
+    np.testing.assert_allclose(pool_precision(pi, mu, sd, pool, t.value), per_resample)
     true_precision = (pool[:200] >= t.value).sum() / (pool >= t.value).sum()
     assert abs(t.est_precision - true_precision) < 0.05
+    lo, hi = t.precision_interval
+    assert lo <= true_precision <= hi and t.precision_note is None
     strict = pool_threshold(pool, held_out, target_precision=0.99)
     # Well-separated populations: precision 0.99 is reached below the recall-0.9 threshold.
     assert strict.est_precision >= 0.99 and strict.value < t.value and strict.est_recall > 0.99
+
+
+def test_the_chosen_precision_threshold_meets_its_estimate_formula():
+    from filterkit.filtering import fit_pool, pool_precision, pool_threshold
+
+    rng = np.random.default_rng(3)
+    pool = np.concatenate([rng.normal(0.7, 0.08, 150), rng.normal(0.3, 0.1, 850)])
+    held_out = rng.normal(0.7, 0.08, 16)
+    model = fit_pool(pool, held_out)
+    t = pool_threshold(pool, held_out, target_precision=0.9, resamples=0)
+    def formula(v):
+        return float(pool_precision(model.prevalence, model.pos_mean, model.pos_std, pool, v))
+
+    assert formula(t.value) >= 0.9 and t.est_precision == pytest.approx(formula(t.value))
+    # The lowest pool score that meets the target: the next lower one does not.
+    below = pool[pool < t.value].max()
+    assert formula(below) < 0.9
+
+
+def _pool_draw(seed, separation, prevalence=0.1, n=500, skewed=False):
+    """Synthetic keep scores: keep-like N(0.3 + 0.1 d', 0.1), the others N(0.3, 0.1) or a
+    skew-normal (shape 5) with the same mean and std; 16 exemplars from the keep-like normal."""
+    from scipy.stats import skewnorm
+
+    rng = np.random.default_rng(seed)
+    k = int(prevalence * n)
+    if skewed:
+        d = skewnorm(5)
+        neg = 0.3 + 0.1 * (d.rvs(n - k, random_state=rng) - d.mean()) / d.std()
+    else:
+        neg = rng.normal(0.3, 0.1, n - k)
+    pool = np.concatenate([rng.normal(0.3 + 0.1 * separation, 0.1, k), neg])
+    return pool, np.arange(n) < k, rng.normal(0.3 + 0.1 * separation, 0.1, 16)
+
+
+def test_the_stated_pool_precision_lands_near_the_truth_on_a_known_mixture():
+    from filterkit.filtering import pool_threshold
+
+    for seed in range(3):
+        pool, truth, held_out = _pool_draw(seed, separation=5, prevalence=0.3)
+        t = pool_threshold(pool, held_out)
+        kept = pool >= t.value
+        true_precision = (kept & truth).sum() / kept.sum()
+        assert t.est_precision is not None and abs(t.est_precision - true_precision) < 0.05
+        assert t.precision_interval[0] <= true_precision <= t.precision_interval[1]
+
+
+def test_precision_is_withheld_when_the_mixture_is_poorly_identified():
+    from filterkit.filtering import pool_threshold
+
+    # Overlapping populations, as the shipped model's scores on Imagenette (d' about 1).
+    pool, _, held_out = _pool_draw(0, separation=1)
+    t = pool_threshold(pool, held_out)
+    assert t.est_precision is None and t.est_prevalence is None and t.est_recall is not None
+    assert "precision not stated" in t.precision_note and "precision not stated" in t.describe()
+    # The others' scores with a heavier upper tail than the model's normal.
+    pool, _, held_out = _pool_draw(1, separation=2, skewed=True)
+    assert pool_threshold(pool, held_out).est_precision is None
 
 
 def test_precision_is_stated_without_negatives_only_when_the_pool_can_be_fitted():
@@ -199,12 +267,17 @@ def test_precision_is_stated_without_negatives_only_when_the_pool_can_be_fitted(
     paths = [Path(f"{i}.jpg") for i in range(len(incoming))]
     ex_paths = [Path(f"ex{i}.jpg") for i in range(len(exemplars))]
     stated = filter_vectors(paths, incoming, ex_paths, exemplars).threshold
-    assert stated.est_prevalence == pytest.approx(0.2, abs=0.1) and stated.est_precision is not None
-    assert "est. 2" in stated.describe() or "est. 1" in stated.describe()
+    # Stated, or withheld with the reason: never neither.
+    assert stated.precision_interval is not None
+    if stated.est_precision is None:
+        assert "precision not stated" in stated.describe()
+    else:
+        assert stated.est_prevalence == pytest.approx(0.2, abs=0.1) and "keep-like" in stated.describe()
     few = filter_vectors(paths[:POOL_MIN - 1], incoming[:POOL_MIN - 1], ex_paths, exemplars).threshold
     too_few_exemplars = filter_vectors(paths, incoming, ex_paths[:2], exemplars[:2]).threshold
     for t in (few, too_few_exemplars):
         assert t.est_prevalence is None and t.est_precision is None and t.est_recall is not None
+        assert t.precision_interval is None
 
 
 def test_the_cli_and_the_library_default_to_the_same_normaliser():
