@@ -80,3 +80,15 @@ def assert_no_machine_path(doc, *folders):
     dumped = json.dumps(doc)
     for folder in folders:
         assert str(folder) not in dumped
+
+
+@pytest.fixture(scope="session")
+def train_dir(tmp_path_factory):
+    """A pretraining folder: 24 crops of one photo in 3 sub-folders (SupCon's classes)."""
+    root = tmp_path_factory.mktemp("train")
+    photo = sample_photo("astronaut")
+    for i in range(24):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
+    return root

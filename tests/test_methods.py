@@ -34,18 +34,6 @@ from filterkit.train import (
 )
 
 
-@pytest.fixture(scope="module")
-def train_dir(tmp_path_factory):
-    """test_train.py's folder: 24 crops of one photo in 3 sub-folders."""
-    root = tmp_path_factory.mktemp("train")
-    photo = sample_photo("astronaut")
-    for i in range(24):
-        sub = root / f"part{i % 3}"
-        sub.mkdir(exist_ok=True)
-        photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
-    return root
-
-
 def reference_nt_xent(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
     """SimCLR's eq. (1) in the paper's indexing: samples 2k and 2k+1 are the views of image k,
     ℓ(i, j) = −log(exp(s_ij/τ) / Σ_{k≠i} exp(s_ik/τ)), L = 1/2N Σ_k ℓ(2k, 2k+1) + ℓ(2k+1, 2k)."""

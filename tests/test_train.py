@@ -11,23 +11,12 @@ from filterkit.encoder import build_backbone
 from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainingStopped, TrainOptions, load_checkpoint, pretrain
 
-from conftest import assert_no_machine_path, sample_photo
+from conftest import assert_no_machine_path
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
 TINY_CLI = ["--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--max-steps", "3",
             "--workers", "0", "-q"]
-
-
-@pytest.fixture(scope="module")
-def train_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    photo = sample_photo("astronaut")
-    for i in range(24):
-        sub = root / f"part{i % 3}"
-        sub.mkdir(exist_ok=True)
-        photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
-    return root
 
 
 def params(state):

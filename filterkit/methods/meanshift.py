@@ -21,16 +21,12 @@ of targets, so the ranks' banks stay equal; the loss is per image and needs no o
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moco import Branch
-from .base import EmbeddingQueue, Method, ema_update, gather_no_grad
-from .byol import byol_mlp
+from .base import EmbeddingQueue, gather_no_grad
+from .byol import BYOL
 
 BANK = 16384  # memory bank rows
 TOPK = 5  # k, the paper's default
@@ -45,24 +41,16 @@ def mean_shift_loss(p: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int
     return (p.unsqueeze(1) - neighbours).pow(2).sum(-1).mean(1).mean()
 
 
-class MeanShift(Method):
-    """The online network (backbone + projector + predictor), its EMA target and the bank."""
+class MeanShift(BYOL):
+    """BYOL's online network, EMA target and updates, with the bank of target embeddings."""
 
     name, title, uses_momentum, needs_predictor = "meanshift", "Mean Shift (MSF)", True, True
 
     def __init__(self, backbone: nn.Module, embed_dim: int, out_dim: int = 256, proj_hidden: int = 4096,
                  pred_hidden: int = 4096, bank_size: int = BANK, k: int = TOPK) -> None:
-        super().__init__()
+        super().__init__(backbone, embed_dim, out_dim, proj_hidden, pred_hidden)
         self.k = k
-        self.base = Branch(backbone, byol_mlp(embed_dim, proj_hidden, out_dim))
-        self.predictor = byol_mlp(out_dim, pred_hidden, out_dim)
-        self.target = copy.deepcopy(self.base)
-        self.target.requires_grad_(False)
         self.bank = EmbeddingQueue(bank_size, out_dim)
-
-    @classmethod
-    def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> MeanShift:
-        return cls(backbone, embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, detached backbone features of both views, for monitoring)."""
@@ -75,12 +63,3 @@ class MeanShift(Method):
         bank = self.bank.contents()
         loss = (mean_shift_loss(p1, t2, bank, self.k) + mean_shift_loss(p2, t1, bank, self.k)) / 2
         return loss, features.detach()
-
-    @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        ema_update(self.target, self.base, m)
-
-    def load_backbone(self, state: dict[str, torch.Tensor]) -> None:
-        """Online and target backbones start from ``state`` (ξ = θ, as at a fresh start)."""
-        self.base.backbone.load_state_dict(state)
-        self.target.backbone.load_state_dict(state)
