@@ -197,6 +197,7 @@ def keeper_order(paths: list[Path]) -> list[int]:
 # Fewer sampled images than this give estimates too coarse to state or to move files on (the
 # same minimum as calibrate_dedup's).
 MIN_CALIBRATION_IMAGES = 10
+CALIBRATION_SIDE = 512  # longest side of the sampled images the synthetic copies are made from
 
 
 def _check_threshold(threshold: float) -> float:
@@ -511,7 +512,11 @@ def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
     originals, kept = [], []
     for i in sampled:
         try:
-            originals.append(load_image(paths[i]))
+            # Bounded: 200 camera photos at full size would hold gigabytes; the encoder and the
+            # thumbnails see far less than CALIBRATION_SIDE pixels anyway.
+            image = load_image(paths[i], draft_size=CALIBRATION_SIDE)
+            image.thumbnail((CALIBRATION_SIDE, CALIBRATION_SIDE))
+            originals.append(image)
             kept.append(int(i))
         except ImageError:  # unreadable now: not sampled
             pass
