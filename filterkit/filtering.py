@@ -49,7 +49,7 @@ BOOTSTRAP_RESAMPLES = 100  # of the exemplars' held-out scores, for the review b
 POOL_EM_ITERATIONS = 500  # EM runs to convergence (tolerance 1e-5 on the prevalence) or this many steps
 POOL_FIT_MAX = 5000  # pool scores the bootstrap refits the mixture on (a random subset beyond)
 # The pool's precision is stated with its bootstrap interval at this level; its point estimate only
-# when the interval is within +- PRECISION_STATED_WITHIN (issue 18's goal), else it is withheld.
+# when the interval is within +- PRECISION_STATED_WITHIN (the goal for stated precision), else it is withheld.
 PRECISION_LEVEL, PRECISION_STATED_WITHIN = 0.90, 0.10
 POOL_MIN_SEPARATION = 2.0  # d' of the mixture's two components below which it is not trusted (PoolModel.consistent)
 

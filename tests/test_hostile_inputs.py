@@ -1,4 +1,4 @@
-"""Issue 7's bad-input corpus, made here (no network), mixed with good photos, through every
+"""The bad-input corpus, made here (no network), mixed with good photos, through every
 command: exit 0, every good image processed, every bad one reported with a reason, nothing
 retried on the next run."""
 
