@@ -103,15 +103,19 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
-def write_dedup_report(groups, html_path: str | os.PathLike, title: str = "filterkit dedup") -> list[Path]:
-    """Write ``X.html``, ``X.csv`` and ``X.json`` for duplicate groups; returns their paths."""
+def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filterkit dedup") -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for a ``DedupResult`` (or a list of groups);
+    returns their paths. The page states the threshold and its estimates, and each group its
+    weakest link, so a reviewer sees what a move would rest on."""
+    groups = result if isinstance(result, list) else result.groups
     html_path = _html_path(html_path)
     rows = []
     for n, g in enumerate(groups):
         rows.append({"group": n, "path": str(g.keep), "role": "keep", "score": 1.0, "exact": ""})
         rows += [{"group": n, "path": str(d.path), "role": "duplicate", "score": round(d.score, 6),
                   "exact": d.exact} for d in g.duplicates]
-    _write_table(html_path, rows, {"groups": [g.to_dict() for g in groups]})
+    doc = {"groups": [g.to_dict() for g in groups]} if isinstance(result, list) else result.to_dict()
+    _write_table(html_path, rows, doc)
     budget = [MAX_THUMBS]
     blocks = []
     for g in groups:
@@ -119,8 +123,11 @@ def write_dedup_report(groups, html_path: str | os.PathLike, title: str = "filte
         pics += [f'<div>{_thumbnail(d.path, budget)}<div class="name">{html.escape(str(d.path))}</div>'
                  f'<div class="reason">{"identical bytes" if d.exact else f"score {d.score:.3f}"}</div></div>'
                  for d in g.duplicates]
-        blocks.append(f'<div class="group"><div class="pics">{"".join(pics)}</div></div>')
-    n_dups = sum(len(g.duplicates) for g in groups)
-    summary = html.escape(f"{len(groups)} groups, {n_dups} duplicates; the first image of each group is kept.")
+        weakest = (f'<div class="reason">weakest link {g.weakest.score:.3f}: {html.escape(Path(str(g.weakest.b)).name)}'
+                   '</div>' if g.weakest is not None else "")
+        blocks.append(f'<div class="group"><div class="pics">{"".join(pics)}</div>{weakest}</div>')
+    line = (f"{len(groups)} groups, {sum(len(g.duplicates) for g in groups)} duplicates"
+            if isinstance(result, list) else result.summary_line())
+    summary = html.escape(f"{line}. The first image of each group is kept.")
     atomic_write_text(html_path, _page(title, summary, "".join(blocks)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]

@@ -46,7 +46,10 @@ def test_dedup_report(tmp_path, capsys, photos_dir, small_model_dir):
     rows = list(csv.DictReader(report.with_suffix(".csv").open()))
     roles = {(Path(r["path"]).name, r["role"]) for r in rows}
     assert ("rocket.jpg", "keep") in roles and ("rocket_copy.jpg", "duplicate") in roles
-    assert "identical bytes" in report.read_text()
+    page = report.read_text()
+    assert "identical bytes" in page and "weakest link" in page
+    assert "verified at pair score &gt;= 0.9990" in page  # the threshold and its estimates, as the CLI states them
+    assert json.loads(report.with_suffix(".json").read_text())["threshold"] == 0.999
 
 
 def test_report_renders_in_headless_chromium(filter_report, tmp_path):

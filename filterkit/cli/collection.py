@@ -209,7 +209,7 @@ def dedup(
     if report is not None:
         from ..report import write_dedup_report
 
-        write_dedup_report(result.groups, report)
+        write_dedup_report(result, report)
     items = [(d.path, "duplicates") for g in result.groups for d in g.duplicates]
     plan, done = run_actions(items, folder, out, action, dry_run)
     if as_json:
