@@ -69,10 +69,11 @@ class CollectionCalibration:
 
     ``recall``: the share of synthetic copies (crop, resize, flip, colour, JPEG, 90-degree
     rotations) of ``images`` sampled images whose pair score with their image reaches the
-    threshold. ``prevalence``: real copies per image, estimated from the sampled images'
-    candidate neighbours at the anchor (a score 75 % or 50 % of the synthetic copies reach, the
-    one estimating fewer), where every link is taken for a real copy. ``precision`` = prevalence x recall / links per sampled image at
-    the threshold (1.0 where none is expected); see ``estimate``.
+    threshold, a copy that candidate generation would not propose counting as missed.
+    ``prevalence``: real copies per image, estimated from the links per image of the whole
+    collection at the anchor (a score 75 % or 50 % of the synthetic copies reach, the one
+    estimating fewer), where every link is taken for a real copy. ``precision`` = prevalence x
+    recall / links per image at the threshold (1.0 where none is expected); see ``estimate``.
     """
 
     threshold: float
@@ -93,8 +94,9 @@ class CollectionCalibration:
                 "threshold_source": self.source,
                 "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation less "
                           "the pair's background; positives: synthetic copies of sampled images of this "
-                          "collection; negatives: their candidate neighbours in it, less the real copies "
-                          "estimated at the anchor (the smallest of the anchors' estimates)"}
+                          "collection, missed where candidate generation would not propose them; negatives: the "
+                          "collection's candidate pairs, less the real copies estimated at the anchor "
+                          "(the smallest of the anchors' estimates)"}
 
 
 @dataclass
@@ -325,10 +327,10 @@ def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float, float, float]:
     """Estimated (precision, recall, prevalence, anchor) of linking pairs scored >= ``threshold``.
 
-    ``positive``: the pair scores of one synthetic copy per sampled image; ``neighbour``: the
-    scores of the sampled images' candidate pairs in the collection (a pair of two sampled
-    images counts for both), ``n_images`` sampled images. With R(t) the share of positives
-    >= t and c(t) the links >= t per sampled image, c(a) >= q R(a) at every a (real copies
+    ``positive``: the pair scores of one synthetic copy per sampled image (-inf for a copy
+    candidate generation would not propose: dedup cannot find it); ``neighbour``: the scores of
+    the collection's candidate pairs, each pair once per end, over ``n_images`` images. With
+    R(t) the share of positives >= t and c(t) the links >= t per image, c(a) >= q R(a) at every a (real copies
     alone give q R(a), look-alikes add to it), so each anchor a (the ANCHOR_QUANTILES
     quantiles of the positives) bounds the prevalence from above by c(a) / R(a); q is the
     smallest of these, the anchor the one giving it, and precision(t) = min(1, q R(t) / c(t)),
@@ -343,8 +345,11 @@ def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_im
 def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float]:
     """(q, the anchor giving it): see ``estimate``."""
     positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
+    # missed copies score -inf; an anchor between a miss and a hit interpolates to nan: -inf too
+    with np.errstate(invalid="ignore"):
+        anchors = np.nan_to_num(np.quantile(positive, ANCHOR_QUANTILES), nan=-np.inf)
     return min((float(np.sum(neighbour >= a)) / n_images / max(float(np.mean(positive >= a)), 1e-12), float(a))
-               for a in np.quantile(positive, ANCHOR_QUANTILES))
+               for a in anchors)
 
 
 def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: int,
@@ -362,6 +367,7 @@ def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: int,
     """The lowest pair score whose estimated precision reaches the target (the most recall);
     else the one of best estimated precision, then recall (the caller states it, and move refuses)."""
     cuts = np.unique(np.concatenate([positive, neighbour, [np.inf]]))  # inf: link nothing
+    cuts = cuts[cuts > -np.inf]  # -inf: a synthetic copy candidate generation would miss
     precision, recall = _precision_recall(cuts, positive, neighbour, n_images,
                                           _prevalence(positive, neighbour, n_images)[0])
     ok = np.flatnonzero(precision >= target_precision)
@@ -466,9 +472,9 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     scores = np.empty(0)
     if len(unique) >= 2:
         rng = np.random.default_rng(seed)
-        sampled, pos_cos, pos_pix, pixel_floor = _synthetic_positives(paths, vectors, encoder, unique, views, rng,
-                                                                      sample)
-        rows, cols = _candidate_pairs(paths, vectors, unique, index, rotations, pixel_floor, progress)
+        sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, unique, views,
+                                                                        rng, sample)
+        rows, cols, proposer = _candidate_pairs(paths, vectors, unique, index, rotations, pixel_floor, progress)
         cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
         touched = np.unique(np.concatenate([rows, cols]))
         table = views.get(touched)
@@ -476,14 +482,22 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
         pix = _verify().pixel_scores(table, where[:len(rows)], where[len(rows):])
         background = backgrounds(n, rows, cols, pix)
         scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
-        # a synthetic copy is not in the collection: its image's background stands for both ends
-        positive = pair_score(pos_cos, pos_pix, background[sampled])
-        neighbour = np.concatenate([scores[np.isin(rows, sampled)], scores[np.isin(cols, sampled)]])
+        m = len(sampled)
+        pos_cos = np.einsum("nd,nd->n", vectors[sampled], copy_vectors)
+        pos_pix = _verify().pixel_scores(both, np.arange(m), np.arange(m, 2 * m))
+        # a synthetic copy is not in the collection: its image's background stands for both ends,
+        # and a copy that candidate generation would not propose is one dedup misses
+        found = proposer.proposes(np.searchsorted(unique, sampled), copy_vectors,
+                                  both[m:, 0] if rotations else None)
+        positive = np.where(found, pair_score(pos_cos, pos_pix, background[sampled]), -np.inf)
+        # the links per image are counted over the whole collection (every candidate pair has its
+        # score already), not only over the sampled images: far less noise at the same cost
+        neighbour = np.concatenate([scores, scores])
         source = "given"
         if threshold == "auto":
-            threshold = choose_threshold(positive, neighbour, len(sampled), target_precision)
+            threshold = choose_threshold(positive, neighbour, len(unique), target_precision)
             source = "calibrated"
-        precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, len(sampled))
+        precision, recall, prevalence, anchor = estimate(threshold, positive, neighbour, len(unique))
         calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision),
                                             len(sampled), prevalence, anchor, pixel_floor, source)
     elif threshold == "auto":
@@ -501,8 +515,30 @@ def _verify():
     return verify
 
 
+class _Proposer:
+    """Candidate generation (``_candidate_pairs``), kept to ask whether it would have proposed
+    a synthetic copy with its image: a copy it would miss is a copy dedup cannot find, so the
+    calibration's recall counts it as missed rather than scoring it as if it were a candidate."""
+
+    def __init__(self, index, sub: np.ndarray, kth: np.ndarray, frames=None) -> None:
+        self.index, self.sub, self.kth, self.frames = index, sub, kth, frames
+
+    def proposes(self, targets: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
+        """bool [m]: whether row ``targets[p]`` (a position among the distinct images) would be
+        paired with a newcomer of embedding ``vectors[p]`` and whole-frame thumbnail ``frames[p]``."""
+        from .index import search
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        cos = np.einsum("md,md->m", self.sub[targets], vectors)
+        hits = search(self.index, vectors, min(NEIGHBOURS, len(self.sub)))
+        found = (cos >= self.kth[targets]) | (hits.ids == targets[:, None]).any(axis=1)
+        if self.frames is not None and frames is not None:
+            found |= self.frames.proposes(targets, frames)
+        return found
+
+
 def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
-    """Sampled rows, and the cosine and pixel score of each with one synthetic copy of it, and the
+    """Sampled rows, the embedding and thumbnail views of one synthetic copy of each, and the
     whole-frame correlation most copies reach (the floor of the rotation candidates)."""
     from .errors import ImageError
     from .images import load_image
@@ -524,18 +560,19 @@ def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
         raise FilterkitError("no image of the collection could be decoded to calibrate dedup")
     sampled = np.array(kept, dtype=np.int64)
     copies = [synthetic_copy(im, rng) for im in originals]
-    pos_cos = np.einsum("nd,nd->n", vectors[sampled], encoder.embed(copies)).astype(np.float64)
-    both = np.concatenate([views.get(sampled), np.stack([verify.image_views(im) for im in copies])])
+    copy_vectors = encoder.embed(copies)
+    copy_views = np.stack([verify.image_views(im) for im in copies])
     m = len(sampled)
-    pos_pix = verify.pixel_scores(both, np.arange(m), np.arange(m, 2 * m)).astype(np.float64)
+    both = np.concatenate([views.get(sampled), copy_views])
     pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
-    return sampled, pos_cos, pos_pix, float(np.quantile(pos_frame, FLOOR_QUANTILE))
+    return sampled, copy_vectors, both, float(np.quantile(pos_frame, FLOOR_QUANTILE))
 
 
 def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor: float,
-                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+                     progress: bool) -> tuple[np.ndarray, np.ndarray, _Proposer]:
     """(rows, cols), rows < cols: each distinct image's NEIGHBOURS nearest by cosine, and with
-    ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``)."""
+    ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``);
+    and the ``_Proposer`` that asks the same of a newcomer."""
     from .errors import ImageError
     from .images import load_image
     from .index import build_index, search
@@ -545,23 +582,26 @@ def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor
     sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
     idx = index if index is not None and len(unique) == len(paths) else build_index(sub)
     hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
+    # a full list (NEIGHBOURS others beside the image itself): a newcomer must beat its last entry
+    kth = hits.scores[:, -1] if hits.ids.shape[1] == NEIGHBOURS + 1 else np.full(len(unique), -np.inf)
     i = np.repeat(np.arange(len(unique)), hits.ids.shape[1])
     j = hits.ids.ravel().astype(np.int64)
     keep = (j >= 0) & (j != i)  # no cosine floor: every image gets its NEIGHBOURS, its background
     pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
+    frames = None
     if rotations:
-        frames = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
+        thumbs = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
         with progress_bar("thumbnails (rotated copies)", len(unique), progress) as advance:
             for k, row in enumerate(unique):
                 try:
-                    frames[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
+                    thumbs[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
                 except ImageError:  # unreadable now: a zero thumbnail matches nothing
                     pass
                 advance()
-        a, b = verify.dihedral_neighbours(frames, NEIGHBOURS, pixel_floor)
-        pairs.append(np.stack([a, b], axis=1))
+        frames = verify.DihedralSearch(thumbs, NEIGHBOURS, pixel_floor)
+        pairs.append(np.stack(frames.pairs, axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
-    return unique[pairs[:, 0]], unique[pairs[:, 1]]
+    return unique[pairs[:, 0]], unique[pairs[:, 1]], _Proposer(idx, sub, kth, frames)
 
 
 def _linked_groups(paths, hashes, vectors, links, views, background, canonical,

@@ -93,22 +93,55 @@ def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: i
 
 def dihedral_neighbours(thumbs: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i < j) where j is among i's ``k`` nearest whole-frame thumbnails under some
-    flip/rotation, at correlation >= ``threshold``: 8 FAISS searches (one per transform of
-    the queries) over one index, so a rotated copy is found without transforming the index."""
-    from .index import build_index, search
+    flip/rotation, at correlation >= ``threshold`` (see ``DihedralSearch``)."""
+    return DihedralSearch(thumbs, k, threshold).pairs
 
-    thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
-    n = len(thumbs)
-    if n < 2:
+
+class DihedralSearch:
+    """Whole-frame thumbnail neighbours under the 8 flips/rotations: 8 FAISS searches (one per
+    transform of the queries) over one index, so a rotated copy is found without transforming
+    the index. Kept after the search to ask whether it would have proposed a pair with an image
+    it never saw (``proposes``): dedup's calibration counts a synthetic copy as found only then."""
+
+    def __init__(self, thumbs: np.ndarray, k: int, threshold: float) -> None:
+        from .index import build_index, search
+
+        self.thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
+        self.k, self.threshold = k, float(threshold)
+        n = len(self.thumbs)
+        self.kth = np.full((8, n), -np.inf, dtype=np.float32)  # the weakest score in each image's list
         empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    index = build_index(thumbs)
-    found = []
-    for view in dihedral(thumbs):
-        hits = search(index, view, min(k + 1, n))
-        i = np.repeat(np.arange(n), hits.ids.shape[1])
-        j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
-        keep = (j >= 0) & (j != i) & (s >= threshold)
-        found.append(np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1))
-    pairs = np.unique(np.concatenate(found), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+        self.pairs = (empty, empty)
+        if n < 2:
+            return
+        self.index = build_index(self.thumbs)
+        found = []
+        for t, view in enumerate(dihedral(self.thumbs)):
+            hits = search(self.index, view, min(k + 1, n))
+            if hits.ids.shape[1] == k + 1:  # a full list: a newcomer must beat its last entry
+                self.kth[t] = hits.scores[:, -1]
+            i = np.repeat(np.arange(n), hits.ids.shape[1])
+            j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
+            keep = (j >= 0) & (j != i) & (s >= threshold)
+            found.append(np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1))
+        pairs = np.unique(np.concatenate(found), axis=0)
+        self.pairs = (pairs[:, 0], pairs[:, 1])
+
+    def proposes(self, targets: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """bool [m]: whether the search, had ``queries[p]`` been one more image, would pair it
+        with image ``targets[p]``: the target among the query's k nearest, or the query beating
+        the last of the target's list, under some transform, at >= the threshold."""
+        from .index import search
+
+        targets = np.asarray(targets, dtype=np.int64)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = np.zeros(len(targets), dtype=bool)
+        if len(self.thumbs) < 2 or not len(targets):
+            return found
+        own = dihedral(self.thumbs[targets])  # [8, m, D]
+        for t, view in enumerate(dihedral(queries)):
+            hits = search(self.index, view, min(self.k, len(self.thumbs)))
+            found |= ((hits.ids == targets[:, None]) & (hits.scores >= self.threshold)).any(axis=1)
+            score = np.einsum("md,md->m", own[t], queries)
+            found |= score >= np.maximum(self.kth[t][targets], self.threshold)
+        return found

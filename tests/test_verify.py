@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from filterkit import Encoder, verify
 from filterkit.cli import main
-from filterkit.dedup import _spanning_groups, choose_threshold, estimate, find_duplicates
+from filterkit.dedup import _Proposer, _spanning_groups, choose_threshold, estimate, find_duplicates
 
 from conftest import sample_photo
 
@@ -44,6 +44,42 @@ def test_estimates_equal_their_formula_on_a_hand_built_case():
     assert estimate(0.95, positive, neighbour, 4)[0] == 1.0  # no link expected: nothing to be wrong
     t = choose_threshold(positive, neighbour, 4, 0.99)  # the lowest cut that keeps precision 1
     assert t == pytest.approx(0.7) and estimate(t, positive, neighbour, 4)[0] == 1.0
+
+
+def test_a_copy_candidate_generation_would_miss_counts_as_missed_in_the_estimates():
+    # the copy scoring 0.9 was never proposed as a candidate (-inf): recall 2/3 at 0.6, not 1
+    positive = np.array([-np.inf, 0.8, 0.7])
+    neighbour = np.array([0.85, 0.65, 0.5])
+    precision, recall, prevalence, anchor = estimate(0.6, positive, neighbour, 3)
+    assert recall == pytest.approx(2 / 3)
+    # anchors: the 25 % quantile falls between the miss and 0.7 (-inf: q = 1), the median is 0.7
+    assert anchor == pytest.approx(0.7) and prevalence == pytest.approx((1 / 3) / (2 / 3))  # c(a) / R(a)
+    assert precision == pytest.approx(prevalence * recall / (2 / 3))
+    t = choose_threshold(positive, neighbour, 3, 0.99)
+    assert np.isfinite(t)
+
+
+def test_candidate_generation_is_asked_whether_it_would_propose_a_newcomer():
+    rng = np.random.default_rng(0)
+    sub = rng.normal(size=(30, 16)).astype(np.float32)
+    sub /= np.linalg.norm(sub, axis=1, keepdims=True)
+    from filterkit.index import build_index, search
+
+    index = build_index(sub)
+    kth = search(index, sub, 4).scores[:, -1]  # lists of 3 others
+    thumbs = rng.normal(size=(30, verify.SIDE ** 2)).astype(np.float32)
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True)
+    frames = verify.DihedralSearch(thumbs, 3, 0.5)
+    proposer = _Proposer(index, sub, kth, frames)
+    near = sub[[4]] + 0.01 * rng.normal(size=(1, 16)).astype(np.float32)
+    far = -sub[[4]]  # the opposite direction: in no list, and 4 not among its nearest
+    unrelated = rng.normal(size=(2, verify.SIDE ** 2)).astype(np.float32)
+    unrelated /= np.linalg.norm(unrelated, axis=1, keepdims=True)
+    targets = np.array([4, 4])
+    assert proposer.proposes(targets, np.concatenate([near, far]), unrelated).tolist() == [True, False]
+    # the rotated thumbnail of image 4 is proposed through the dihedral search, whatever its vector
+    rotated = np.rot90(thumbs[4].reshape(verify.SIDE, verify.SIDE)).reshape(1, -1)
+    assert proposer.proposes(np.array([4]), far, rotated).tolist() == [True]
 
 
 def test_weakest_link_is_the_bottleneck_of_the_strongest_spanning_tree():
