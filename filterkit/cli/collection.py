@@ -177,7 +177,7 @@ def filter_command(
 def dedup(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
-    target_precision: Annotated[float, typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires.")] = 0.99,
+    target_precision: Annotated[Optional[float], typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires. Default: 0.90 to list groups, 0.99 with --action move.")] = None,
     rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (reads every image once more).")] = True,
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision).")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
@@ -200,6 +200,10 @@ def dedup(
     from ..dedup import check_move, find_duplicates
 
     check_action(action, out, ("report", "move"))
+    if target_precision is None:
+        from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
+
+        target_precision = MOVE_TARGET_PRECISION if action == "move" else LIST_TARGET_PRECISION
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
