@@ -106,8 +106,9 @@ def _natural(label: str):
 
 
 def _script_json(value) -> str:
-    # Inside <script>: "</" would end the element, so it is escaped (JSON allows "\/").
-    return json.dumps(value).replace("</", "<\\/")
+    # Inside <script> no "<" is left ("</script>" or "<!--" would change how the page parses):
+    # JSON writes it as \u003c, which JSON.parse reads back.
+    return json.dumps(value).replace("<", "\\u003c")
 
 
 def map_html(xy: np.ndarray, labels: list[str], names: list[str], thumbs: list[str | None] | None = None,

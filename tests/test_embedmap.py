@@ -60,7 +60,9 @@ def test_map_html_has_one_point_per_image_with_its_colour_class():
         by_label.setdefault(label, set()).add(cls)
     assert all(len(c) == 1 for c in by_label.values()) and len({next(iter(c)) for c in by_label.values()}) == 3
     assert "keep (5)" in page and "reject (6)" in page and "review (1)" in page  # the legend with counts
-    assert "</script><b>" not in page  # names reach the page only as escaped JSON
+    assert "</script><b>" not in page  # names reach the page only as escaped JSON ...
+    data = json.loads(re.search(r'<script type="application/json">(.*?)</script>', page).group(1))
+    assert data["names"] == names and data["labels"] == labels  # ... which reads back exactly
 
 
 def test_map_png_is_a_valid_picture(tmp_path):
