@@ -264,8 +264,11 @@ class FilterSession(_Session):
         items = []
         for it in self.items:
             near = it.nearest
+            mark = self.marks.get(it.name)
+            reason = (f"a {'keep' if mark == 'keep' else 'reject'}-like exemplar now: the other images are scored "
+                      "against it" if mark and it.row is not None else it.reason)
             items.append({"name": it.name, "file": it.file, "decision": it.decision,
-                          "mark": self.marks.get(it.name), "score": it.score, "reason": it.reason,
+                          "mark": mark, "score": it.score, "reason": reason,
                           "nearest": Path(near).name if near else None,
                           "nearest_file": self._file_index.get(near) if near else None})
         return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name,

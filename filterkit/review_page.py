@@ -25,6 +25,8 @@ kbd{border:1px solid #bbb;border-radius:3px;padding:0 3px;background:#f4f4f4;fon
 .pics img{width:140px;height:140px;object-fit:contain;background:#eee}
 .pics .ex{width:100px;height:100px}figure{margin:0;font-size:10px;color:#666}
 .name{word-break:break-all;font-weight:600;margin-top:3px}.reason{color:#555}
+.dir{word-break:break-all;color:#888;font-size:10px}
+.nopic{display:flex;width:140px;height:140px;align-items:center;justify-content:center;background:#eee;color:#777}
 .score{font-variant-numeric:tabular-nums}
 .btns{margin-top:5px;display:flex;gap:6px}button{font-size:12px;padding:3px 10px;cursor:pointer}
 .bk{background:#e6f4e6}.br{background:#f8e4e4}.tag{font-weight:600}
@@ -64,13 +66,16 @@ function renderFilter(){
 function card(it,k){
   const near=it.nearest_file==null?'':`<figure><img class="ex" loading="lazy" alt="" src="/thumb/${it.nearest_file}">`+
     `<figcaption>nearest: ${esc(it.nearest)}</figcaption></figure>`;
-  const can=it.decision!=='error';
-  const tag=it.mark?`<span class="tag">marked ${it.mark}</span> &middot; `:'';
+  const can=it.decision!=='error',cut=Math.max(it.name.lastIndexOf('/'),it.name.lastIndexOf('\\'))+1;
+  const what=it.mark?`<span class="tag">marked ${it.mark} by you</span> &middot; score ${f3(it.score)} before`:
+    `${it.decision} &middot; score ${f3(it.score)}`;
+  const pic=can?`<img loading="lazy" alt="" src="/thumb/${it.file}">`:'<span class="nopic">(no preview)</span>';
+  const btn=(act,cls,label)=>it.mark===act?'':`<button class="${cls}" data-act="${act}">${label}</button>`;
   return `<div class="card ${it.mark?'marked':it.decision}" id="c${k}" data-k="${k}" data-name="${esc(it.name)}">`+
-    `<div class="pics"><img loading="lazy" alt="" src="/thumb/${it.file}">${near}</div>`+
-    `<div class="name">${esc(it.name)}</div><div class="score">${tag}${it.decision} &middot; score ${f3(it.score)}</div>`+
-    `<div class="reason">${esc(it.reason)}</div>`+(can?`<div class="btns"><button class="bk" data-act="keep">Keep (k)</button>`+
-    `<button class="br" data-act="reject">Reject (r)</button>`+(it.mark?'<button data-act="undo">Undo (u)</button>':'')+'</div>':'')+'</div>';
+    `<div class="pics">${pic}${near}</div><div class="name">${esc(it.name.slice(cut))}</div>`+
+    `<div class="dir">${esc(it.name.slice(0,cut))}</div><div class="score">${what}</div>`+
+    `<div class="reason">${esc(it.reason)}</div>`+(can?'<div class="btns">'+btn('keep','bk','Keep (k)')+
+    btn('reject','br','Reject (r)')+(it.mark?'<button data-act="undo">Undo (u)</button>':'')+'</div>':'')+'</div>';
 }
 function renderDedup(){
   const st=S.state,done=st.groups.filter(g=>g.verdict).length;
