@@ -30,7 +30,8 @@ kbd{border:1px solid #bbb;border-radius:3px;padding:0 3px;background:#f4f4f4;fon
 .score{font-variant-numeric:tabular-nums}
 .btns{margin-top:5px;display:flex;gap:6px}button{font-size:12px;padding:3px 10px;cursor:pointer}
 .bk{background:#e6f4e6}.br{background:#f8e4e4}.tag{font-weight:600}
-.group{margin:8px 18px;border:2px solid #ddd;border-radius:6px;padding:6px;background:#fff}
+.group{margin:8px 18px;border:2px solid #ddd;border-radius:6px;padding:6px;background:#fff;font-size:12px}
+.group figure{max-width:200px;word-break:break-all}
 .group.confirm{border-color:#2a2}.group.split{border-color:#c33}.group.cur{outline:3px solid #f90}
 """
 
@@ -86,7 +87,7 @@ function renderDedup(){
     `<div class="pics">${g.members.map(m=>`<figure><img loading="lazy" alt="" src="/thumb/${m.file}"><figcaption>`+
     `${m.score==null?'keep':m.exact?'identical bytes':'score '+f3(m.score)}: ${esc(m.name)}</figcaption></figure>`).join('')}</div>`+
     `<div class="reason">group ${k}${g.weakest==null?'':' &middot; weakest link '+f3(g.weakest)}`+
-    `${g.verdict?' &middot; <b>'+g.verdict+'ed</b>':''}</div><div class="btns"><button class="bk" data-act="confirm">Confirm (c)</button>`+
+    `${g.verdict?' &middot; <b>'+({confirm:'confirmed',split:'split'}[g.verdict])+' by you</b>':''}</div><div class="btns"><button class="bk" data-act="confirm">Confirm (c)</button>`+
     `<button class="br" data-act="split">Split (s)</button>${g.verdict?'<button data-act="undo">Undo (u)</button>':''}</div></div>`).join('');
 }
 function render(){(S.state.kind==='dedup'?renderDedup:renderFilter)();focus(Math.min(S.cur,S.order.length-1),false);}

@@ -111,3 +111,29 @@ def test_cluster_and_dedup_reports_have_maps(tmp_path, capsys, photos_dir, small
     labels = re.findall(r'data-label="([^"]+)"', (tmp_path / "d.html").read_text())
     assert sorted(labels) == ["group 0", "group 0"] + ["unique"] * 7
     assert (tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_map_hover_shows_the_thumbnail_in_headless_chromium(tmp_path, capsys, small_model_dir):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it): cannot hover the map")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) drives chromium")
+    _photo_folders(tmp_path)
+    report = tmp_path / "filter.html"
+    assert main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(small_model_dir), "--report", str(report), "-q", "--workers", "0"]) == 0
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(report.as_uri())
+        tip = page.locator(".fkmap .tip")
+        assert tip.is_hidden()
+        point = page.locator(".fkmap circle.pt").nth(2)
+        point.hover()
+        assert tip.is_visible() and tip.locator("img").get_attribute("src").startswith("data:image/jpeg")
+        name = point.get_attribute("data-i")
+        assert tip.locator(".tipname").text_content().endswith(Path(json.loads(
+            page.locator('.fkmap script[type="application/json"]').text_content())["names"][int(name)]).name)
+        page.mouse.move(0, 0)
+        assert tip.is_hidden()
+        browser.close()
