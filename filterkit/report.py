@@ -16,12 +16,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_text
 from .images import load_image
 
 THUMB = 128
 MAX_THUMBS = 3000  # past this, rows are listed without pictures to keep the page small
+MAP_THUMB = 96  # the map's hover pictures, smaller than the cards'
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -38,20 +41,27 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
 """
 
 
+def _thumb_uri(path: Path, size: int = THUMB) -> str | None:
+    """A data: URI of the image's JPEG thumbnail, or None if it cannot be read."""
+    try:
+        image = load_image(path, draft_size=size)
+    except ImageError:
+        return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _thumbnail(path: Path | None, budget: list[int]) -> str:
     """An <img> with an embedded JPEG thumbnail, or a placeholder."""
     if path is None or budget[0] <= 0:
         return ""
-    try:
-        image = load_image(path, draft_size=THUMB)
-    except ImageError:
+    uri = _thumb_uri(path)
+    if uri is None:
         return '<span class="reason">(no preview)</span>'
     budget[0] -= 1
-    image.thumbnail((THUMB, THUMB))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(path.name)}" src="data:image/jpeg;base64,{data}">'
+    return f'<img alt="{html.escape(path.name)}" src="{uri}">'
 
 
 def _html_path(path: str | os.PathLike) -> Path:
@@ -78,10 +88,16 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
     atomic_write_text(base.with_suffix(".json"), json.dumps(document, indent=2) + "\n")
 
 
-def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter") -> list[Path]:
-    """Write ``X.html``, ``X.csv`` and ``X.json`` for a FilterResult; returns their paths."""
+def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter",
+                        embedding=None, run: dict | None = None, map_png=None) -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for a FilterResult; returns their paths.
+    ``embedding``: (paths, vectors) of the incoming images, for the map coloured by decision;
+    ``run``: how the result was made (folders, model, cache, options), stored in the JSON as
+    ``run`` so ``filterkit review`` can re-score; ``map_png``: also write the map's picture."""
     html_path = _html_path(html_path)
     document = result.to_dict()
+    if run is not None:
+        document["run"] = run
     _write_table(html_path, document["images"], document)
 
     budget = [MAX_THUMBS]
@@ -99,14 +115,17 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
         sections.append(f"<h2>{label} ({len(chosen)})</h2><div class=\"grid\">{''.join(cards)}</div>")
     summary = html.escape(f"{result.summary_line()}; {result.exemplars} keep-like and {result.negatives} "
                           "reject-like exemplars. Each card: the image, then its nearest keep-like exemplar.")
-    atomic_write_text(html_path, _page(title, summary, "".join(sections)))
+    maps = map_section(*embedding, decision_label(result), png=map_png) if embedding is not None else ""
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(sections)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
-def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filterkit dedup") -> list[Path]:
+def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filterkit dedup",
+                       embedding=None, map_png=None) -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for a ``DedupResult`` (or a list of groups);
     returns their paths. The page states the threshold and its estimates, and each group its
-    weakest link, so a reviewer sees what a move would rest on."""
+    weakest link, so a reviewer sees what a move would rest on. ``embedding``: (paths, vectors)
+    of the folder's images, for the map coloured by group (the others "unique")."""
     groups = result if isinstance(result, list) else result.groups
     html_path = _html_path(html_path)
     rows = []
@@ -129,5 +148,90 @@ def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filte
     line = (f"{len(groups)} groups, {sum(len(g.duplicates) for g in groups)} duplicates"
             if isinstance(result, list) else result.summary_line())
     summary = html.escape(f"{line}. The first image of each group is kept.")
-    atomic_write_text(html_path, _page(title, summary, "".join(blocks)))
+    maps = map_section(*embedding, group_label(result), png=map_png) if embedding is not None else ""
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
+
+
+def write_cluster_report(result, html_path: str | os.PathLike, vectors=None,
+                         title: str = "filterkit cluster", map_png=None) -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for ``cluster.FolderClusters``: each cluster's
+    images nearest their prototype first, and with ``vectors`` (one per path) the map
+    coloured by cluster."""
+    html_path = _html_path(html_path)
+    document = result.to_dict()
+    _write_table(html_path, document["images"], document)
+    budget = [MAX_THUMBS]
+    assignment, distance = result.clustering.assignment, result.clustering.distance
+    blocks = []
+    for c, size in enumerate(result.clustering.sizes()):
+        members = sorted(np.flatnonzero(assignment == c), key=lambda i: distance[i])
+        cards = [f'<div class="card"><div class="pics">{_thumbnail(result.paths[i], budget)}</div>'
+                 f'<div class="name">{html.escape(str(result.paths[i]))}</div>'
+                 f'<div class="reason">distance {distance[i]:.3f}'
+                 f'{"" if result.selected is None else (", selected" if result.selected[i] else ", pruned")}'
+                 "</div></div>" for i in members]
+        blocks.append(f'<h2>cluster {c} ({int(size)})</h2><div class="grid">{"".join(cards)}</div>')
+    maps = map_section(result.paths, vectors, cluster_label(result), png=map_png) if vectors is not None else ""
+    summary = html.escape(f"{len(result.paths)} images in {len(blocks)} clusters (spherical k-means); each "
+                          "cluster's images nearest its prototype first.")
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks)))
+    return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
+
+
+def decision_label(result):
+    """label_of for a FilterResult's map: each image's decision."""
+    of = {str(d.path): d.decision for d in result.decisions}
+    return lambda p: of.get(str(p), "error")
+
+
+def group_label(result):
+    """label_of for a dedup map: "group N" for the members of group N, "unique" for the rest."""
+    groups = result if isinstance(result, list) else result.groups
+    of = {str(p): f"group {n}" for n, g in enumerate(groups) for p in [g.keep, *(d.path for d in g.duplicates)]}
+    return lambda p: of.get(str(p), "unique")
+
+
+def cluster_label(result):
+    """label_of for a FolderClusters map: "cluster N"."""
+    of = {str(p): f"cluster {int(a)}" for p, a in zip(result.paths, result.clustering.assignment)}
+    return lambda p: of.get(str(p), "unclustered")
+
+
+def write_map(paths, vectors, label_of, png: str | os.PathLike, title: str = "Map of the collection",
+              seed: int = 0) -> Path:
+    """Only the static picture of the map (``--map`` without ``--report``)."""
+    from . import embedmap
+
+    paths, vectors = list(paths), np.asarray(vectors)
+    rows = embedmap.sample_rows(len(paths), seed=seed)
+    xy = embedmap.coordinates(vectors[rows], seed=seed)
+    return embedmap.write_map_png(xy, [label_of(paths[i]) for i in rows], png, title)
+
+
+def map_section(paths, vectors, label_of, title: str = "Map of the collection", png: str | os.PathLike | None = None,
+                seed: int = 0) -> str:
+    """The HTML of the embedding map (``embedmap.map_html``) of ``paths`` with their ``vectors``
+    ([N, D], one row per path), each point coloured by ``label_of(path)`` (a decision, group,
+    cluster...) and showing its thumbnail on hover; ``png``: also write the map there. Any
+    report can call it (an outliers report too); above ``embedmap.MAX_POINTS`` images a
+    seeded sample is mapped, and the caption says so."""
+    from . import embedmap
+
+    paths = [Path(p) for p in paths]
+    vectors = np.asarray(vectors)
+    if len(paths) != len(vectors):
+        raise FilterkitError(f"map: {len(paths)} paths but {len(vectors)} vectors")
+    rows = embedmap.sample_rows(len(paths), seed=seed)
+    chosen = [paths[i] for i in rows]
+    xy = embedmap.coordinates(vectors[rows], seed=seed)
+    labels = [label_of(p) for p in chosen]
+    if png is not None:
+        embedmap.write_map_png(xy, labels, png, title)
+    budget = MAX_THUMBS
+    thumbs = [_thumb_uri(p, MAP_THUMB) if i < budget else None for i, p in enumerate(chosen)]
+    note = ""
+    if len(rows) < len(paths):
+        note = (f"A seeded sample of {len(rows)} of the {len(paths)} images. PCA then t-SNE of the embeddings: near "
+                "points are similar images; distances between far-apart groups mean little.")
+    return embedmap.map_html(xy, labels, [str(p) for p in chosen], thumbs, title, note)

@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from ..errors import FilterkitError
-from . import collection, models, training  # noqa: F401  (each registers its commands on app)
+from . import collection, models, review, training  # noqa: F401  (each registers its commands on app)
 from .common import app, echo_err
 
 __all__ = ["app", "main", "run"]

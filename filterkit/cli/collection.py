@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from ..errors import FilterkitError
-from .common import (BatchOpt, CacheOpt, DeviceOpt, DryRunOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt, ReportOpt,
-                     WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, review_band_arg,
+from .common import (BatchOpt, CacheOpt, DeviceOpt, DryRunOpt, FollowOpt, JsonOpt, MapOpt, ModelOpt, QuietOpt,
+                     ReportOpt, WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, review_band_arg,
                      threshold_arg)
 
 
@@ -118,6 +119,7 @@ def filter_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action copy/link/move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
+    map_png: MapOpt = None,
     follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -133,6 +135,7 @@ def filter_command(
     from ..actions import check_action, run_actions
     from ..cache import EmbeddingCache
     from ..filtering import ImageFilter
+    from ..modeldir import default_model_path
 
     check_action(action, out)
     encoder = load_encoder(model, device)
@@ -144,10 +147,19 @@ def filter_command(
         if reject_like is not None:
             image_filter.reject_like(reject_like)
         result = image_filter.run(incoming)
-    if report is not None:  # before any move, while every image is where its path says
-        from ..report import write_filter_report
+        embedding = _map_vectors(incoming, encoder, store, follow_symlinks, report, map_png)
+        run = {"incoming": _absolute(incoming), "keep_like": _absolute(keep_like), "reject_like": _absolute(reject_like),
+               "model": _absolute(model) if model is not None else str(default_model_path()),
+               "model_id": encoder.model_id, "cache": _absolute(store.path), "cwd": str(Path.cwd()),
+               "threshold": threshold_value, "prototypes": prototypes, "target_recall": target_recall,
+               "review_band": band_value, "normalize": normalize, "follow_symlinks": follow_symlinks}
+    if report is not None or map_png is not None:  # before any move, while every image is where its path says
+        from ..report import decision_label, write_filter_report, write_map
 
-        write_filter_report(result, report)
+        if report is not None:
+            write_filter_report(result, report, embedding=embedding, run=run, map_png=map_png)
+        else:
+            write_map(*embedding, decision_label(result), map_png)
     plan, done = run_actions(result.categories(), incoming, out, action, dry_run)
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
@@ -171,6 +183,27 @@ def filter_command(
     typer.echo(result.summary_line())
     print_actions(plan, done, dry_run)
     print_report(report)
+    print_map(map_png)
+
+
+def _absolute(path) -> str | None:
+    return None if path is None else str(Path(path).absolute())
+
+
+def _map_vectors(folder: Path, encoder, store, follow_symlinks: bool, *outputs):
+    """(paths, vectors) of the folder's images for a map, read back from the cache the command
+    just filled; None when no output asks for a map."""
+    if all(o is None for o in outputs):
+        return None
+    from ..pipeline import embed_folder
+
+    found = embed_folder(folder, encoder, store, progress=False, workers=0, follow_symlinks=follow_symlinks)
+    return found.paths, found.vectors
+
+
+def print_map(map_png) -> None:
+    if map_png is not None:
+        typer.echo(f"map: {map_png}")
 
 
 @app.command()
@@ -183,6 +216,7 @@ def dedup(
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
+    map_png: MapOpt = None,
     follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -208,12 +242,16 @@ def dedup(
     with EmbeddingCache(cache) as store:
         result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
                                  follow_symlinks, target_precision=target_precision, rotations=rotations)
+        embedding = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
     if action == "move":  # before anything moves, dry run included: the same refusal either way
         check_move(result, target_precision)
-    if report is not None:
-        from ..report import write_dedup_report
+    if report is not None or map_png is not None:
+        from ..report import group_label, write_dedup_report, write_map
 
-        write_dedup_report(result, report)
+        if report is not None:
+            write_dedup_report(result, report, embedding=embedding, map_png=map_png)
+        else:
+            write_map(*embedding, group_label(result), map_png)
     items = [(d.path, "duplicates") for g in result.groups for d in g.duplicates]
     plan, done = run_actions(items, folder, out, action, dry_run)
     if as_json:
@@ -231,6 +269,7 @@ def dedup(
     typer.echo(result.summary_line())
     print_actions(plan, done, dry_run)
     print_report(report)
+    print_map(map_png)
 
 
 @app.command()
@@ -244,6 +283,8 @@ def cluster(
     dry_run: DryRunOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
     normalize: Annotated[str, typer.Option("--normalize", help="none (raw cosine) | center | whiten | auto, fitted on the folder before clustering.")] = "none",
+    report: ReportOpt = None,
+    map_png: MapOpt = None,
     follow_symlinks: FollowOpt = False,
     model: ModelOpt = None,
     cache: CacheOpt = None,
@@ -265,6 +306,17 @@ def cluster(
     with EmbeddingCache(cache) as store:
         result = cluster_folder(folder, encoder, k, keep_fraction, keep, seed, store, batch_size, workers,
                                 not quiet, follow_symlinks, normalize)
+        embedding = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
+    if embedding is not None:  # before any move; the map in the space that was clustered
+        from ..normalize import Normalizer
+        from ..report import cluster_label, write_cluster_report, write_map
+
+        by_path = dict(zip(map(str, embedding[0]), embedding[1]))
+        vectors = Normalizer.fit(embedding[1], normalize)(np.stack([by_path[str(p)] for p in result.paths]))
+        if report is not None:
+            write_cluster_report(result, report, vectors, map_png=map_png)
+        else:
+            write_map(result.paths, vectors, cluster_label(result), map_png)
     plan, done = run_actions(result.categories(), folder, out, action, dry_run)
     if as_json:
         typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
@@ -278,3 +330,5 @@ def cluster(
         typer.echo(f"selected {int(result.selected.sum())} of {len(result.paths)} "
                    f"({keep}est by prototype distance)")
     print_actions(plan, done, dry_run)
+    print_report(report)
+    print_map(map_png)

@@ -60,6 +60,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output o
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")]
 ReportOpt = Annotated[Optional[Path], typer.Option(
     "--report", help="Write an HTML report here, with .csv and .json beside it.")]
+MapOpt = Annotated[Optional[Path], typer.Option(
+    "--map", help="Write a 2-D map of the collection's embeddings (PCA + t-SNE) as a PNG here.")]
 
 
 def echo_err(message: str) -> None:

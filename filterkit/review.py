@@ -1,0 +1,472 @@
+"""``filterkit review``: a local page to check a report by hand, and learn from the clicks.
+
+For a filter report, the images are shown by decision, the review band first, each with its
+score, nearest exemplar and reason. Each image the user marks keep or reject is written to
+the labels file beside the report (``X.labels.json``, atomically) and joins the keep-like or
+reject-like exemplars; the rest are scored again with ``filtering.filter_vectors`` and the
+report's own options, so the threshold and review band are recalibrated on the larger
+exemplar sets. Each round of marks shrinks the band: active learning on the user's clicks,
+where the images asked about are the ones the filter is least sure of (uncertainty sampling,
+Lewis & Gale 1994). For a dedup report each group is confirmed or split.
+
+Vectors come from the embedding cache the report's run used (its ``run`` record), opened
+read-only; only images it lacks are embedded, in memory. The server binds 127.0.0.1, serves
+thumbnails of the files the report lists and nothing else, and writes nothing outside the
+report's folder.
+
+    >>> session = open_session("out/filter.json")
+    >>> serve(session, port=0, open_browser=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from .errors import FilterkitError, ImageError
+from .fsutil import atomic_write_text
+
+LABELS_FORMAT = "filterkit-labels/1"
+THUMB = 160
+MARKS = ("keep", "reject")
+VERDICTS = ("confirm", "split")
+
+
+def report_json(path: str | os.PathLike) -> Path:
+    """The report's JSON: the path itself, or the .json beside a .html/.csv report."""
+    path = Path(path)
+    if path.suffix.lower() in (".html", ".htm", ".csv"):
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FilterkitError(f"report not found: {path} (give the .json a filter or dedup --report wrote)")
+    return path
+
+
+def labels_path(report: Path) -> Path:
+    return report.with_name(report.stem + ".labels.json")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FilterkitError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise FilterkitError(f"{what} {path} is not a JSON object")
+    return doc
+
+
+def open_session(report: str | os.PathLike):
+    """A FilterSession or DedupSession for the report (its .json, or the .html beside it)."""
+    path = report_json(report)
+    doc = _read_json(path, "report")
+    if isinstance(doc.get("images"), list) and isinstance(doc.get("summary"), dict):
+        return FilterSession(path, doc)
+    if isinstance(doc.get("groups"), list):
+        return DedupSession(path, doc)
+    raise FilterkitError(f"{path} is not a filter or dedup report (no 'images' + 'summary', no 'groups')")
+
+
+class _Session:
+    """What both kinds share: the report, its labels file, the files that may be served."""
+
+    kind = ""
+
+    def __init__(self, report: Path, doc: dict) -> None:
+        self.report, self.doc = report, doc
+        self.labels_file = labels_path(report)
+        self.lock = threading.Lock()  # one mark at a time: re-scoring and the labels file
+        self.files: list[Path] = []  # what /thumb/N may serve, by N
+        self._file_index: dict[str, int] = {}
+        self._thumbs: dict[int, bytes] = {}
+        self.saved = self._read_labels()
+
+    def _read_labels(self) -> dict:
+        if not self.labels_file.exists():
+            return {}
+        doc = _read_json(self.labels_file, "labels file")
+        if doc.get("format") != LABELS_FORMAT:
+            raise FilterkitError(f"{self.labels_file} is not a filterkit labels file ({LABELS_FORMAT}): "
+                                 "move it away to start afresh")
+        return doc
+
+    def _file(self, path: Path) -> int:
+        key = str(path)
+        if key not in self._file_index:
+            self._file_index[key] = len(self.files)
+            self.files.append(path)
+        return self._file_index[key]
+
+    def thumbnail(self, n: int) -> bytes | None:
+        """JPEG bytes of file N's thumbnail (decoded once), None if it is not one of the report's."""
+        if not 0 <= n < len(self.files):
+            return None
+        if n not in self._thumbs:
+            from .images import load_image
+
+            try:
+                image = load_image(self.files[n], draft_size=THUMB)
+            except ImageError:
+                return None
+            image.thumbnail((THUMB, THUMB))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+            self._thumbs[n] = buffer.getvalue()
+        return self._thumbs[n]
+
+    def _write_labels(self, body: dict) -> None:
+        doc = {"format": LABELS_FORMAT, "report": self.report.name, "kind": self.kind,
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body}
+        atomic_write_text(self.labels_file, json.dumps(doc, indent=2) + "\n")
+
+
+# -- filter reports ------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    name: str  # the path as the report wrote it (the labels file's key)
+    path: Path  # resolved against the run's working folder
+    file: int  # index into files
+    row: int | None  # row of vectors, None if it has none (an error, or unreadable now)
+    decision: str
+    score: float | None
+    nearest: str | None
+    reason: str
+
+
+class FilterSession(_Session):
+    kind = "filter"
+
+    def __init__(self, report: Path, doc: dict, embed_missing: bool = True) -> None:
+        super().__init__(report, doc)
+        self.run = doc.get("run") if isinstance(doc.get("run"), dict) else None
+        cwd = Path(self.run.get("cwd") or ".") if self.run else report.parent
+        self.items: list[_Item] = []
+        for d in doc["images"]:
+            if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+                raise FilterkitError(f"{report}: an image entry without a path")
+            path = cwd / d["path"]
+            nearest = d.get("nearest_exemplar")
+            self.items.append(_Item(d["path"], path, self._file(path), None, d.get("decision", "error"),
+                                    d.get("score"), str(cwd / nearest) if nearest else None, d.get("reason", "")))
+        self.summary = doc["summary"]
+        self.marks: dict[str, str] = {k: v for k, v in (self.saved.get("marks") or {}).items() if v in MARKS}
+        self.history: list[dict] = list(self.saved.get("history") or [])
+        self.round = int(self.saved.get("round") or 0)
+        self.note = ""
+        self.vectors = None
+        self.exemplars: dict[str, tuple[list[Path], np.ndarray]] = {}
+        if self.run is None:
+            self.note = ("the report has no run record (written by an older filterkit): marks are saved, "
+                         "but images are not re-scored")
+        else:
+            self._load_vectors(embed_missing)
+        if self.marks and self.vectors is not None:
+            self.rescore(record=False)
+        if not self.history:
+            self.history.append(self._counts_entry())
+
+    def _load_vectors(self, embed_missing: bool) -> None:
+        from .images import discover_images
+
+        run = self.run
+        follow = bool(run.get("follow_symlinks"))
+        groups = {"keep": discover_images(run["keep_like"], follow)}
+        if run.get("reject_like"):
+            groups["reject"] = discover_images(run["reject_like"], follow)
+        candidates = [it.path for it in self.items if it.decision != "error"]
+        every = candidates + [p for ps in groups.values() for p in ps]
+        vectors = vectors_for(every, run, embed_missing)
+        for role, ps in groups.items():
+            ok = [p for p in ps if str(p) in vectors]
+            if role == "keep" and not ok:
+                raise FilterkitError(f"none of the keep-like exemplars in {run['keep_like']} has a vector")
+            self.exemplars[role] = (ok, np.stack([vectors[str(p)] for p in ok]) if ok else None)
+            for p in ok:
+                self._file(p)
+        rows = [it for it in self.items if it.decision != "error" and str(it.path) in vectors]
+        for r, it in enumerate(rows):
+            it.row = r
+        self.vectors = np.stack([vectors[str(it.path)] for it in rows]) if rows else None
+
+    def _counts_entry(self) -> dict:
+        counts = {k: 0 for k in ("keep", "review", "reject", "error", "marked")}
+        for it in self.items:
+            counts["marked" if it.name in self.marks else it.decision] += 1
+        return {"round": self.round, **counts, "threshold": self.summary.get("threshold"),
+                "review_band": self.summary.get("review_band")}
+
+    def rescore(self, record: bool = True) -> None:
+        """Score the unmarked images again, the marked ones added to the exemplars."""
+        from .filtering import filter_vectors
+
+        run = self.run
+        marked = {lab: [it for it in self.items if self.marks.get(it.name) == lab and it.row is not None]
+                  for lab in MARKS}
+        sets = {}
+        for lab in MARKS:
+            paths, vecs = self.exemplars.get(lab, ([], None))
+            extra = [it.path for it in marked[lab]]
+            stack = [v for v in (vecs, self.vectors[[it.row for it in marked[lab]]] if extra else None)
+                     if v is not None]
+            sets[lab] = (list(paths) + extra, np.concatenate(stack) if stack else None)
+        todo = [it for it in self.items if it.row is not None and it.name not in self.marks]
+        if todo and sets["keep"][1] is not None:
+            rejects = sets["reject"] if sets["reject"][1] is not None else (None, None)
+            result = filter_vectors([it.path for it in todo], self.vectors[[it.row for it in todo]],
+                                    *sets["keep"], *rejects, threshold=run.get("threshold", "auto"),
+                                    prototypes=run.get("prototypes"), target_recall=run.get("target_recall", 0.95),
+                                    normalize=run.get("normalize", "auto"), review_band=run.get("review_band", "auto"))
+            for it, d in zip(todo, result.decisions):
+                it.decision, it.score, it.reason = d.decision, d.score, d.reason
+                it.nearest = None if d.nearest_exemplar is None else str(d.nearest_exemplar)
+            self.summary = result.summary()
+        if record:
+            self.round += 1
+        self.history.append(self._counts_entry())
+
+    def mark(self, name: str, label: str | None) -> None:
+        """Mark the image the report calls ``name`` keep / reject (None: unmark), save, re-score."""
+        if label is not None and label not in MARKS:
+            raise FilterkitError(f"a mark is one of {', '.join(MARKS)} (or null to unmark), got {label!r}")
+        item = next((it for it in self.items if it.name == name), None)
+        if item is None:
+            raise FilterkitError(f"not an image of this report: {name}")
+        if item.decision == "error" and item.row is None:
+            raise FilterkitError(f"{name} could not be read: it cannot be marked")
+        with self.lock:
+            if label is None:
+                self.marks.pop(name, None)
+            else:
+                self.marks[name] = label
+            if self.vectors is not None:
+                self.rescore()
+            else:
+                self.round += 1
+                self.history.append(self._counts_entry())
+            self._write_labels({"round": self.round, "marks": self.marks, "history": self.history})
+
+    def state(self) -> dict:
+        s = self.summary
+        items = []
+        for it in self.items:
+            near = it.nearest
+            mark = self.marks.get(it.name)
+            reason = (f"a {'keep' if mark == 'keep' else 'reject'}-like exemplar now: the other images are scored "
+                      "against it" if mark and it.row is not None else it.reason)
+            items.append({"name": it.name, "file": it.file, "decision": it.decision,
+                          "mark": mark, "score": it.score, "reason": reason,
+                          "nearest": Path(near).name if near else None,
+                          "nearest_file": self._file_index.get(near) if near else None})
+        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name,
+                "round": self.round, "history": self.history[-20:], "note": self.note,
+                "threshold": s.get("threshold"), "review_band": s.get("review_band"),
+                "exemplars": s.get("exemplars"), "negatives": s.get("negatives"),
+                "rescoring": self.vectors is not None, "items": items}
+
+
+def _read_cached(cache: str, model_id: str, hashes: list[str]) -> dict[str, np.ndarray]:
+    """The cache's vectors for ``hashes``, the file opened read-only (nothing is written to it)."""
+    found: dict[str, np.ndarray] = {}
+    if not cache or not Path(cache).is_file():
+        return found
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(Path(cache).resolve()))}?mode=ro",
+                                                uri=True)) as db:
+            wanted = list(dict.fromkeys(hashes))
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                rows = db.execute(f"SELECT sha256, dim, vector FROM embeddings WHERE model_id=? AND sha256 IN "
+                                  f"({','.join('?' * len(chunk))})", [model_id, *chunk])
+                found.update((h, np.frombuffer(blob, dtype="<f4").astype(np.float32))
+                             for h, dim, blob in rows if len(blob) == 4 * dim)
+    except sqlite3.DatabaseError:
+        return {}  # unreadable now: the images are embedded again instead
+    return found
+
+
+def vectors_for(paths: list[Path], run: dict, embed_missing: bool = True) -> dict[str, np.ndarray]:
+    """{str(path): vector} for the paths that have one: from the run's cache, else embedded in
+    memory by the run's model (which must still be the one that made the report)."""
+    from .images import sha256_file
+
+    def digest(p: Path) -> str | None:
+        try:
+            return sha256_file(p)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        hashes = list(pool.map(digest, paths))
+    cached = _read_cached(run.get("cache"), run.get("model_id", ""), [h for h in hashes if h])
+    out = {str(p): cached[h] for p, h in zip(paths, hashes) if h in cached}
+    missing = [p for p, h in zip(paths, hashes) if h and h not in cached]
+    if missing and embed_missing:
+        from .cache import EmbeddingCache
+        from .encoder import Encoder
+        from .pipeline import embed_paths
+
+        encoder = Encoder.load(run.get("model"), device="cpu")
+        if run.get("model_id") and encoder.model_id != run["model_id"]:
+            raise FilterkitError(f"the report was made with model {run['model_id']}, but {run.get('model')} is now "
+                                 f"{encoder.model_id}: re-run filter to review it")
+        with EmbeddingCache(":memory:") as memory:
+            found = embed_paths(missing, encoder, memory, workers=0, progress=False)
+        out.update((str(p), v) for p, v in zip(found.paths, found.vectors))
+    return out
+
+
+# -- dedup reports -------------------------------------------------------------------------------
+class DedupSession(_Session):
+    kind = "dedup"
+
+    def __init__(self, report: Path, doc: dict) -> None:
+        super().__init__(report, doc)
+        self.groups = []
+        for g in doc["groups"]:
+            if not isinstance(g, dict) or not isinstance(g.get("keep"), str):
+                raise FilterkitError(f"{report}: a group without a kept image")
+            members = [(g["keep"], None, False)] + [(d["path"], d.get("score"), d.get("exact", False))
+                                                    for d in g.get("duplicates", [])]
+            self.groups.append({"keep": g["keep"], "weakest": (g.get("weakest_link") or {}).get("score"),
+                                "members": [{"name": m, "file": self._file(Path(m)), "score": s, "exact": e}
+                                            for m, s, e in members]})
+        self.verdicts: dict[str, str] = {k: v for k, v in (self.saved.get("groups") or {}).items() if v in VERDICTS}
+
+    def verdict(self, group: int, verdict: str | None) -> None:
+        if verdict is not None and verdict not in VERDICTS:
+            raise FilterkitError(f"a verdict is one of {', '.join(VERDICTS)} (or null), got {verdict!r}")
+        if not isinstance(group, int) or not 0 <= group < len(self.groups):
+            raise FilterkitError(f"no group {group!r} in this report")
+        with self.lock:
+            keep = self.groups[group]["keep"]
+            if verdict is None:
+                self.verdicts.pop(keep, None)
+            else:
+                self.verdicts[keep] = verdict
+            members = {g["keep"]: [m["name"] for m in g["members"]] for g in self.groups}
+            self._write_labels({"groups": self.verdicts,
+                                "members": {k: members[k] for k in self.verdicts}})
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name,
+                "groups": [{**g, "verdict": self.verdicts.get(g["keep"])} for g in self.groups]}
+
+
+# -- the server ----------------------------------------------------------------------------------
+def _handler(session):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "filterkit-review"
+
+        def log_message(self, *args) -> None:  # quiet: the terminal shows the URL and errors only
+            pass
+
+        def _local(self) -> bool:
+            # The Host header names this server: a page elsewhere cannot reach it by DNS rebinding.
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+            return host in ("127.0.0.1", "localhost")
+
+        def _send(self, status: int, body: bytes, kind: str, cache: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, value) -> None:
+            self._send(status, json.dumps(value).encode(), "application/json")
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if not self._local():
+                return self._json(HTTPStatus.FORBIDDEN, {"error": "wrong host"})
+            path = self.path.split("?", 1)[0]
+            if path == "/":
+                from .review_page import render_page
+
+                with session.lock:
+                    page = render_page(session.state())
+                return self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+            if path == "/api/state":
+                with session.lock:
+                    return self._json(HTTPStatus.OK, session.state())
+            if path.startswith("/thumb/") and path[7:].isdigit():
+                data = session.thumbnail(int(path[7:]))
+                if data is not None:
+                    return self._send(HTTPStatus.OK, data, "image/jpeg", cache=True)
+            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if not self._local():
+                return self._json(HTTPStatus.FORBIDDEN, {"error": "wrong host"})
+            # JSON only: a form on another site cannot post it without a CORS preflight, which fails.
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send application/json"})
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}")
+                if self.path == "/api/mark" and session.kind == "filter":
+                    session.mark(body.get("name"), body.get("label"))
+                elif self.path == "/api/group" and session.kind == "dedup":
+                    session.verdict(body.get("group"), body.get("verdict"))
+                else:
+                    return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            except (ValueError, AttributeError) as e:
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": f"bad request: {e}"})
+            except FilterkitError as e:
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            except OSError as e:  # the labels file could not be written: say so on the page
+                return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"cannot save the labels: {e}"})
+            with session.lock:
+                self._json(HTTPStatus.OK, session.state())
+
+    return Handler
+
+
+def make_server(session, port: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server for ``session`` on 127.0.0.1:``port`` (0: any free port), not yet serving."""
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _handler(session))
+    except OSError as e:
+        raise FilterkitError(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e} (--port 0 picks a free one)") \
+            from None
+    server.daemon_threads = True
+    return server
+
+
+def serve(session, port: int = 0, open_browser: bool = True, echo=print) -> None:
+    """Serve until SIGTERM (returns) or Ctrl-C (KeyboardInterrupt propagates), then close."""
+    server = make_server(session, port)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    echo(f"reviewing {session.report.name} at {url} (marks go to {session.labels_file}); Ctrl-C stops")
+
+    def stop(*_):  # shutdown() waits for serve_forever, so it runs beside it, not in it
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        with session.lock:  # a mark being saved finishes first
+            pass
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,206 @@
+"""filterkit review: the HTTP API in-process, stopping by signal in a subprocess, and the page
+driven in a real headless Chromium (playwright on the system's browser; skipped without one)."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from filterkit.cli import main
+from filterkit.errors import FilterkitError
+from filterkit.review import labels_path, make_server, open_session
+
+from test_filtering import _photo_folders
+
+
+@pytest.fixture
+def filter_report(tmp_path, small_model_dir, capsys):
+    """A filter report of 5 readable images + 1 broken; cat_copy and coffee are in the review band."""
+    _photo_folders(tmp_path)
+    report = tmp_path / "reports" / "filter.html"
+    assert main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+                 "--model", str(small_model_dir), "--report", str(report), "--review-band", "0.05",
+                 "-q", "--workers", "0"]) == 0
+    capsys.readouterr()
+    doc = json.loads(report.with_suffix(".json").read_text())
+    review = sorted(Path(d["path"]).name for d in doc["images"] if d["decision"] == "review")
+    assert review == ["cat_copy.jpg", "coffee.jpg"]  # what the tests below mark
+    return report.with_suffix(".json")
+
+
+def _name(doc, short):
+    """The report's path of the image called ``short``."""
+    return next(d["path"] for d in doc["images"] if Path(d["path"]).name == short)
+
+
+@pytest.fixture
+def served(filter_report):
+    session = open_session(filter_report)
+    server = make_server(session, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield session, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _call(url, body=None, headers=None, method=None):
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})},
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read(), r.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type")
+
+
+def test_marks_are_saved_beside_the_report_and_rescore(served, filter_report):
+    session, url = served
+    doc = json.loads(filter_report.read_text())
+    cat = _name(doc, "cat_copy.jpg")
+    before = set(p.name for p in filter_report.parent.iterdir())
+    status, body, _ = _call(url + "/api/mark", {"name": cat, "label": "keep"})
+    assert status == 200
+    state = json.loads(body)
+    assert state["round"] == 1 and state["exemplars"] == 5  # the marked image joined the keep-like exemplars
+    assert state["threshold"] != doc["summary"]["threshold"]  # recalibrated on them
+    labels = json.loads(labels_path(filter_report).read_text())
+    assert labels["format"] == "filterkit-labels/1" and labels["marks"] == {cat: "keep"}
+    assert set(p.name for p in filter_report.parent.iterdir()) - before == {"filter.labels.json"}
+    coffee = _name(doc, "coffee.jpg")
+    state = json.loads(_call(url + "/api/mark", {"name": coffee, "label": "reject"})[1])
+    assert state["negatives"] == 1 and state["history"][-1]["review"] < state["history"][0]["review"]
+    reasons = {Path(i["name"]).name: i["reason"] for i in state["items"] if not i["mark"]}
+    assert any("reject-like coffee.jpg" in r or "below the threshold" in r for r in reasons.values())
+    # A new session picks the marks up again from the labels file.
+    again = open_session(filter_report)
+    assert again.marks == {cat: "keep", coffee: "reject"} and again.state()["exemplars"] == 5
+    # Unmarking removes the mark from the file.
+    _call(url + "/api/mark", {"name": coffee, "label": None})
+    assert json.loads(labels_path(filter_report).read_text())["marks"] == {cat: "keep"}
+
+
+def test_server_refuses_what_it_should(served):
+    session, url = served
+    status, body, kind = _call(url + "/thumb/0")
+    assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8"
+    assert _call(url + f"/thumb/{len(session.files)}")[0] == 404  # only files the report lists
+    assert _call(url + "/thumb/..%2f..%2fetc%2fpasswd")[0] == 404
+    assert _call(url + "/api/state", headers={"Host": "attacker.example"})[0] == 403  # DNS rebinding
+    assert _call(url + "/api/mark", b"name=x&label=keep",
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+    status, body, _ = _call(url + "/api/mark", {"name": "not/in/the/report.jpg", "label": "keep"})
+    assert status == 400 and "not an image of this report" in json.loads(body)["error"]
+    status, body, _ = _call(url + "/api/mark", {"name": session.items[0].name, "label": "maybe"})
+    assert status == 400 and "keep, reject" in json.loads(body)["error"]
+    assert not labels_path(session.report).exists()  # nothing was saved by refused requests
+
+
+def test_dedup_groups_are_confirmed_or_split(tmp_path, photos_dir, small_model_dir, capsys):
+    folder = tmp_path / "p"
+    shutil.copytree(photos_dir, folder)
+    shutil.copy(folder / "rocket.jpg", folder / "rocket_copy.jpg")
+    assert main(["dedup", str(folder), "--threshold", "0.999", "--model", str(small_model_dir),
+                 "--report", str(tmp_path / "d.html"), "-q", "--workers", "0"]) == 0
+    session = open_session(tmp_path / "d.html")  # the .html names its .json
+    assert session.kind == "dedup" and len(session.groups) == 1
+    session.verdict(0, "split")
+    labels = json.loads((tmp_path / "d.labels.json").read_text())
+    keep = session.groups[0]["keep"]
+    assert labels["groups"] == {keep: "split"} and len(labels["members"][keep]) == 2
+    with pytest.raises(FilterkitError, match="no group"):
+        session.verdict(5, "confirm")
+
+
+@pytest.mark.parametrize("content, message", [(None, "report not found"), ("{", "cannot read report"),
+                                               ('{"a": 1}', "not a filter or dedup report")])
+def test_bad_reports_are_clear_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["review", str(path), "--no-browser"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def _start(report, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "filterkit", "review", str(report), "--no-browser", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job may ignore SIGINT; this one takes Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    assert match, line + proc.stderr.read()
+    return proc, match.group(0)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_server_cleanly(filter_report, tmp_path, sig, code):
+    proc, url = _start(filter_report, tmp_path)
+    assert _call(url + "api/state")[0] == 200
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code and "Traceback" not in err
+    assert ("stopped" in out) if code == 0 else ("interrupted" in err)
+
+
+def _chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (.ci/run installs it): cannot drive the review page")
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed (the test extra has it): cannot drive the review page")
+    return path
+
+
+def test_review_page_in_headless_chromium(filter_report, tmp_path):
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    proc, url = _start(filter_report, tmp_path)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            headings = page.locator("h2").all_text_contents()
+            assert headings[0] == "To review (score near the threshold) (2)"  # the review band first
+            assert page.locator(".card").count() == 6  # every image of the report
+            cat = page.locator(".card", has=page.locator(".name", has_text="cat_copy.jpg"))
+            cat.locator("button[data-act=keep]").click()  # a click ...
+            page.wait_for_selector("body[data-round='1']")
+            coffee = page.locator(".card", has=page.locator(".name", has_text="coffee.jpg"))
+            coffee.locator(".reason").click()  # focus the card
+            page.keyboard.press("r")  # ... and a keyboard shortcut
+            page.wait_for_selector("body[data-round='2']")
+            page.wait_for_function("[...document.images].every(i => i.complete)")
+            marks = json.loads(labels_path(filter_report).read_text())["marks"]
+            assert {Path(k).name: v for k, v in marks.items()} == {"cat_copy.jpg": "keep", "coffee.jpg": "reject"}
+            stats = page.locator("#stats").text_content()
+            assert "round 2" in stats and "(was 2)" in stats and "5 keep-like, 1 reject-like" in stats
+            review_now = json.loads(labels_path(filter_report).read_text())["history"][-1]["review"]
+            assert f"{review_now} to review" in stats and review_now < 2  # the band shrank
+            assert page.locator(".card.marked").count() == 2
+            assert page.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length") >= 6
+            shot = tmp_path / "review.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.width == 1280 and image.height >= 900
+        colours = image.convert("RGB").getcolors(1 << 20)
+    assert colours is None or len(colours) > 200  # photos drew real pixels: not a blank page
