@@ -437,30 +437,45 @@ def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: floa
 
 
 class _Views:
-    """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand."""
+    """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand,
+    kept in one float16 table [N, N_VIEWS, D] indexed by row: 42 kB per decoded image (pages of
+    rows never decoded are never touched), half of float32, and pair scores read it in place."""
 
     def __init__(self, paths: list[Path], progress: bool = False) -> None:
         from . import verify
 
         self.paths, self.progress = paths, progress
-        self.rows: dict[int, np.ndarray] = {}
-        self.blank = np.zeros((verify.N_VIEWS, verify.SIDE ** 2), dtype=np.float32)
+        shape = (len(paths), verify.N_VIEWS, verify.SIDE ** 2)
+        try:
+            self.table = np.zeros(shape, dtype=np.float16)
+        except MemoryError:
+            raise FilterkitError(f"verifying {len(paths)} images needs {np.prod(shape) * 2 / 1e9:.0f} GB of memory "
+                                 "for their thumbnails; deduplicate the folder in parts") from None
+        self.done = np.zeros(len(paths), dtype=bool)
 
-    def get(self, indices) -> np.ndarray:
+    def ensure(self, indices) -> None:
+        """Decode the rows of ``indices`` not decoded yet."""
         from . import verify
         from .errors import ImageError
         from .images import load_image
         from .progress import progress_bar
 
-        todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self.rows]
+        todo = np.unique(np.asarray(indices, dtype=np.int64))
+        todo = todo[~self.done[todo]]
         with progress_bar("verify: thumbnails and crops", len(todo), self.progress and len(todo) > 50) as advance:
             for i in todo:
                 try:
-                    self.rows[i] = verify.image_views(load_image(self.paths[i], draft_size=verify.DRAFT))
-                except ImageError:  # gone or changed since it was embedded: it verifies nothing
-                    self.rows[i] = self.blank
+                    self.table[i] = verify.image_views(load_image(self.paths[i], draft_size=verify.DRAFT))
+                except ImageError:  # gone or changed since it was embedded: zeros verify nothing
+                    pass
+                self.done[i] = True
                 advance()
-        return np.stack([self.rows[int(i)] for i in indices]) if len(indices) else self.blank[:0][None]
+
+    def get(self, indices) -> np.ndarray:
+        """float32 [len(indices), N_VIEWS, D]: the rows' views (decoded first if needed)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        self.ensure(indices)
+        return self.table[indices].astype(np.float32)
 
 
 def star_groups(members: list, direct, threshold: float) -> list[tuple]:
@@ -536,10 +551,8 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
                                                                         rng, sample)
         rows, cols, proposer = _candidate_pairs(paths, vectors, unique, index, rotations, pixel_floor, progress)
         cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
-        touched = np.unique(np.concatenate([rows, cols]))
-        table = views.get(touched)
-        where = np.searchsorted(touched, np.concatenate([rows, cols]))
-        pix = _verify().pixel_scores(table, where[:len(rows)], where[len(rows):])
+        views.ensure(np.concatenate([rows, cols]))
+        pix = _verify().pixel_scores(views.table, rows, cols)
         background = backgrounds(n, rows, cols, pix)
         scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
         m = len(sampled)
