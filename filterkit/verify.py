@@ -76,8 +76,7 @@ def dihedral(thumbs: np.ndarray) -> np.ndarray:
 def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 512) -> np.ndarray:
     """For each pair (rows[p], cols[p]) of images with ``views`` [N, N_VIEWS, D], the largest
     correlation of one's whole frame with a window of the other (either way round) under any
-    flip/rotation: float32 [P] in [-1, 1]. Work is chunked: ``chunk`` pairs at a time, each
-    chunk's rows read as float32 (``views`` may be a float16 table, as dedup keeps it)."""
+    flip/rotation: float32 [P] in [-1, 1]. Work is chunked: ``chunk`` pairs at a time."""
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     out = np.empty(len(rows), dtype=np.float32)
     for s in range(0, len(rows), chunk):
@@ -87,8 +86,7 @@ def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: i
             # <frame, T(window)> = <T^-1(frame), window> (T permutes pixels) and T^-1 runs over the
             # same 8 transforms: transform the one frame, not the V windows (8x less to copy).
             frames = dihedral(views[x, 0])  # [8, p, D]
-            windows = np.asarray(views[y], dtype=np.float32)
-            best = np.maximum(best, np.einsum("kpd,pvd->kpv", frames, windows).max(axis=(0, 2)))
+            best = np.maximum(best, np.einsum("kpd,pvd->kpv", frames, views[y]).max(axis=(0, 2)))
         out[s:s + chunk] = best
     return out
 
