@@ -6,8 +6,12 @@
 # --data DIR (else $FILTERKIT_DATA, else ~/.cache/filterkit-data) holds cifar10/{train,test}/<class>/
 # laid out as README.md describes ("Data for benchmarks and the default model"); --out (else $OUT)
 # receives the results. Run it from a checkout: it runs filterkit from the tree, no install needed.
+# TRAIN (a folder under DIR, default cifar10/train) is what is trained on, e.g. the splits/pretrain
+# folder of scripts/make_splits.py (Imagenette's training split + CIFAR-10 train); EVAL=0 and
+# SPEED=0 skip steps 4 and 5 (to run them elsewhere, on the model directory that comes back);
+# EXTRA holds more pretrain options (e.g. "--min-crop-scale 0.2").
 #
-# CIFAR-10 train is decoded once into GPU memory (--data-in-memory: crops, jitter, grey,
+# The training images are decoded once into GPU memory (--data-in-memory: crops, jitter, grey,
 # solarize run batched on the GPU), bf16 autocast. A short probe run measures steady
 # images/s; the real run's schedule (epochs, --max-steps) is sized from it to fit MINUTES,
 # so the cosine schedules end when the budget does. Then `filterkit eval` on CIFAR-10 test
@@ -25,14 +29,18 @@ while [ $# -gt 0 ]; do
   case $1 in
     --data) DATA=${2:?--data needs a folder}; shift 2 ;;
     --out) OUT=${2:?--out needs a folder}; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (expected --data DIR, --out DIR)" >&2; exit 2 ;;
   esac
 done
 [ -n "$OUT" ] || { echo "give --out DIR (or set OUT): the folder that receives the results" >&2; exit 2; }
 case $DATA in /*) ;; *) DATA=$PWD/$DATA ;; esac  # before the cd below
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
-for need in cifar10/train cifar10/test; do
+TRAIN=${TRAIN:-cifar10/train}
+EVAL=${EVAL:-1}
+SPEED=${SPEED:-1}
+NEEDS=(cifar10/train "$TRAIN"); [ "$EVAL" = 0 ] || NEEDS+=(cifar10/test)
+for need in "${NEEDS[@]}"; do
   [ -d "$DATA/$need" ] || { echo "missing $DATA/$need: lay out CIFAR-10 as README.md describes" \
     "(\"Data for benchmarks and the default model\"), or pass --data DIR / set FILTERKIT_DATA" >&2; exit 1; }
 done
@@ -57,6 +65,8 @@ exec > >(tee "$OUT/run.txt") 2>&1
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 COMMON=(--preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --precision "$PRECISION" --data-in-memory --quiet)
 [ -n "$LR" ] && COMMON+=(--lr "$LR")
+# shellcheck disable=SC2206  # EXTRA: more pretrain options, split on spaces
+[ -n "${EXTRA:-}" ] && COMMON+=($EXTRA)
 
 # 1. Probe: steady images/s (median of the second half of the steps: the first ones warm up), on
 # one class hard-linked apart so that its decode takes a tenth of the time.
@@ -65,7 +75,7 @@ cp -al "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/ 2>/dev/null \
   || cp -a "$DATA/cifar10/train/airplane" /tmp/fk-probe-data/  # hard links fail across filesystems
 "${FK[@]}" pretrain /tmp/fk-probe-data --out /tmp/fk-probe "${COMMON[@]}" --max-steps "$PROBE_STEPS" \
     --checkpoint-every 100000
-N_TRAIN=$(find "$DATA/cifar10/train" -type f | wc -l)
+N_TRAIN=$(find "$DATA/$TRAIN" -type f | wc -l)
 read -r STEPS EPOCHS WARMUP IPS < <("$PY" - /tmp/fk-probe/training/log.jsonl "$MINUTES" "$BATCH" "$N_TRAIN" <<'EOF'
 import json, math, statistics, sys
 log, minutes, batch, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -82,7 +92,7 @@ echo "probe: $IPS img/s at batch $BATCH -> $STEPS steps ($EPOCHS epochs, warmup 
 # 2. The run, sized to the budget.
 rm -rf "$RUN"
 start=$(date +%s)
-"${FK[@]}" pretrain "$DATA/cifar10/train" --out "$RUN" "${COMMON[@]}" --epochs "$EPOCHS" --max-steps "$STEPS" \
+"${FK[@]}" pretrain "$DATA/$TRAIN" --out "$RUN" "${COMMON[@]}" --epochs "$EPOCHS" --max-steps "$STEPS" \
     --warmup-epochs "$WARMUP" --json-log "$OUT/log.jsonl" \
     --checkpoint-every 1000
 echo "trained $STEPS steps in $(( $(date +%s) - start )) s"
@@ -90,18 +100,22 @@ echo "trained $STEPS steps in $(( $(date +%s) - start )) s"
 # not lose the other measurements.
 set +e
 
-# 3. kNN on CIFAR-10 test with both baselines, same run.
-EVAL=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --device "$DEVICE" --json --quiet)
-[ -n "$EVAL_PER_CLASS" ] && EVAL+=(--max-per-class "$EVAL_PER_CLASS")
-"${FK[@]}" eval "${EVAL[@]}" > "$OUT/eval.json" \
-  && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json" \
-  || echo "eval FAILED"
-
-# 4. The model directory, weights in fp16 to halve the file (Encoder.load returns fp32).
+# 3. The model directory, weights in fp16 to halve the file (Encoder.load returns fp32).
 "$PY" -c "import sys, torch; from filterkit import Encoder; \
 Encoder.load(sys.argv[1], device='cpu').save(sys.argv[2], overwrite=True, weights_dtype=torch.float16)" \
     "$RUN" "$OUT/model" || echo "fp16 model directory FAILED"
 
+# 4. kNN on CIFAR-10 test with both baselines, same run.
+EVAL_ARGS=(--model "$RUN" --train "$DATA/cifar10/train" --test "$DATA/cifar10/test" --device "$DEVICE" --json --quiet)
+[ -n "$EVAL_PER_CLASS" ] && EVAL_ARGS+=(--max-per-class "$EVAL_PER_CLASS")
+if [ "$EVAL" != 0 ]; then
+  "${FK[@]}" eval "${EVAL_ARGS[@]}" > "$OUT/eval.json" \
+    && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('kNN top-1', d['knn_top1'], {k: v['knn_top1'] for k, v in d['baselines'].items()})" "$OUT/eval.json" \
+    || echo "eval FAILED"
+fi
+
 # 5. Training-step speed against the paper-pseudocode reference, alternated in one run.
-"$PY" benchmarks/pretrain_speed.py --preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --steps 5 --rounds 3 \
-    | tee "$OUT/speed.txt"
+if [ "$SPEED" != 0 ]; then
+  "$PY" benchmarks/pretrain_speed.py --preset "$PRESET" --batch-size "$BATCH" --device "$DEVICE" --steps 5 --rounds 3 \
+      | tee "$OUT/speed.txt"
+fi
