@@ -209,11 +209,12 @@ def print_map(map_png) -> None:
 @app.command()
 def dedup(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="A reference folder: list the images of FOLDER that duplicate one of its images (train/test leakage, re-uploads, a blocklist); pairs inside one folder are not reported, and --action acts on FOLDER only.")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires. Default: 0.90 to list groups, 0.99 with --action move.")] = None,
     rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (reads every image once more).")] = True,
-    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision).")] = "report",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision) | copy (with --against only).")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move or copy.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
     map_png: MapOpt = None,
@@ -233,12 +234,15 @@ def dedup(
     from ..cache import EmbeddingCache
     from ..dedup import check_move, find_duplicates
 
-    check_action(action, out, ("report", "move"))
+    check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"))
     if target_precision is None:
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 
         target_precision = MOVE_TARGET_PRECISION if action == "move" else LIST_TARGET_PRECISION
     encoder = load_encoder(model, device)
+    if against is not None:
+        return _dedup_against(folder, against, encoder, threshold_value, target_precision, rotations, action, out,
+                              dry_run, report, map_png, follow_symlinks, cache, batch_size, workers, quiet, as_json)
     with EmbeddingCache(cache) as store:
         result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
                                  follow_symlinks, target_precision=target_precision, rotations=rotations)
@@ -266,6 +270,45 @@ def dedup(
             typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}")
     if len(result.groups) > 50:
         typer.echo(f"... {len(result.groups) - 50} more groups (use --json for all)")
+    typer.echo(result.summary_line())
+    print_actions(plan, done, dry_run)
+    print_report(report)
+    print_map(map_png)
+
+
+def _dedup_against(folder, against, encoder, threshold, target_precision, rotations, action, out, dry_run, report,
+                   map_png, follow_symlinks, cache, batch_size, workers, quiet, as_json) -> None:
+    """dedup FOLDER --against REFERENCE: the images of FOLDER that duplicate a reference image."""
+    from ..actions import run_actions
+    from ..cache import EmbeddingCache
+    from ..dedup import check_move
+    from ..leakage import find_cross_duplicates
+
+    with EmbeddingCache(cache) as store:
+        result = find_cross_duplicates(folder, against, encoder, threshold, store, batch_size, workers, not quiet,
+                                       follow_symlinks, target_precision=target_precision, rotations=rotations)
+        new_map = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
+        ref_map = _map_vectors(against, encoder, store, follow_symlinks, report, map_png)
+    if action == "move":  # before anything moves, dry run included: the same refusal either way
+        check_move(result, target_precision)
+    if new_map is not None:
+        from ..report import cross_label, write_cross_report, write_map
+
+        if report is not None:
+            write_cross_report(result, report, new_map, ref_map, map_png=map_png)
+        else:
+            write_map([*ref_map[0], *new_map[0]], np.concatenate([ref_map[1], new_map[1]]),
+                      cross_label(result, ref_map[0]), map_png)
+    plan, done = run_actions([(d.path, "duplicates") for d in result.duplicates], folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    for d in result.duplicates[:50]:
+        typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}  duplicates  {d.duplicate_of}")
+    if len(result.duplicates) > 50:
+        typer.echo(f"... {len(result.duplicates) - 50} more (use --json for all)")
     typer.echo(result.summary_line())
     print_actions(plan, done, dry_run)
     print_report(report)

@@ -1,0 +1,221 @@
+"""Cross-set duplicates: which images of a new folder duplicate an image of a reference folder
+(train/test leakage, re-uploads, a blocklist).
+
+The same verified machinery as folder dedup (dedup.score_pairs): candidate pairs from the
+embedding and from thumbnails under the 8 flips/rotations, each verified on its two images,
+scored, and linked at a pair-score threshold calibrated at run time, with synthetic copies of
+the reference's own images as positives and the candidate pairs as negatives. Only pairs with
+one image in each folder are candidates: each new image's nearest reference images and each
+reference image's nearest new images. Pairs inside one folder are neither candidates nor links.
+
+    >>> result = find_cross_duplicates("./batch", "./train", encoder=Encoder.load())
+    >>> [(d.path, d.duplicate_of, d.score) for d in result.duplicates]
+
+Both folders are embedded through the embedding cache, so a reference checked before is not
+embedded again (its images are still read once more for their thumbnails).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dedup import (LIST_TARGET_PRECISION, NEIGHBOURS, SAMPLE, CollectionCalibration, _check_pair_score, _Proposer,
+                    _Views, canonical_rows, frame_thumbnails, score_pairs)
+from .errors import FilterkitError
+from .images import Skip
+
+
+@dataclass(frozen=True)
+class CrossDuplicate:
+    path: Path  # the file of the new folder
+    duplicate_of: Path  # the reference file it duplicates (its best-scoring one)
+    score: float  # their pair score; 1.0 for identical bytes
+    exact: bool  # identical bytes
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "duplicate_of": str(self.duplicate_of), "score": round(self.score, 6),
+                "exact": self.exact}
+
+
+@dataclass
+class CrossDedupResult:
+    """The new images that duplicate a reference image (sorted by path), the threshold used and
+    its calibration (None when there was nothing to compare: identical bytes only)."""
+
+    duplicates: list[CrossDuplicate]
+    threshold: float
+    calibration: CollectionCalibration | None
+    n_new: int
+    n_reference: int
+    embedded: dict  # {"new": n, "reference": n}: distinct contents embedded by this run
+    skipped: list[Skip] = field(default_factory=list)  # of either folder
+    verified: bool = True  # the links were checked image by image (check_move asks)
+
+    @property
+    def only_exact(self) -> bool:
+        return all(d.exact for d in self.duplicates)
+
+    @property
+    def estimated(self) -> bool:
+        from .dedup import MIN_CALIBRATION_IMAGES
+
+        return self.calibration is not None and self.calibration.images >= MIN_CALIBRATION_IMAGES
+
+    def summary_line(self) -> str:
+        head = f"{len(self.duplicates)} of {self.n_new} new image(s) duplicate a reference image"
+        c = self.calibration
+        if c is None:
+            return f"{head}: identical bytes only (no distinct images to compare)"
+        how = "calibrated on these two folders" if c.source == "calibrated" else "given"
+        return f"{head}, verified at pair score >= {self.threshold:.4f} ({c.clause(how, 'reference images')})"
+
+    def to_dict(self) -> dict:
+        c = self.calibration
+        return {"duplicates": [d.to_dict() for d in self.duplicates], "threshold": round(self.threshold, 6),
+                "new_images": self.n_new, "reference_images": self.n_reference, "embedded": self.embedded,
+                "verified": self.verified,
+                "estimated_precision": round(c.precision, 4) if self.estimated else None,
+                "precision_bound": round(c.precision_bound, 4) if self.estimated else None,
+                "estimated_recall": round(c.recall, 4) if self.estimated else None,
+                "calibration": None if c is None else c.to_dict(),
+                "summary": self.summary_line(),
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
+def _check_folders(new: Path, reference: Path) -> None:
+    for label, folder in (("new folder", new), ("reference", reference)):
+        if (folder / "meta.json").is_file() and (folder / "index.faiss").is_file():
+            raise FilterkitError(
+                f"{folder} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
+                "pair on its two images, which an index does not hold; pass the image folder it was built from "
+                "(its vectors come from the embedding cache, not embedded again)")
+        if not folder.is_dir():
+            raise FilterkitError(f"{label} not found: {folder}")
+    a, b = new.resolve(), reference.resolve()
+    if a == b:
+        raise FilterkitError(f"the new folder and the reference are the same folder ({new}); for duplicates "
+                             "inside one folder run filterkit dedup without --against")
+    if a in b.parents or b in a.parents:
+        raise FilterkitError(f"{new} and {reference} overlap (one is inside the other): give two separate folders")
+
+
+def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarray, new: np.ndarray,
+                          rotations: bool, pixel_floor: float, progress: bool = False):
+    """(ref rows, new rows, proposer): each new image's NEIGHBOURS nearest reference images and
+    each reference image's NEIGHBOURS nearest new images, by cosine and with ``rotations`` by
+    whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the ``_Proposer``
+    asks the same of a newcomer to the new folder paired with a reference image."""
+    from . import verify
+    from .index import build_index, search
+
+    ref_vectors = np.ascontiguousarray(vectors[ref], dtype=np.float32)
+    new_vectors = np.ascontiguousarray(vectors[new], dtype=np.float32)
+    ref_index, new_index = build_index(ref_vectors), build_index(new_vectors)
+    to_ref = search(ref_index, new_vectors, min(NEIGHBOURS, len(ref)))  # no floor: every image its background
+    to_new = search(new_index, ref_vectors, min(NEIGHBOURS, len(new)))
+    # a reference image's full list over the new images: a newcomer must beat its last entry
+    kth = to_new.scores[:, -1] if to_new.ids.shape[1] == NEIGHBOURS else np.full(len(ref), -np.inf)
+    pairs = [np.stack([to_ref.ids.ravel(), np.repeat(np.arange(len(new)), to_ref.ids.shape[1])], axis=1),
+             np.stack([np.repeat(np.arange(len(ref)), to_new.ids.shape[1]), to_new.ids.ravel()], axis=1)]
+    frames = None
+    if rotations:
+        frames = verify.DihedralSearch(frame_thumbnails(paths, ref, progress), NEIGHBOURS, pixel_floor,
+                                       others=frame_thumbnails(paths, new, progress))
+        pairs.append(np.stack(frames.pairs, axis=1))
+    pairs = np.concatenate(pairs).astype(np.int64)
+    pairs = np.unique(pairs[(pairs >= 0).all(axis=1)], axis=0)
+    return ref[pairs[:, 0]], new[pairs[:, 1]], _Proposer(ref_index, ref_vectors, kth, frames, ref)
+
+
+def _newcomer_backgrounds(ref_vectors: np.ndarray, ref: np.ndarray, views: _Views, copy_vectors: np.ndarray,
+                          copy_views: np.ndarray) -> np.ndarray:
+    """[m]: the background each synthetic copy would have as a new image: from its pixel scores
+    with its NEIGHBOURS nearest reference images (a new image's candidates), as ``backgrounds``
+    computes it (the best left out: it is the copy's own image)."""
+    from . import verify
+    from .dedup import backgrounds
+    from .index import build_index, search
+
+    m = len(copy_vectors)
+    hits = search(build_index(np.ascontiguousarray(ref_vectors, dtype=np.float32)), copy_vectors,
+                  min(NEIGHBOURS, len(ref)))
+    rows = np.repeat(np.arange(m), hits.ids.shape[1])
+    targets = ref[hits.ids.ravel()]
+    table = np.concatenate([copy_views, views.get(targets)])
+    pix = verify.pixel_scores(table, rows, m + np.arange(len(targets)))
+    return backgrounds(m + len(targets), rows, m + np.arange(len(targets)), pix)[:m]
+
+
+def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: np.ndarray, new_paths: list[Path],
+                     new_hashes: list[str], new_vectors: np.ndarray, encoder, threshold: float | str = "auto",
+                     target_precision: float = LIST_TARGET_PRECISION, rotations: bool = True, seed: int = 0,
+                     sample: int = SAMPLE, progress: bool = False) -> tuple[list[CrossDuplicate], float,
+                                                                            CollectionCalibration | None]:
+    """(duplicates, threshold, calibration) of embedded reference and new images: every new
+    image linked to a reference image (identical bytes, or a verified pair scoring >= the
+    threshold), with its best-scoring reference image."""
+    if threshold != "auto":
+        threshold = _check_pair_score(float(threshold))
+    if not 0 < target_precision <= 1:
+        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    paths = [*ref_paths, *new_paths]
+    vectors = np.concatenate([ref_vectors, new_vectors]).astype(np.float32)
+    n_ref, n = len(ref_paths), len(ref_paths) + len(new_paths)
+    canonical = canonical_rows([*ref_hashes, *new_hashes])  # the reference first: its rows stand for shared bytes
+    distinct = canonical == np.arange(n)
+    ref, new = np.flatnonzero(distinct[:n_ref]), n_ref + np.flatnonzero(distinct[n_ref:])
+    calibration = None
+    best = {}  # new distinct row -> (score, ref row)
+    if len(ref) and len(new):
+        views = _Views(paths, progress)
+        rows, cols, scores, _, calibration = score_pairs(
+            paths, vectors, encoder, views, ref,
+            lambda floor: cross_candidate_pairs(paths, vectors, ref, new, rotations, floor, progress),
+            threshold, target_precision, len(new), rotations, seed, sample, scope="cross-set",
+            copy_background=lambda v, copy_views: _newcomer_backgrounds(vectors[ref], ref, views, v, copy_views))
+        threshold = calibration.threshold
+        for k in np.flatnonzero(scores >= threshold)[np.argsort(-scores[scores >= threshold], kind="stable")]:
+            best.setdefault(int(cols[k]), (float(scores[k]), int(rows[k])))
+    elif threshold == "auto":
+        threshold = 1.0  # nothing to calibrate on: only identical bytes link
+    found = []
+    for row in range(n_ref, n):
+        if canonical[row] < n_ref:  # the bytes of a reference file
+            found.append(CrossDuplicate(paths[row], paths[canonical[row]], 1.0, True))
+        elif int(canonical[row]) in best:  # a new image or a byte copy of one that links
+            score, match = best[int(canonical[row])]
+            found.append(CrossDuplicate(paths[row], paths[match], min(score, 1.0), False))
+    return sorted(found, key=lambda d: str(d.path)), float(threshold), calibration
+
+
+def find_cross_duplicates(new: str | os.PathLike, reference: str | os.PathLike, encoder,
+                          threshold: float | str | None = "auto", cache=None, batch_size: int = 64,
+                          workers: int | None = None, progress: bool = False, follow_symlinks: bool = False,
+                          target_precision: float = LIST_TARGET_PRECISION, rotations: bool = True,
+                          seed: int = 0) -> CrossDedupResult:
+    """The images of folder ``new`` that duplicate an image of folder ``reference``, each
+    candidate pair verified on its images, at a pair-score threshold calibrated on the two
+    folders (``threshold="auto"``, at ``target_precision``; pass dedup.MOVE_TARGET_PRECISION
+    before ``dedup.check_move``) or given. ``cache``: an open ``EmbeddingCache`` (None: the
+    default cache): a reference embedded before is read from it."""
+    from .pipeline import cache_or_default, embed_folder
+
+    new, reference = Path(new), Path(reference)
+    _check_folders(new, reference)
+    with cache_or_default(cache) as store:
+        ref_found = embed_folder(reference, encoder, store, batch_size, workers, progress,
+                                 follow_symlinks=follow_symlinks)
+        new_found = embed_folder(new, encoder, store, batch_size, workers, progress, follow_symlinks=follow_symlinks)
+    for label, found, folder in (("reference", ref_found, reference), ("new folder", new_found, new)):
+        if not found.paths:
+            raise FilterkitError(f"none of the images in the {label} {folder} could be decoded")
+    duplicates, used, calibration = cross_duplicates(
+        ref_found.paths, ref_found.hashes, ref_found.vectors, new_found.paths, new_found.hashes, new_found.vectors,
+        encoder, "auto" if threshold is None else threshold, target_precision, rotations, seed, progress=progress)
+    return CrossDedupResult(duplicates, used, calibration, len(new_found.paths), len(ref_found.paths),
+                            {"new": new_found.n_embedded, "reference": ref_found.n_embedded},
+                            [*new_found.skipped, *ref_found.skipped])
