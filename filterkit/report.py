@@ -177,6 +177,32 @@ def write_cross_report(result, html_path: str | os.PathLike, new=None, reference
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
+def write_outliers_report(result, html_path: str | os.PathLike, embedding=None,
+                          title: str = "filterkit outliers", map_png=None) -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for an ``outliers.OutlierResult``: the top
+    images, each beside its nearest neighbour with its score; the CSV and JSON rank every image.
+    ``embedding``: (paths, vectors) in the space that was scored, for the map (outliers in red)."""
+    html_path = _html_path(html_path)
+    document = result.to_dict(everything=True)
+    _write_table(html_path, document["outliers"], document)
+    budget = [MAX_THUMBS]
+    cards = [f'<div class="card reject"><div class="pics">{_thumbnail(o.path, budget)}{_thumbnail(o.nearest, budget)}'
+             f'</div><div class="name">{o.rank}. {html.escape(str(o.path))}</div>'
+             f'<div class="reason">score {o.score:.3f}; nearest {html.escape(str(o.nearest))} '
+             f"(cosine {o.nearest_similarity:.3f})</div></div>" for o in result.outliers]
+    summary = html.escape(f"{result.summary_line()}. Each card: the image, then its nearest other image.")
+    maps = map_section(*embedding, outlier_label(result), png=map_png) if embedding is not None else ""
+    body = f"<h2>Least like the rest ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
+    atomic_write_text(html_path, _page(title, summary, maps + body))
+    return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
+
+
+def outlier_label(result):
+    """label_of for an outliers map: "outlier" for the top images, "typical" for the rest."""
+    top = {str(o.path) for o in result.outliers}
+    return lambda p: "outlier" if str(p) in top else "typical"
+
+
 def write_cluster_report(result, html_path: str | os.PathLike, vectors=None,
                          title: str = "filterkit cluster", map_png=None) -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for ``cluster.FolderClusters``: each cluster's

@@ -375,3 +375,65 @@ def cluster(
     print_actions(plan, done, dry_run)
     print_report(report)
     print_map(map_png)
+
+
+@app.command()
+def outliers(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    top: Annotated[int, typer.Option("--top", min=1, help="How many of the least typical images to list (and act on).")] = 10,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours: the score is the mean cosine distance to the K nearest other images.")] = 10,
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: center (default: the collection's mean removed) | whiten | none (raw cosine) | auto, fitted on the folder.")] = "center",
+    action: Annotated[str, typer.Option("--action", help="report | copy | link | move the top images into --out/outliers.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
+    dry_run: DryRunOpt = False,
+    report: ReportOpt = None,
+    map_png: MapOpt = None,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The images least like the rest: mean cosine distance to their K nearest neighbours in the
+    collection-normalised space, each with its nearest neighbour."""
+    from ..actions import check_action, run_actions
+    from ..cache import EmbeddingCache
+    from ..outliers import find_outliers
+
+    check_action(action, out)
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = find_outliers(folder, encoder, top, k, normalize, store, batch_size, workers, not quiet,
+                               follow_symlinks)
+        embedding = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
+    if embedding is not None:  # before any move; the map in the space that was scored
+        from ..normalize import Normalizer
+        from ..report import outlier_label, write_map, write_outliers_report
+
+        vectors = Normalizer.fit(embedding[1], normalize)(embedding[1])
+        if report is not None:
+            write_outliers_report(result, report, (embedding[0], vectors), map_png=map_png)
+        else:
+            write_map(embedding[0], vectors, outlier_label(result), map_png)
+    plan, done = run_actions(result.categories(), folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"outliers of {folder}", title_justify="left")
+    for column, justify in (("#", "right"), ("score", "right"), ("path", "left"), ("nearest", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for o in result.outliers:
+        table.add_row(str(o.rank), f"{o.score:.3f}", str(o.path), f"{o.nearest} ({o.nearest_similarity:.3f})")
+    Console().print(table)
+    typer.echo(result.summary_line())
+    print_actions(plan, done, dry_run)
+    print_report(report)
+    print_map(map_png)
