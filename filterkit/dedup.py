@@ -588,7 +588,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
     the proposer would not propose them; the candidate pairs as negatives; links counted per
     ``n_images``. A synthetic copy is scored with its image's background for both ends, or with
-    ``copy_background(copy_vectors, copy_views) -> [m]`` for its own end where a copy's
+    ``copy_background(proposer, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
     candidates differ from its image's (cross-set: the copy's are reference images, its image's
     new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
     rng = np.random.default_rng(seed)
@@ -607,7 +607,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
     level = background[sampled]
     if copy_background is not None:
-        level = (level + copy_background(copy_vectors, both[m:])) / 2
+        level = (level + copy_background(proposer, copy_vectors, both[m:])) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
     # the links per image are counted over all candidate pairs (every one has its score
     # already), not only over the sampled images: far less noise at the same cost
@@ -634,6 +634,25 @@ class _Proposer:
     def __init__(self, index, sub: np.ndarray, kth: np.ndarray, frames=None, rows: np.ndarray | None = None) -> None:
         self.index, self.sub, self.kth, self.frames = index, sub, kth, frames
         self.rows = np.arange(len(sub)) if rows is None else np.asarray(rows)  # sorted: the collection row of each
+
+    def would_pair(self, vectors: np.ndarray, frames: np.ndarray | None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(newcomer, collection row) of every pair candidate generation would have made with
+        newcomers of embeddings ``vectors`` (and whole-frame thumbnails ``frames``): each one's
+        NEIGHBOURS nearest, and every image whose list it would enter."""
+        from .index import search
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        hits = search(self.index, vectors, min(NEIGHBOURS, len(self.sub)))
+        q = np.repeat(np.arange(len(vectors)), hits.ids.shape[1])
+        keep = hits.ids.ravel() >= 0
+        found = [np.stack([q[keep], hits.ids.ravel()[keep]], axis=1)]
+        for s in range(0, len(vectors), chunk):
+            qi, ti = np.nonzero(vectors[s:s + chunk] @ self.sub.T >= self.kth[None, :])
+            found.append(np.stack([qi + s, ti], axis=1))
+        if self.frames is not None and frames is not None:
+            found.append(np.stack(self.frames.would_pair(frames), axis=1))
+        pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+        return pairs[:, 0], self.rows[pairs[:, 1]]
 
     def proposes_rows(self, rows: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
         """``proposes`` for targets named by their rows of the collection."""

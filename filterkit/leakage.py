@@ -131,23 +131,19 @@ def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarra
     return ref[pairs[:, 0]], new[pairs[:, 1]], _Proposer(ref_index, ref_vectors, kth, frames, ref)
 
 
-def _newcomer_backgrounds(ref_vectors: np.ndarray, ref: np.ndarray, views: _Views, copy_vectors: np.ndarray,
+def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _Proposer, copy_vectors: np.ndarray,
                           copy_views: np.ndarray) -> np.ndarray:
-    """[m]: the background each synthetic copy would have as a new image: from its pixel scores
-    with its NEIGHBOURS nearest reference images (a new image's candidates), as ``backgrounds``
-    computes it (the best left out: it is the copy's own image)."""
+    """[m]: the background each synthetic copy would have as one more new image: ``backgrounds``
+    over its pixel scores with every reference image candidate generation would pair it with
+    (its nearest, and those whose lists it would enter, by cosine and by rotated thumbnail)."""
     from . import verify
     from .dedup import backgrounds
-    from .index import build_index, search
 
     m = len(copy_vectors)
-    hits = search(build_index(np.ascontiguousarray(ref_vectors, dtype=np.float32)), copy_vectors,
-                  min(NEIGHBOURS, len(ref)))
-    rows = np.repeat(np.arange(m), hits.ids.shape[1])
-    targets = ref[hits.ids.ravel()]
+    copies, targets = proposer.would_pair(copy_vectors, copy_views[:, 0] if rotations else None)
     table = np.concatenate([copy_views, views.get(targets)])
-    pix = verify.pixel_scores(table, rows, m + np.arange(len(targets)))
-    return backgrounds(m + len(targets), rows, m + np.arange(len(targets)), pix)[:m]
+    others = m + np.arange(len(targets))
+    return backgrounds(m + len(targets), copies, others, verify.pixel_scores(table, copies, others))[:m]
 
 
 def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: np.ndarray, new_paths: list[Path],
@@ -176,7 +172,8 @@ def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: 
             paths, vectors, encoder, views, ref,
             lambda floor: cross_candidate_pairs(paths, vectors, ref, new, rotations, floor, progress),
             threshold, target_precision, len(new), rotations, seed, sample, scope="cross-set",
-            copy_background=lambda v, copy_views: _newcomer_backgrounds(vectors[ref], ref, views, v, copy_views))
+            copy_background=lambda proposer, v, copy_views: _newcomer_backgrounds(views, rotations, proposer, v,
+                                                                                copy_views))
         threshold = calibration.threshold
         for k in np.flatnonzero(scores >= threshold)[np.argsort(-scores[scores >= threshold], kind="stable")]:
             best.setdefault(int(cols[k]), (float(scores[k]), int(rows[k])))

@@ -162,3 +162,26 @@ class DihedralSearch:
             score = np.einsum("md,md->m", own[t], queries)
             found |= score >= np.maximum(self.kth[t][targets], self.threshold)
         return found
+
+    def would_pair(self, queries: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(query, image) pairs the search would have made had ``queries`` been more images (of
+        ``others``, in a cross-set search): each query's k nearest under some transform, and
+        every image whose list it would enter, at >= the threshold (``proposes`` for all images)."""
+        from .index import search
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = []
+        if not hasattr(self, "index") or not len(queries):
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        own = dihedral(self.thumbs)  # [8, n, D]
+        for t, view in enumerate(dihedral(queries)):
+            hits = search(self.index, view, min(self.k, len(self.thumbs)))
+            q = np.repeat(np.arange(len(queries)), hits.ids.shape[1])
+            keep = (hits.ids.ravel() >= 0) & (hits.scores.ravel() >= self.threshold)
+            found.append(np.stack([q[keep], hits.ids.ravel()[keep]], axis=1))
+            floor = np.maximum(self.kth[t], self.threshold)
+            for s in range(0, len(queries), chunk):
+                qi, ti = np.nonzero(view[s:s + chunk] @ own[t].T >= floor[None, :])
+                found.append(np.stack([qi + s, ti], axis=1))
+        pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+        return pairs[:, 0], pairs[:, 1]

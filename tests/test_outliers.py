@@ -1,5 +1,5 @@
-"""Outliers: the images least like the rest (mean cosine distance to the k nearest others in
-the collection-normalised space). Images are made here from scikit-image's sample photos."""
+"""Outliers: the images least like the rest (mean cosine distance to the k nearest others).
+Images are made here from scikit-image's sample photos."""
 
 import json
 
@@ -63,7 +63,7 @@ def test_planted_images_of_another_kind_come_out_on_top(mixed):
     assert {o.path.stem for o in result.outliers} == set(PLANTED)
     assert [o.rank for o in result.ranked] == list(range(1, 44)) and len(result.outliers) == 3
     scores = [o.score for o in result.ranked]
-    assert scores == sorted(scores, reverse=True) and result.normalize["kind"] == "center"
+    assert scores == sorted(scores, reverse=True) and result.normalize["kind"] == "none"
     assert all(o.nearest != o.path for o in result.ranked)
     assert "3 outlier(s) of 43 images" in result.summary_line()
 

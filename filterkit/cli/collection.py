@@ -382,7 +382,7 @@ def outliers(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many of the least typical images to list (and act on).")] = 10,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours: the score is the mean cosine distance to the K nearest other images.")] = 10,
-    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: center (default: the collection's mean removed) | whiten | none (raw cosine) | auto, fitted on the folder.")] = "center",
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine; measured best for outliers) | center | whiten | auto, fitted on the folder.")] = "none",
     action: Annotated[str, typer.Option("--action", help="report | copy | link | move the top images into --out/outliers.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
     dry_run: DryRunOpt = False,
@@ -397,8 +397,8 @@ def outliers(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The images least like the rest: mean cosine distance to their K nearest neighbours in the
-    collection-normalised space, each with its nearest neighbour."""
+    """The images least like the rest: mean cosine distance to their K nearest neighbours, each
+    with its nearest neighbour."""
     from ..actions import check_action, run_actions
     from ..cache import EmbeddingCache
     from ..outliers import find_outliers
