@@ -99,7 +99,8 @@ class CollectionCalibration:
                 "threshold_source": self.source, "scope": self.scope,
                 "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation less "
                           "the pair's background; positives: synthetic copies of sampled images of "
-                          + ("this collection" if self.scope == "collection" else "the reference")
+                          + ("this collection" if self.scope == "collection" else "either folder, each as one more "
+                             "image of the other")
                           + ", missed where candidate generation would not propose them; negatives: the "
                           + ("collection's candidate pairs" if self.scope == "collection" else
                              "candidate pairs between the new images and the reference")
@@ -588,7 +589,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
     the proposer would not propose them; the candidate pairs as negatives; links counted per
     ``n_images``. A synthetic copy is scored with its image's background for both ends, or with
-    ``copy_background(proposer, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
+    ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
     candidates differ from its image's (cross-set: the copy's are reference images, its image's
     new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
     rng = np.random.default_rng(seed)
@@ -607,7 +608,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
     level = background[sampled]
     if copy_background is not None:
-        level = (level + copy_background(proposer, copy_vectors, both[m:])) / 2
+        level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
     # the links per image are counted over all candidate pairs (every one has its score
     # already), not only over the sampled images: far less noise at the same cost

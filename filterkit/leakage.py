@@ -71,7 +71,7 @@ class CrossDedupResult:
         if c is None:
             return f"{head}: identical bytes only (no distinct images to compare)"
         how = "calibrated on these two folders" if c.source == "calibrated" else "given"
-        return f"{head}, verified at pair score >= {self.threshold:.4f} ({c.clause(how, 'reference images')})"
+        return f"{head}, verified at pair score >= {self.threshold:.4f} ({c.clause(how, 'images of the two folders')})"
 
     def to_dict(self) -> dict:
         c = self.calibration
@@ -103,12 +103,41 @@ def _check_folders(new: Path, reference: Path) -> None:
         raise FilterkitError(f"{new} and {reference} overlap (one is inside the other): give two separate folders")
 
 
+class _EitherSide:
+    """Candidate generation between the two folders, asked about a synthetic copy of an image of
+    either: a copy of a reference image as one more new image (``to_new``), a copy of a new
+    image as one more reference image (``to_ref``). Rows below ``n_ref`` are reference rows."""
+
+    def __init__(self, to_new: _Proposer, to_ref: _Proposer, n_ref: int) -> None:
+        self.to_new, self.to_ref, self.n_ref = to_new, to_ref, n_ref
+
+    def _split(self, rows):
+        side = np.asarray(rows) < self.n_ref
+        return ((self.to_new, np.flatnonzero(side)), (self.to_ref, np.flatnonzero(~side)))
+
+    def proposes_rows(self, rows: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
+        out = np.zeros(len(rows), dtype=bool)
+        for proposer, k in self._split(rows):
+            if len(k):
+                out[k] = proposer.proposes_rows(np.asarray(rows)[k], vectors[k], None if frames is None else frames[k])
+        return out
+
+    def would_pair(self, rows: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None):
+        found_q, found_t = [], []
+        for proposer, k in self._split(rows):
+            if len(k):
+                q, t = proposer.would_pair(vectors[k], None if frames is None else frames[k])
+                found_q.append(k[q])
+                found_t.append(t)
+        return np.concatenate(found_q), np.concatenate(found_t)
+
+
 def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarray, new: np.ndarray,
                           rotations: bool, pixel_floor: float, progress: bool = False):
     """(ref rows, new rows, proposer): each new image's NEIGHBOURS nearest reference images and
     each reference image's NEIGHBOURS nearest new images, by cosine and with ``rotations`` by
-    whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the ``_Proposer``
-    asks the same of a newcomer to the new folder paired with a reference image."""
+    whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the proposer
+    (``_EitherSide``) asks the same of a newcomer to either folder."""
     from . import verify
     from .index import build_index, search
 
@@ -117,30 +146,36 @@ def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarra
     ref_index, new_index = build_index(ref_vectors), build_index(new_vectors)
     to_ref = search(ref_index, new_vectors, min(NEIGHBOURS, len(ref)))  # no floor: every image its background
     to_new = search(new_index, ref_vectors, min(NEIGHBOURS, len(new)))
-    # a reference image's full list over the new images: a newcomer must beat its last entry
-    kth = to_new.scores[:, -1] if to_new.ids.shape[1] == NEIGHBOURS else np.full(len(ref), -np.inf)
+
+    def kth(hits, n):  # a full list over the other folder: a newcomer must beat its last entry
+        return hits.scores[:, -1] if hits.ids.shape[1] == NEIGHBOURS else np.full(n, -np.inf)
     pairs = [np.stack([to_ref.ids.ravel(), np.repeat(np.arange(len(new)), to_ref.ids.shape[1])], axis=1),
              np.stack([np.repeat(np.arange(len(ref)), to_new.ids.shape[1]), to_new.ids.ravel()], axis=1)]
-    frames = None
+    ref_frames = new_frames = None
     if rotations:
-        frames = verify.DihedralSearch(frame_thumbnails(paths, ref, progress), NEIGHBOURS, pixel_floor,
-                                       others=frame_thumbnails(paths, new, progress))
-        pairs.append(np.stack(frames.pairs, axis=1))
+        ref_thumbs, new_thumbs = frame_thumbnails(paths, ref, progress), frame_thumbnails(paths, new, progress)
+        ref_frames = verify.DihedralSearch(ref_thumbs, NEIGHBOURS, pixel_floor, others=new_thumbs)
+        new_frames = verify.DihedralSearch(new_thumbs, NEIGHBOURS, pixel_floor, others=ref_thumbs)
+        pairs.append(np.stack(ref_frames.pairs, axis=1))
     pairs = np.concatenate(pairs).astype(np.int64)
     pairs = np.unique(pairs[(pairs >= 0).all(axis=1)], axis=0)
-    return ref[pairs[:, 0]], new[pairs[:, 1]], _Proposer(ref_index, ref_vectors, kth, frames, ref)
+    proposer = _EitherSide(_Proposer(ref_index, ref_vectors, kth(to_new, len(ref)), ref_frames, ref),
+                           _Proposer(new_index, new_vectors, kth(to_ref, len(new)), new_frames, new),
+                           int(new[0]))  # every reference row is below the first new row
+    return ref[pairs[:, 0]], new[pairs[:, 1]], proposer
 
 
-def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _Proposer, copy_vectors: np.ndarray,
-                          copy_views: np.ndarray) -> np.ndarray:
-    """[m]: the background each synthetic copy would have as one more new image: ``backgrounds``
-    over its pixel scores with every reference image candidate generation would pair it with
-    (its nearest, and those whose lists it would enter, by cosine and by rotated thumbnail)."""
+def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _EitherSide, sampled: np.ndarray,
+                          copy_vectors: np.ndarray, copy_views: np.ndarray) -> np.ndarray:
+    """[m]: the background each synthetic copy would have as one more image of the other folder:
+    ``backgrounds`` over its pixel scores with every image candidate generation would pair it
+    with (its nearest, and those whose lists it would enter, by cosine and by rotated thumbnail),
+    as a real image's background is computed over its candidates."""
     from . import verify
     from .dedup import backgrounds
 
     m = len(copy_vectors)
-    copies, targets = proposer.would_pair(copy_vectors, copy_views[:, 0] if rotations else None)
+    copies, targets = proposer.would_pair(sampled, copy_vectors, copy_views[:, 0] if rotations else None)
     table = np.concatenate([copy_views, views.get(targets)])
     others = m + np.arange(len(targets))
     return backgrounds(m + len(targets), copies, others, verify.pixel_scores(table, copies, others))[:m]
@@ -169,11 +204,11 @@ def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: 
     if len(ref) and len(new):
         views = _Views(paths, progress)
         rows, cols, scores, _, calibration = score_pairs(
-            paths, vectors, encoder, views, ref,
+            paths, vectors, encoder, views, np.concatenate([ref, new]),
             lambda floor: cross_candidate_pairs(paths, vectors, ref, new, rotations, floor, progress),
             threshold, target_precision, len(new), rotations, seed, sample, scope="cross-set",
-            copy_background=lambda proposer, v, copy_views: _newcomer_backgrounds(views, rotations, proposer, v,
-                                                                                copy_views))
+            copy_background=lambda proposer, sampled, v, copy_views: _newcomer_backgrounds(
+                views, rotations, proposer, sampled, v, copy_views))
         threshold = calibration.threshold
         for k in np.flatnonzero(scores >= threshold)[np.argsort(-scores[scores >= threshold], kind="stable")]:
             best.setdefault(int(cols[k]), (float(scores[k]), int(rows[k])))

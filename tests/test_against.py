@@ -71,7 +71,7 @@ def test_edited_copies_are_found_with_the_reference_image_they_copy(sets, encode
     # the look-alike half of the coffee scene and the NEW-NEW pair (camera) are not cross-set links
     assert result.n_new == 7 and result.n_reference == 19
     c = result.calibration
-    assert c.scope == "cross-set" and c.source == "calibrated" and c.images == 19
+    assert c.scope == "cross-set" and c.source == "calibrated" and c.images == 25  # 19 + 6 distinct new
     doc = result.to_dict()
     assert doc["duplicates"][0].keys() == {"path", "duplicate_of", "score", "exact"}
     assert 0 <= doc["estimated_precision"] <= 1 and 0 <= doc["precision_bound"] <= doc["estimated_precision"]
@@ -189,3 +189,16 @@ def test_cross_dihedral_search_pairs_only_across_the_two_sets():
     with pytest.raises(FilterkitError, match="pair-score threshold"):
         find_cross_duplicates.__globals__["cross_duplicates"]([], [], np.empty((0, 4)), [], [], np.empty((0, 4)),
                                                               None, threshold=3.0)
+
+
+def test_a_small_blocklist_is_calibrated_on_copies_from_both_folders(tmp_path, sets, encoder):
+    # two reference images alone give too few synthetic copies: copies of the new images count too
+    block = tmp_path / "blocklist"
+    block.mkdir()
+    for name in ("astronaut.jpg", "chelsea.jpg"):
+        shutil.copy(sets[1] / name, block)
+    result = find_cross_duplicates(sets[0], block, encoder, workers=0)
+    assert {d.path.name: d.duplicate_of.name for d in result.duplicates} == {
+        "astronaut_rot90.png": "astronaut.jpg", "chelsea_flip_small.jpg": "chelsea.jpg"}
+    # 2 reference + 7 distinct new images: calibrated on 9, one short of stating a precision (move refuses)
+    assert result.calibration.images == 9 and not result.estimated and "not estimated" in result.summary_line()
