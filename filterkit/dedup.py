@@ -530,6 +530,13 @@ def _spanning_groups(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
     return [(members, weakest[root]) for root, members in groups.items() if len(members) > 1]
 
 
+def check_options(threshold: float | str, target_precision: float) -> float | str:
+    """The threshold ("auto" or a checked pair score), refusing a target precision outside (0, 1]."""
+    if not 0 < target_precision <= 1:
+        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    return threshold if threshold == "auto" else _check_pair_score(float(threshold))
+
+
 def canonical_rows(hashes: list[str]) -> np.ndarray:
     """int64 [N]: for each row, the first row with the same bytes (itself if none before)."""
     first_of_hash: dict[str, int] = {}
@@ -552,10 +559,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     """
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
-    if threshold != "auto":
-        threshold = _check_pair_score(float(threshold))
-    if not 0 < target_precision <= 1:
-        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    threshold = check_options(threshold, target_precision)
     n = len(paths)
     canonical = canonical_rows(hashes)
     unique = np.flatnonzero(canonical == np.arange(n))  # verification runs on distinct contents

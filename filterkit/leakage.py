@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dedup import (LIST_TARGET_PRECISION, NEIGHBOURS, SAMPLE, CollectionCalibration, _check_pair_score, _Proposer,
-                    _Views, canonical_rows, frame_thumbnails, score_pairs)
+from .dedup import (LIST_TARGET_PRECISION, NEIGHBOURS, SAMPLE, CollectionCalibration, _Proposer, _Views,
+                    canonical_rows, check_options, frame_thumbnails, score_pairs)
 from .errors import FilterkitError
 from .images import Skip
 
@@ -189,10 +189,7 @@ def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: 
     """(duplicates, threshold, calibration) of embedded reference and new images: every new
     image linked to a reference image (identical bytes, or a verified pair scoring >= the
     threshold), with its best-scoring reference image."""
-    if threshold != "auto":
-        threshold = _check_pair_score(float(threshold))
-    if not 0 < target_precision <= 1:
-        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    threshold = check_options(threshold, target_precision)
     paths = [*ref_paths, *new_paths]
     vectors = np.concatenate([ref_vectors, new_vectors]).astype(np.float32)
     n_ref, n = len(ref_paths), len(ref_paths) + len(new_paths)
