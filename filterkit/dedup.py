@@ -640,7 +640,8 @@ class _Proposer:
         self.index, self.sub, self.kth, self.frames = index, sub, kth, frames
         self.rows = np.arange(len(sub)) if rows is None else np.asarray(rows)  # sorted: the collection row of each
 
-    def would_pair(self, vectors: np.ndarray, frames: np.ndarray | None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def would_pair(self, vectors: np.ndarray, frames: np.ndarray | None,
+                   chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(newcomer, collection row) of every pair candidate generation would have made with
         newcomers of embeddings ``vectors`` (and whole-frame thumbnails ``frames``): each one's
         NEIGHBOURS nearest, and every image whose list it would enter."""

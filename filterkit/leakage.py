@@ -166,7 +166,7 @@ def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarra
 
 
 def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _EitherSide, sampled: np.ndarray,
-                          copy_vectors: np.ndarray, copy_views: np.ndarray) -> np.ndarray:
+                          copy_vectors: np.ndarray, copy_views: np.ndarray, chunk: int = 256) -> np.ndarray:
     """[m]: the background each synthetic copy would have as one more image of the other folder:
     ``backgrounds`` over its pixel scores with every image candidate generation would pair it
     with (its nearest, and those whose lists it would enter, by cosine and by rotated thumbnail),
@@ -176,9 +176,14 @@ def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _EitherSide,
 
     m = len(copy_vectors)
     copies, targets = proposer.would_pair(sampled, copy_vectors, copy_views[:, 0] if rotations else None)
-    table = np.concatenate([copy_views, views.get(targets)])
-    others = m + np.arange(len(targets))
-    return backgrounds(m + len(targets), copies, others, verify.pixel_scores(table, copies, others))[:m]
+    views.ensure(targets)
+    pix = np.empty(len(copies), dtype=np.float32)
+    for s in range(0, len(copies), chunk):  # a small table per chunk: 2 x 84 kB per pair, not per candidate
+        q, t = copies[s:s + chunk], targets[s:s + chunk]
+        pairs = np.arange(len(q))
+        pix[s:s + chunk] = verify.pixel_scores(np.concatenate([copy_views[q], views.table[t]]), pairs, len(q) + pairs)
+    # every other end stands in one dummy node (m): only the copies' backgrounds are wanted
+    return backgrounds(m + 1, copies, np.full(len(copies), m), pix)[:m]
 
 
 def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: np.ndarray, new_paths: list[Path],

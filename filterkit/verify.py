@@ -64,6 +64,10 @@ def image_views(image: Image.Image) -> np.ndarray:
     return _normalise(grey)
 
 
+# dihedral()'s transform t = rot90^k after a flip^f (t = 4f + k); the index of its inverse
+INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
 def dihedral(thumbs: np.ndarray) -> np.ndarray:
     """The 8 flips/rotations of thumbnails: [..., D] -> [8, ..., D] (identity first)."""
     shape = thumbs.shape
@@ -163,7 +167,7 @@ class DihedralSearch:
             found |= score >= np.maximum(self.kth[t][targets], self.threshold)
         return found
 
-    def would_pair(self, queries: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def would_pair(self, queries: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(query, image) pairs the search would have made had ``queries`` been more images (of
         ``others``, in a cross-set search): each query's k nearest under some transform, and
         every image whose list it would enter, at >= the threshold (``proposes`` for all images)."""
@@ -173,15 +177,16 @@ class DihedralSearch:
         found = []
         if not hasattr(self, "index") or not len(queries):
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        own = dihedral(self.thumbs)  # [8, n, D]
-        for t, view in enumerate(dihedral(queries)):
+        views = dihedral(queries)  # [8, m, D]
+        for t, view in enumerate(views):
             hits = search(self.index, view, min(self.k, len(self.thumbs)))
             q = np.repeat(np.arange(len(queries)), hits.ids.shape[1])
             keep = (hits.ids.ravel() >= 0) & (hits.scores.ravel() >= self.threshold)
             found.append(np.stack([q[keep], hits.ids.ravel()[keep]], axis=1))
+            # <T(image), query> = <image, T^-1(query)>: transform the queries, not all the images
             floor = np.maximum(self.kth[t], self.threshold)
             for s in range(0, len(queries), chunk):
-                qi, ti = np.nonzero(view[s:s + chunk] @ own[t].T >= floor[None, :])
+                qi, ti = np.nonzero(views[INVERSE[t], s:s + chunk] @ self.thumbs.T >= floor[None, :])
                 found.append(np.stack([qi + s, ti], axis=1))
         pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
         return pairs[:, 0], pairs[:, 1]

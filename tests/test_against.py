@@ -202,3 +202,17 @@ def test_a_small_blocklist_is_calibrated_on_copies_from_both_folders(tmp_path, s
         "astronaut_rot90.png": "astronaut.jpg", "chelsea_flip_small.jpg": "chelsea.jpg"}
     # 2 reference + 7 distinct new images: calibrated on 9, one short of stating a precision (move refuses)
     assert result.calibration.images == 9 and not result.estimated and "not estimated" in result.summary_line()
+
+
+def test_would_pair_is_proposes_for_every_image():
+    rng = np.random.default_rng(1)
+    thumbs = rng.normal(size=(20, verify.SIDE ** 2)).astype(np.float32)
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True)
+    search = verify.DihedralSearch(thumbs[:12], 3, 0.05, others=thumbs[12:])
+    queries = np.concatenate([verify.dihedral(thumbs[[2]])[5], thumbs[15:18]])  # a flipped, rotated copy of 2
+    q, t = search.would_pair(queries, chunk=2)
+    expected = {(a, b) for a in range(4) for b in range(12)
+                if search.proposes(np.array([b]), queries[[a]]).tolist() == [True]}
+    assert set(zip(q.tolist(), t.tolist())) == expected and (0, 2) in expected
+    assert [np.array_equal(verify.dihedral(verify.dihedral(thumbs[:1])[t])[verify.INVERSE[t]], thumbs[:1])
+            for t in range(8)] == [True] * 8
