@@ -4,7 +4,8 @@
 The same verified machinery as folder dedup (dedup.score_pairs): candidate pairs from the
 embedding and from thumbnails under the 8 flips/rotations, each verified on its two images,
 scored, and linked at a pair-score threshold calibrated at run time, with synthetic copies of
-the reference's own images as positives and the candidate pairs as negatives. Only pairs with
+images of both folders as positives (each as one more image of the other folder, its own
+background measured there) and the candidate pairs as negatives. Only pairs with
 one image in each folder are candidates: each new image's nearest reference images and each
 reference image's nearest new images. Pairs inside one folder are neither candidates nor links.
 
