@@ -5,6 +5,8 @@
     vecs = enc.embed(["a.jpg", "b.jpg"])                   # float32 [N, D], unit rows
     result = ImageFilter(enc).keep_like("exemplars").run("incoming")
     dups = find_duplicates("photos", encoder=enc)          # or find_duplicates(vecs, threshold=0.95)
+    leaks = find_cross_duplicates("test", "train", encoder=enc)   # test images that copy a train image
+    odd = find_outliers("photos", encoder=enc, top=10)     # the images least like the rest
 
 Names are imported lazily so that ``import filterkit`` (and ``filterkit --help``) does not
 pay for torch; ``dir(filterkit)`` and type checkers still see all of them.
@@ -42,6 +44,10 @@ _EXPORTS = {
     "duplicate_groups": "dedup",
     "DedupResult": "dedup",
     "DuplicateGroup": "dedup",
+    "find_cross_duplicates": "leakage",
+    "CrossDedupResult": "leakage",
+    "find_outliers": "outliers",
+    "OutlierResult": "outliers",
     "cluster_folder": "cluster",
     "cluster_vectors": "cluster",
     "select_fraction": "cluster",
@@ -60,6 +66,8 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .evaluate import evaluate as evaluate_encoder
     from .filtering import Decision, FilterResult, ImageFilter
     from .images import discover_images, load_image
+    from .leakage import CrossDedupResult, find_cross_duplicates
+    from .outliers import OutlierResult, find_outliers
     from .index import build_index, search
     from .moco import MoCo
     from .modeldir import ModelConfig

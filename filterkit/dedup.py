@@ -88,6 +88,7 @@ class CollectionCalibration:
     pixel_floor: float
     source: str  # "calibrated" (auto) or "given"
     precision_bound: float = 0.0
+    scope: str = "collection"  # "collection" (one folder) or "cross-set" (new images against a reference)
 
     def to_dict(self) -> dict:
         return {"threshold": round(self.threshold, 6), "precision": round(self.precision, 4),
@@ -95,12 +96,25 @@ class CollectionCalibration:
                 "recall": round(self.recall, 4), "target_precision": self.target_precision,
                 "images": self.images, "prevalence": round(self.prevalence, 4), "anchor": round(self.anchor, 6),
                 "pixel_floor": round(self.pixel_floor, 6),
-                "threshold_source": self.source,
+                "threshold_source": self.source, "scope": self.scope,
                 "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation less "
-                          "the pair's background; positives: synthetic copies of sampled images of this "
-                          "collection, missed where candidate generation would not propose them; negatives: the "
-                          "collection's candidate pairs, less the real copies estimated at the anchor "
-                          "(the smallest of the anchors' estimates)"}
+                          "the pair's background; positives: synthetic copies of sampled images of "
+                          + ("this collection" if self.scope == "collection" else "either folder, each as one more "
+                             "image of the other")
+                          + ", missed where candidate generation would not propose them; negatives: the "
+                          + ("collection's candidate pairs" if self.scope == "collection" else
+                             "candidate pairs between the new images and the reference")
+                          + ", less the real copies estimated at the anchor (the smallest of the anchors' "
+                            "estimates)"}
+
+    def clause(self, how: str, sampled: str = "of its images") -> str:
+        """The summary's account of the threshold: how it was set and what it is estimated at."""
+        if self.images < MIN_CALIBRATION_IMAGES:
+            return (f"{how}; precision and recall not estimated: {self.images} sampled images, "
+                    f"{MIN_CALIBRATION_IMAGES} needed")
+        return (f"{how}; estimated pair precision {self.precision:.3f}, at least {self.precision_bound:.3f} at 75 % "
+                f"confidence unless look-alikes score like copies; recall {self.recall:.3f}; from synthetic copies "
+                f"of {self.images} {sampled}")
 
 
 @dataclass
@@ -128,17 +142,17 @@ class DedupResult:
     def n_duplicates(self) -> int:
         return sum(len(g.duplicates) for g in self.groups)
 
+    @property
+    def only_exact(self) -> bool:
+        """Every duplicate has its keeper's bytes (safe to move without an estimate)."""
+        return all(d.exact for g in self.groups for d in g.duplicates)
+
     def summary_line(self) -> str:
         head = f"{len(self.groups)} group(s), {self.n_duplicates} duplicate(s)"
         c = self.calibration
         if self.verified and c is not None:
             how = "calibrated on this collection" if c.source == "calibrated" else "given"
-            if c.images < MIN_CALIBRATION_IMAGES:
-                return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; precision and recall not "
-                        f"estimated: {c.images} sampled images, {MIN_CALIBRATION_IMAGES} needed)")
-            return (f"{head} verified at pair score >= {self.threshold:.4f} ({how}; estimated pair precision "
-                    f"{c.precision:.3f}, at least {c.precision_bound:.3f} at 75 % confidence unless look-alikes "
-                    f"score like copies; recall {c.recall:.3f}; from synthetic copies of {c.images} of its images)")
+            return f"{head} verified at pair score >= {self.threshold:.4f} ({c.clause(how)})"
         if self.verified:
             return f"{head}: identical bytes only (fewer than 2 distinct images to compare)"
         return f"{head} at cosine >= {self.threshold:.4f} (cosine only, not verified; threshold {self.threshold_note})"
@@ -516,6 +530,19 @@ def _spanning_groups(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
     return [(members, weakest[root]) for root, members in groups.items() if len(members) > 1]
 
 
+def check_options(threshold: float | str, target_precision: float) -> float | str:
+    """The threshold ("auto" or a checked pair score), refusing a target precision outside (0, 1]."""
+    if not 0 < target_precision <= 1:
+        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    return threshold if threshold == "auto" else _check_pair_score(float(threshold))
+
+
+def canonical_rows(hashes: list[str]) -> np.ndarray:
+    """int64 [N]: for each row, the first row with the same bytes (itself if none before)."""
+    first_of_hash: dict[str, int] = {}
+    return np.array([first_of_hash.setdefault(h, i) for i, h in enumerate(hashes)], dtype=np.int64)
+
+
 def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, encoder,
                     threshold: float | str = "auto", target_precision: float = LIST_TARGET_PRECISION,
                     rotations: bool = True,
@@ -532,48 +559,21 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     """
     if len(paths) != len(vectors) or len(paths) != len(hashes):
         raise FilterkitError("paths, hashes and vectors must have the same length")
-    if threshold != "auto":
-        threshold = _check_pair_score(float(threshold))
-    if not 0 < target_precision <= 1:
-        raise FilterkitError(f"the target precision lies in (0, 1], got {target_precision}")
+    threshold = check_options(threshold, target_precision)
     n = len(paths)
-    first_of_hash: dict[str, int] = {}
-    canonical = np.empty(n, dtype=np.int64)  # the first row with the same bytes
-    for i, h in enumerate(hashes):
-        canonical[i] = first_of_hash.setdefault(h, i)
+    canonical = canonical_rows(hashes)
     unique = np.flatnonzero(canonical == np.arange(n))  # verification runs on distinct contents
     views = _Views(paths, progress)
     calibration = background = None
     rows = cols = np.empty(0, dtype=np.int64)
     scores = np.empty(0)
     if len(unique) >= 2:
-        rng = np.random.default_rng(seed)
-        sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, unique, views,
-                                                                        rng, sample)
-        rows, cols, proposer = _candidate_pairs(paths, vectors, unique, index, rotations, pixel_floor, progress)
-        cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
-        views.ensure(np.concatenate([rows, cols]))
-        pix = _verify().pixel_scores(views.table, rows, cols)
-        background = backgrounds(n, rows, cols, pix)
-        scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
-        m = len(sampled)
-        pos_cos = np.einsum("nd,nd->n", vectors[sampled], copy_vectors)
-        pos_pix = _verify().pixel_scores(both, np.arange(m), np.arange(m, 2 * m))
-        # a synthetic copy is not in the collection: its image's background stands for both ends,
-        # and a copy that candidate generation would not propose is one dedup misses
-        found = proposer.proposes(np.searchsorted(unique, sampled), copy_vectors,
-                                  both[m:, 0] if rotations else None)
-        positive = np.where(found, pair_score(pos_cos, pos_pix, background[sampled]), -np.inf)
-        # the links per image are counted over the whole collection (every candidate pair has its
-        # score already), not only over the sampled images: far less noise at the same cost. Each
-        # pair is a link of both its images: links per image = pairs / (n / 2).
-        per_image = len(unique) / 2
-        source = "calibrated" if threshold == "auto" else "given"
-        threshold, bound = choose_threshold(positive, scores, per_image, target_precision,
-                                            None if threshold == "auto" else float(threshold), seed)
-        precision, recall, prevalence, anchor = estimate(threshold, positive, scores, per_image)
-        calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision),
-                                            len(sampled), prevalence, anchor, pixel_floor, source, bound)
+        # each pair is a link of both its images: links per image = pairs / (n / 2)
+        scored = score_pairs(paths, vectors, encoder, views, unique,
+                             lambda floor: _candidate_pairs(paths, vectors, unique, index, rotations, floor, progress),
+                             threshold, target_precision, len(unique) / 2, rotations, seed, sample)
+        rows, cols, scores, background, calibration = scored
+        threshold = calibration.threshold
     elif threshold == "auto":
         threshold = 1.0  # nothing to calibrate on: only identical bytes link
     linked = scores >= threshold
@@ -581,6 +581,48 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     links = (np.concatenate([rows[linked], canonical[dup_rows]]), np.concatenate([cols[linked], dup_rows]),
              np.concatenate([scores[linked], np.ones(len(dup_rows))]))
     return _linked_groups(paths, hashes, vectors, links, views, background, canonical, float(threshold)), calibration
+
+
+def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, pool: np.ndarray, candidates,
+                threshold: float | str, target_precision: float, n_images: float, rotations: bool, seed: int = 0,
+                sample: int = SAMPLE, scope: str = "collection", copy_background=None):
+    """The verified-dedup core that folder and cross-set dedup share: synthetic copies of up to
+    ``sample`` images of ``pool`` (rows), the candidate pairs ``candidates(pixel_floor) ->
+    (rows, cols, proposer)`` (a ``_Proposer`` over rows), every pair scored (``pair_score``:
+    cosine and pixel score less the pair's ``backgrounds``), and the threshold chosen (or, when
+    ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
+    the proposer would not propose them; the candidate pairs as negatives; links counted per
+    ``n_images``. A synthetic copy is scored with its image's background for both ends, or with
+    ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
+    candidates differ from its image's (cross-set: the copy's are reference images, its image's
+    new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
+    rng = np.random.default_rng(seed)
+    sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, pool, views, rng, sample)
+    rows, cols, proposer = candidates(pixel_floor)
+    cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
+    views.ensure(np.concatenate([rows, cols]))
+    pix = _verify().pixel_scores(views.table, rows, cols)
+    background = backgrounds(len(paths), rows, cols, pix)
+    scores = pair_score(cos, pix, (background[rows] + background[cols]) / 2)
+    m = len(sampled)
+    pos_cos = np.einsum("nd,nd->n", vectors[sampled], copy_vectors)
+    pos_pix = _verify().pixel_scores(both, np.arange(m), np.arange(m, 2 * m))
+    # a synthetic copy is not in the collection: its image's background stands for both ends,
+    # and a copy that candidate generation would not propose is one dedup misses
+    found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
+    level = background[sampled]
+    if copy_background is not None:
+        level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
+    positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
+    # the links per image are counted over all candidate pairs (every one has its score
+    # already), not only over the sampled images: far less noise at the same cost
+    source = "calibrated" if threshold == "auto" else "given"
+    threshold, bound = choose_threshold(positive, scores, n_images, target_precision,
+                                        None if threshold == "auto" else float(threshold), seed)
+    precision, recall, prevalence, anchor = estimate(threshold, positive, scores, n_images)
+    calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision), len(sampled),
+                                        prevalence, anchor, pixel_floor, source, bound, scope)
+    return rows, cols, scores, background, calibration
 
 
 def _verify():
@@ -594,8 +636,33 @@ class _Proposer:
     a synthetic copy with its image: a copy it would miss is a copy dedup cannot find, so the
     calibration's recall counts it as missed rather than scoring it as if it were a candidate."""
 
-    def __init__(self, index, sub: np.ndarray, kth: np.ndarray, frames=None) -> None:
+    def __init__(self, index, sub: np.ndarray, kth: np.ndarray, frames=None, rows: np.ndarray | None = None) -> None:
         self.index, self.sub, self.kth, self.frames = index, sub, kth, frames
+        self.rows = np.arange(len(sub)) if rows is None else np.asarray(rows)  # sorted: the collection row of each
+
+    def would_pair(self, vectors: np.ndarray, frames: np.ndarray | None,
+                   chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(newcomer, collection row) of every pair candidate generation would have made with
+        newcomers of embeddings ``vectors`` (and whole-frame thumbnails ``frames``): each one's
+        NEIGHBOURS nearest, and every image whose list it would enter."""
+        from .index import search
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        hits = search(self.index, vectors, min(NEIGHBOURS, len(self.sub)))
+        q = np.repeat(np.arange(len(vectors)), hits.ids.shape[1])
+        keep = hits.ids.ravel() >= 0
+        found = [np.stack([q[keep], hits.ids.ravel()[keep]], axis=1)]
+        for s in range(0, len(vectors), chunk):
+            qi, ti = np.nonzero(vectors[s:s + chunk] @ self.sub.T >= self.kth[None, :])
+            found.append(np.stack([qi + s, ti], axis=1))
+        if self.frames is not None and frames is not None:
+            found.append(np.stack(self.frames.would_pair(frames), axis=1))
+        pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+        return pairs[:, 0], self.rows[pairs[:, 1]]
+
+    def proposes_rows(self, rows: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
+        """``proposes`` for targets named by their rows of the collection."""
+        return self.proposes(np.searchsorted(self.rows, rows), vectors, frames)
 
     def proposes(self, targets: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
         """bool [m]: whether row ``targets[p]`` (a position among the distinct images) would be
@@ -642,15 +709,31 @@ def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
     return sampled, copy_vectors, both, float(np.quantile(pos_frame, FLOOR_QUANTILE))
 
 
+def frame_thumbnails(paths: list[Path], rows: np.ndarray, progress: bool = False) -> np.ndarray:
+    """float32 [len(rows), SIDE * SIDE]: the whole-frame thumbnails (verify.thumbnail) of the
+    rows' images, for the rotation candidates; an unreadable image gets zeros (matches nothing)."""
+    from .errors import ImageError
+    from .images import load_image
+    from .progress import progress_bar
+
+    verify = _verify()
+    thumbs = np.zeros((len(rows), verify.SIDE ** 2), dtype=np.float32)
+    with progress_bar("thumbnails (rotated copies)", len(rows), progress) as advance:
+        for k, row in enumerate(rows):
+            try:
+                thumbs[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
+            except ImageError:
+                pass
+            advance()
+    return thumbs
+
+
 def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor: float,
                      progress: bool) -> tuple[np.ndarray, np.ndarray, _Proposer]:
     """(rows, cols), rows < cols: each distinct image's NEIGHBOURS nearest by cosine, and with
     ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``);
     and the ``_Proposer`` that asks the same of a newcomer."""
-    from .errors import ImageError
-    from .images import load_image
     from .index import build_index, search
-    from .progress import progress_bar
 
     verify = _verify()
     sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
@@ -664,18 +747,10 @@ def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor
     pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
     frames = None
     if rotations:
-        thumbs = np.zeros((len(unique), verify.SIDE ** 2), dtype=np.float32)
-        with progress_bar("thumbnails (rotated copies)", len(unique), progress) as advance:
-            for k, row in enumerate(unique):
-                try:
-                    thumbs[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
-                except ImageError:  # unreadable now: a zero thumbnail matches nothing
-                    pass
-                advance()
-        frames = verify.DihedralSearch(thumbs, NEIGHBOURS, pixel_floor)
+        frames = verify.DihedralSearch(frame_thumbnails(paths, unique, progress), NEIGHBOURS, pixel_floor)
         pairs.append(np.stack(frames.pairs, axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
-    return unique[pairs[:, 0]], unique[pairs[:, 1]], _Proposer(idx, sub, kth, frames)
+    return unique[pairs[:, 0]], unique[pairs[:, 1]], _Proposer(idx, sub, kth, frames, unique)
 
 
 def _linked_groups(paths, hashes, vectors, links, views, background, canonical,
@@ -708,10 +783,11 @@ def _linked_groups(paths, hashes, vectors, links, views, background, canonical,
     return sorted(groups, key=lambda g: str(g.keep))
 
 
-def check_move(result: DedupResult, target_precision: float = MOVE_TARGET_PRECISION) -> None:
+def check_move(result, target_precision: float = MOVE_TARGET_PRECISION) -> None:
     """Refuse to move files on links whose estimated precision is below the target, or could
-    not be estimated; identical bytes are always safe to move."""
-    if all(d.exact for g in result.groups for d in g.duplicates):
+    not be estimated; identical bytes are always safe to move. ``result``: a ``DedupResult``
+    or a cross-set result (``only_exact``, ``verified``, ``calibration``)."""
+    if result.only_exact:
         return
     c = result.calibration
     if not result.verified or c is None:

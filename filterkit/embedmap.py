@@ -31,7 +31,8 @@ MAX_POINTS = 5000  # beyond, a seeded sample is drawn (t-SNE's cost, the page's 
 PERPLEXITY = 30.0
 # Fixed colours where the label is a decision, so map and cards agree (report.py's card borders).
 DECISION_COLOURS = {"keep": "#22aa22", "review": "#3366cc", "reject": "#cc3333", "unique": "#b0b0b0",
-                    "selected": "#22aa22", "pruned": "#b0b0b0"}
+                    "selected": "#22aa22", "pruned": "#b0b0b0", "duplicate": "#cc3333", "reference": "#3366cc",
+                    "new": "#b0b0b0", "outlier": "#cc3333", "typical": "#b0b0b0"}
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
             "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79")

@@ -153,6 +153,56 @@ def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filte
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
+def write_cross_report(result, html_path: str | os.PathLike, new=None, reference=None,
+                       title: str = "filterkit dedup --against", map_png=None) -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for a ``leakage.CrossDedupResult``: each new
+    image that duplicates a reference image beside it, with its score, under the threshold and
+    its estimates. ``new``, ``reference``: (paths, vectors) of the two folders, for one map of
+    both coloured reference / new / duplicate."""
+    html_path = _html_path(html_path)
+    _write_table(html_path, [d.to_dict() for d in result.duplicates], result.to_dict())
+    budget = [MAX_THUMBS]
+    cards = [f'<div class="card reject"><div class="pics">{_thumbnail(d.path, budget)}'
+             f"{_thumbnail(d.duplicate_of, budget)}</div>"
+             f'<div class="name">{html.escape(str(d.path))}</div>'
+             f'<div class="reason">{"identical bytes" if d.exact else f"score {d.score:.3f}"}: duplicates '
+             f"{html.escape(str(d.duplicate_of))}</div></div>" for d in result.duplicates]
+    summary = html.escape(f"{result.summary_line()}. Each card: the new image, then the reference image it duplicates.")
+    maps = ""
+    if new is not None and reference is not None:
+        maps = map_section([*reference[0], *new[0]], np.concatenate([reference[1], new[1]]),
+                           cross_label(result, reference[0]), png=map_png)
+    body = f"<h2>Duplicates of reference images ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
+    atomic_write_text(html_path, _page(title, summary, maps + body))
+    return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
+
+
+def write_outliers_report(result, html_path: str | os.PathLike, embedding=None,
+                          title: str = "filterkit outliers", map_png=None) -> list[Path]:
+    """Write ``X.html``, ``X.csv`` and ``X.json`` for an ``outliers.OutlierResult``: the top
+    images, each beside its nearest neighbour with its score; the CSV and JSON rank every image.
+    ``embedding``: (paths, vectors) in the space that was scored, for the map (outliers in red)."""
+    html_path = _html_path(html_path)
+    document = result.to_dict(everything=True)
+    _write_table(html_path, document["outliers"], document)
+    budget = [MAX_THUMBS]
+    cards = [f'<div class="card reject"><div class="pics">{_thumbnail(o.path, budget)}{_thumbnail(o.nearest, budget)}'
+             f'</div><div class="name">{o.rank}. {html.escape(str(o.path))}</div>'
+             f'<div class="reason">score {o.score:.3f}; nearest {html.escape(str(o.nearest))} '
+             f"(cosine {o.nearest_similarity:.3f})</div></div>" for o in result.outliers]
+    summary = html.escape(f"{result.summary_line()}. Each card: the image, then its nearest other image.")
+    maps = map_section(*embedding, outlier_label(result), png=map_png) if embedding is not None else ""
+    body = f"<h2>Least like the rest ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
+    atomic_write_text(html_path, _page(title, summary, maps + body))
+    return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
+
+
+def outlier_label(result):
+    """label_of for an outliers map: "outlier" for the top images, "typical" for the rest."""
+    top = {str(o.path) for o in result.outliers}
+    return lambda p: "outlier" if str(p) in top else "typical"
+
+
 def write_cluster_report(result, html_path: str | os.PathLike, vectors=None,
                          title: str = "filterkit cluster", map_png=None) -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for ``cluster.FolderClusters``: each cluster's
@@ -190,6 +240,13 @@ def group_label(result):
     groups = result if isinstance(result, list) else result.groups
     of = {str(p): f"group {n}" for n, g in enumerate(groups) for p in [g.keep, *(d.path for d in g.duplicates)]}
     return lambda p: of.get(str(p), "unique")
+
+
+def cross_label(result, reference_paths):
+    """label_of for a cross-set map: "reference", "new", or "duplicate" (a new image that
+    duplicates a reference image)."""
+    dups, ref = {str(d.path) for d in result.duplicates}, {str(p) for p in reference_paths}
+    return lambda p: "duplicate" if str(p) in dups else "reference" if str(p) in ref else "new"
 
 
 def cluster_label(result):

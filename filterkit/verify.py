@@ -64,6 +64,10 @@ def image_views(image: Image.Image) -> np.ndarray:
     return _normalise(grey)
 
 
+# dihedral()'s transform t = rot90^k after a flip^f (t = 4f + k); the index of its inverse
+INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
 def dihedral(thumbs: np.ndarray) -> np.ndarray:
     """The 8 flips/rotations of thumbnails: [..., D] -> [8, ..., D] (identity first)."""
     shape = thumbs.shape
@@ -101,42 +105,59 @@ class DihedralSearch:
     """Whole-frame thumbnail neighbours under the 8 flips/rotations: 8 FAISS searches (one per
     transform of the queries) over one index, so a rotated copy is found without transforming
     the index. Kept after the search to ask whether it would have proposed a pair with an image
-    it never saw (``proposes``): dedup's calibration counts a synthetic copy as found only then."""
+    it never saw (``proposes``): dedup's calibration counts a synthetic copy as found only then.
 
-    def __init__(self, thumbs: np.ndarray, k: int, threshold: float) -> None:
+    ``others``: the thumbnails of a second set (cross-set dedup). Then only pairs (i of
+    ``thumbs``, j of ``others``) are searched: each image's ``k`` nearest in the other set, both
+    ways round, and ``proposes`` asks about a newcomer to ``others``."""
+
+    def __init__(self, thumbs: np.ndarray, k: int, threshold: float, others: np.ndarray | None = None) -> None:
         from .index import build_index, search
 
         self.thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
         self.k, self.threshold = k, float(threshold)
+        cross = others is not None
         n = len(self.thumbs)
+        other = np.ascontiguousarray(others, dtype=np.float32) if cross else self.thumbs
         self.kth = np.full((8, n), -np.inf, dtype=np.float32)  # the weakest score in each image's list
         empty = np.empty(0, dtype=np.int64)
         self.pairs = (empty, empty)
-        if n < 2:
+        if n < (1 if cross else 2) or len(other) < 1:
             return
         self.index = build_index(self.thumbs)
+        other_index = build_index(other) if cross else self.index
+        own = 0 if cross else 1  # a self-search finds the image itself first
         found = []
         for t, view in enumerate(dihedral(self.thumbs)):
-            hits = search(self.index, view, min(k + 1, n))
-            if hits.ids.shape[1] == k + 1:  # a full list: a newcomer must beat its last entry
+            hits = search(other_index, view, min(k + own, len(other)))
+            if hits.ids.shape[1] == k + own:  # a full list: a newcomer must beat its last entry
                 self.kth[t] = hits.scores[:, -1]
             i = np.repeat(np.arange(n), hits.ids.shape[1])
             j, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
-            keep = (j >= 0) & (j != i) & (s >= threshold)
-            found.append(np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1))
+            keep = (j >= 0) & (s >= threshold) & (cross | (j != i))
+            found.append(np.stack([i[keep], j[keep]], axis=1) if cross else
+                         np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1))
+        if cross:  # and each image of the other set's nearest here
+            for view in dihedral(other):
+                hits = search(self.index, view, min(k, n))
+                j = np.repeat(np.arange(len(other)), hits.ids.shape[1])
+                i, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()
+                keep = (i >= 0) & (s >= threshold)
+                found.append(np.stack([i[keep], j[keep]], axis=1))
         pairs = np.unique(np.concatenate(found), axis=0)
         self.pairs = (pairs[:, 0], pairs[:, 1])
 
     def proposes(self, targets: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """bool [m]: whether the search, had ``queries[p]`` been one more image, would pair it
-        with image ``targets[p]``: the target among the query's k nearest, or the query beating
-        the last of the target's list, under some transform, at >= the threshold."""
+        """bool [m]: whether the search, had ``queries[p]`` been one more image (of ``others``,
+        in a cross-set search), would pair it with image ``targets[p]``: the target among the
+        query's k nearest, or the query beating the last of the target's list, under some
+        transform, at >= the threshold."""
         from .index import search
 
         targets = np.asarray(targets, dtype=np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         found = np.zeros(len(targets), dtype=bool)
-        if len(self.thumbs) < 2 or not len(targets):
+        if not hasattr(self, "index") or not len(targets):
             return found
         own = dihedral(self.thumbs[targets])  # [8, m, D]
         for t, view in enumerate(dihedral(queries)):
@@ -145,3 +166,27 @@ class DihedralSearch:
             score = np.einsum("md,md->m", own[t], queries)
             found |= score >= np.maximum(self.kth[t][targets], self.threshold)
         return found
+
+    def would_pair(self, queries: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(query, image) pairs the search would have made had ``queries`` been more images (of
+        ``others``, in a cross-set search): each query's k nearest under some transform, and
+        every image whose list it would enter, at >= the threshold (``proposes`` for all images)."""
+        from .index import search
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = []
+        if not hasattr(self, "index") or not len(queries):
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        views = dihedral(queries)  # [8, m, D]
+        for t, view in enumerate(views):
+            hits = search(self.index, view, min(self.k, len(self.thumbs)))
+            q = np.repeat(np.arange(len(queries)), hits.ids.shape[1])
+            keep = (hits.ids.ravel() >= 0) & (hits.scores.ravel() >= self.threshold)
+            found.append(np.stack([q[keep], hits.ids.ravel()[keep]], axis=1))
+            # <T(image), query> = <image, T^-1(query)>: transform the queries, not all the images
+            floor = np.maximum(self.kth[t], self.threshold)
+            for s in range(0, len(queries), chunk):
+                qi, ti = np.nonzero(views[INVERSE[t], s:s + chunk] @ self.thumbs.T >= floor[None, :])
+                found.append(np.stack([qi + s, ti], axis=1))
+        pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+        return pairs[:, 0], pairs[:, 1]

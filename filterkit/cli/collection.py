@@ -209,11 +209,12 @@ def print_map(map_png) -> None:
 @app.command()
 def dedup(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
+    against: Annotated[Optional[Path], typer.Option("--against", help="A reference folder: list the images of FOLDER that duplicate one of its images (train/test leakage, re-uploads, a blocklist); pairs inside one folder are not reported, and --action acts on FOLDER only.")] = None,
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder, or with --against on both: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires. Default: 0.90 to list groups, 0.99 with --action move.")] = None,
     rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (reads every image once more).")] = True,
-    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision).")] = "report",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move.")] = None,
+    action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision) | copy (with --against only).")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move or copy.")] = None,
     dry_run: DryRunOpt = False,
     report: ReportOpt = None,
     map_png: MapOpt = None,
@@ -233,12 +234,15 @@ def dedup(
     from ..cache import EmbeddingCache
     from ..dedup import check_move, find_duplicates
 
-    check_action(action, out, ("report", "move"))
+    check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"))
     if target_precision is None:
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 
         target_precision = MOVE_TARGET_PRECISION if action == "move" else LIST_TARGET_PRECISION
     encoder = load_encoder(model, device)
+    if against is not None:
+        return _dedup_against(folder, against, encoder, threshold_value, target_precision, rotations, action, out,
+                              dry_run, report, map_png, follow_symlinks, cache, batch_size, workers, quiet, as_json)
     with EmbeddingCache(cache) as store:
         result = find_duplicates(folder, encoder, threshold_value, store, batch_size, workers, not quiet,
                                  follow_symlinks, target_precision=target_precision, rotations=rotations)
@@ -266,6 +270,45 @@ def dedup(
             typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}")
     if len(result.groups) > 50:
         typer.echo(f"... {len(result.groups) - 50} more groups (use --json for all)")
+    typer.echo(result.summary_line())
+    print_actions(plan, done, dry_run)
+    print_report(report)
+    print_map(map_png)
+
+
+def _dedup_against(folder, against, encoder, threshold, target_precision, rotations, action, out, dry_run, report,
+                   map_png, follow_symlinks, cache, batch_size, workers, quiet, as_json) -> None:
+    """dedup FOLDER --against REFERENCE: the images of FOLDER that duplicate a reference image."""
+    from ..actions import run_actions
+    from ..cache import EmbeddingCache
+    from ..dedup import check_move
+    from ..leakage import find_cross_duplicates
+
+    with EmbeddingCache(cache) as store:
+        result = find_cross_duplicates(folder, against, encoder, threshold, store, batch_size, workers, not quiet,
+                                       follow_symlinks, target_precision=target_precision, rotations=rotations)
+        new_map = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
+        ref_map = _map_vectors(against, encoder, store, follow_symlinks, report, map_png)
+    if action == "move":  # before anything moves, dry run included: the same refusal either way
+        check_move(result, target_precision)
+    if new_map is not None:
+        from ..report import cross_label, write_cross_report, write_map
+
+        if report is not None:
+            write_cross_report(result, report, new_map, ref_map, map_png=map_png)
+        else:
+            write_map([*ref_map[0], *new_map[0]], np.concatenate([ref_map[1], new_map[1]]),
+                      cross_label(result, ref_map[0]), map_png)
+    plan, done = run_actions([(d.path, "duplicates") for d in result.duplicates], folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    for d in result.duplicates[:50]:
+        typer.echo(f"  {'exact' if d.exact else f'{d.score:.3f}'}  {d.path}  duplicates  {d.duplicate_of}")
+    if len(result.duplicates) > 50:
+        typer.echo(f"... {len(result.duplicates) - 50} more (use --json for all)")
     typer.echo(result.summary_line())
     print_actions(plan, done, dry_run)
     print_report(report)
@@ -329,6 +372,68 @@ def cluster(
     if result.selected is not None:
         typer.echo(f"selected {int(result.selected.sum())} of {len(result.paths)} "
                    f"({keep}est by prototype distance)")
+    print_actions(plan, done, dry_run)
+    print_report(report)
+    print_map(map_png)
+
+
+@app.command()
+def outliers(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    top: Annotated[int, typer.Option("--top", min=1, help="How many of the least typical images to list (and act on).")] = 10,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours: the score is the mean cosine distance to the K nearest other images.")] = 10,
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine; measured best for outliers) | center | whiten | auto, fitted on the folder.")] = "none",
+    action: Annotated[str, typer.Option("--action", help="report | copy | link | move the top images into --out/outliers.")] = "report",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
+    dry_run: DryRunOpt = False,
+    report: ReportOpt = None,
+    map_png: MapOpt = None,
+    follow_symlinks: FollowOpt = False,
+    model: ModelOpt = None,
+    cache: CacheOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The images least like the rest: mean cosine distance to their K nearest neighbours, each
+    with its nearest neighbour."""
+    from ..actions import check_action, run_actions
+    from ..cache import EmbeddingCache
+    from ..outliers import find_outliers
+
+    check_action(action, out)
+    encoder = load_encoder(model, device)
+    with EmbeddingCache(cache) as store:
+        result = find_outliers(folder, encoder, top, k, normalize, store, batch_size, workers, not quiet,
+                               follow_symlinks)
+        embedding = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
+    if embedding is not None:  # before any move; the map in the space that was scored
+        from ..normalize import Normalizer
+        from ..report import outlier_label, write_map, write_outliers_report
+
+        vectors = Normalizer.fit(embedding[1], normalize)(embedding[1])
+        if report is not None:
+            write_outliers_report(result, report, (embedding[0], vectors), map_png=map_png)
+        else:
+            write_map(embedding[0], vectors, outlier_label(result), map_png)
+    plan, done = run_actions(result.categories(), folder, out, action, dry_run)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "actions": [p.to_dict() for p in plan], "dry_run": dry_run},
+                              indent=2))
+        return
+    print_skips(result.skipped, quiet)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"outliers of {folder}", title_justify="left")
+    for column, justify in (("#", "right"), ("score", "right"), ("path", "left"), ("nearest", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for o in result.outliers:
+        table.add_row(str(o.rank), f"{o.score:.3f}", str(o.path), f"{o.nearest} ({o.nearest_similarity:.3f})")
+    Console().print(table)
+    typer.echo(result.summary_line())
     print_actions(plan, done, dry_run)
     print_report(report)
     print_map(map_png)

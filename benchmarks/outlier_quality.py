@@ -1,0 +1,88 @@
+"""Outlier detection on planted photos: 10 images of other classes among 300 of one class; how
+many of the 10 does `filterkit outliers` rank in its top 10?
+
+    python benchmarks/outlier_quality.py [--data DIR] [--model models/filterkit-vit-mini] \
+        [--sets imagenette cifar10] [--draws 3] [--base 300 --planted 10]
+
+Per draw and set (Imagenette train at 224 px, as collection_quality.py: its held-out split
+has under 300 photos per class, and the shipped model saw most of these photos, without labels,
+in pretraining; CIFAR-10 test at 32 px): one class gives
+``--base`` images (another class each draw), every other class contributes to ``--planted``
+images drawn at random. Each
+encoder embeds the same images: the model, the same architecture at random init and raw 32x32
+pixels (benchmarks/_encoders.py); ``outliers.rank_outliers`` scores them (mean cosine distance to
+the k = 10 nearest others) in raw cosine (the command's default) for every encoder, and for the
+model also centred and whitened on the collection (``--normalize center | whiten``). Printed: planted images in the top ``--planted`` (the goal: >= 7 of 10)
+and the AUROC of the score for planted vs base images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from filterkit.images import discover_images
+from filterkit.outliers import rank_outliers
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
+from _encoders import compared_encoders, embed_paths
+
+
+def draw(paths: list[Path], labels: list[str], seed: int, base: int, planted: int):
+    """(class, paths, is_planted): ``base`` images of one class (a different one per seed, in a
+    fixed shuffled order) and ``planted`` of the others."""
+    classes = sorted(set(labels))
+    target = classes[np.random.default_rng(1234).permutation(len(classes))[seed % len(classes)]]
+    rng = np.random.default_rng(seed)
+    labels = np.array(labels)
+    inside, outside = np.flatnonzero(labels == target), np.flatnonzero(labels != target)
+    chosen = np.concatenate([rng.choice(inside, base, replace=False), rng.choice(outside, planted, replace=False)])
+    return target, [paths[i] for i in chosen], np.arange(len(chosen)) >= base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_argument(parser)
+    parser.add_argument("--model", type=Path, default=Path("models/filterkit-vit-mini"))
+    parser.add_argument("--sets", nargs="+", default=["imagenette", "cifar10"])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--base", type=int, default=300)
+    parser.add_argument("--planted", type=int, default=10)
+    parser.add_argument("--k", type=int, default=10)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    root = data_root(args.data)
+    encoders = compared_encoders(args.model, "vit-mini-8-64")
+    for name in args.sets:
+        folder = imagenette_train(root) if name == "imagenette" else cifar10(root) / "test"
+        paths = discover_images(folder)
+        labels = [p.parent.name for p in paths]
+        rows: dict[str, list[tuple[int, float]]] = {}
+        for seed in range(args.draws):
+            target, chosen, planted = draw(paths, labels, seed, args.base, args.planted)
+            line = []
+            for label, encoder in encoders:
+                vectors = embed_paths(encoder, chosen, workers=0)
+                spaces = [("none", label)] + ([("center", f"{label}, centred"), ("whiten", f"{label}, whitened")]
+                                              if label == "model" else [])
+                for space, key in spaces:
+                    result = rank_outliers(chosen, vectors, top=args.planted, k=args.k, normalize=space)
+                    score = {str(o.path): o.score for o in result.ranked}
+                    hits = sum(planted[chosen.index(o.path)] for o in result.outliers)
+                    auroc = roc_auc_score(planted, [score[str(p)] for p in chosen])
+                    rows.setdefault(key, []).append((hits, auroc))
+                    line.append(f"{key} {hits}/{args.planted} (AUROC {auroc:.3f})")
+            print(f"{name} draw {seed} (class {target}, {args.base} + {args.planted} planted): " + "; ".join(line),
+                  flush=True)
+        print(f"{name}, {args.draws} draws: planted in the top {args.planted} (mean, min-max) and AUROC (mean ± std):")
+        for key, values in rows.items():
+            hits, auc = np.array([v[0] for v in values]), np.array([v[1] for v in values])
+            print(f"  {key}: {hits.mean():.1f} ({hits.min()}-{hits.max()}); AUROC {auc.mean():.3f} ± {auc.std():.3f}")
+
+
+if __name__ == "__main__":
+    main()
