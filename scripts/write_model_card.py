@@ -17,8 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 from filterkit.encoder import Encoder
-from filterkit.modeldir import CARD_FILE, CONFIG_FILE, DEFAULT_MODEL, update_model_config
+from filterkit.modeldir import CARD_FILE, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, update_model_config
 from filterkit.fsutil import atomic_write_text
 
 
@@ -50,7 +52,14 @@ def stage_line(i: int, run: dict) -> str:
             f"{recipe(t)}" + (f" Model id `{run['model_id']}`." if run.get("model_id") else ""))
 
 
-def card(doc: dict) -> str:
+def stored_dtype(weights: Path) -> str:
+    """fp16 / fp32 / ...: the dtype the weights are stored in (the first tensor's; all share it)."""
+    with safe_open(weights, framework="pt") as f:
+        name = str(f.get_slice(next(iter(f.keys()))).get_dtype())
+    return {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(name, name)
+
+
+def card(doc: dict, weights_dtype: str = "fp32") -> str:
     arch, training, quality = doc["architecture"], doc["training"], doc.get("quality") or {}
     notes = doc.get("card") or {}
     compute = training.get("compute", {})
@@ -70,7 +79,8 @@ def card(doc: dict) -> str:
         f"{arch['embed_dim']}, depth {arch['depth']}, {arch['num_heads']} heads, patch {arch['patch_size']}, "
         f"input {arch['img_size']} px, fixed 2D sin-cos position embedding.",
         f"- Embedding: the final-norm CLS token, {doc['embedding_dim']} dimensions, L2-normalised.",
-        "- Weights: `model.safetensors` (fp32), loadable with `strict=True` into the timm model above.",
+        f"- Weights: `model.safetensors` ({weights_dtype}; `Encoder.load` returns fp32), loadable with "
+        "`strict=True` into the timm model above.",
         "",
         "## Data",
         notes.get("data") or f"`{data.get('name', '?')}` ({_count(data.get('images', '?'))} images).",
@@ -154,7 +164,7 @@ def main() -> None:
     if updates:
         update_model_config(args.model_dir, **updates)
         doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
-    atomic_write_text(args.model_dir / CARD_FILE, card(doc))
+    atomic_write_text(args.model_dir / CARD_FILE, card(doc, stored_dtype(args.model_dir / WEIGHTS_FILE)))
     print(f"wrote {args.model_dir / CARD_FILE}")
 
 
