@@ -22,6 +22,7 @@ def pretrain(
     preset: Annotated[Optional[str], typer.Option("--preset", help=f"Architecture preset ({presets.preset_help()}); its recipe fills unset options.", show_default=f"{presets.DEFAULT_PRESETS['cpu']} on a CPU, {presets.DEFAULT_PRESETS['cuda']} on a GPU, or the --init-from model's")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over FOLDER.", show_default="the preset's recipe")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-clock budget for the training: the step time is measured first and the LR and momentum schedules planned to end with the budget; the run stops at the planned step or when the time is spent. --epochs / --max-steps, when given, still cap it.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default=presets.lr_help())] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.", show_default=str(presets.TRAIN_DEFAULTS["weight_decay"]))] = None,
@@ -62,7 +63,7 @@ def pretrain(
     options = TrainOptions(preset=preset, method=method, init_from=init_from, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
                            momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
-                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every,
+                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes,
                            predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
                            data_in_memory=data_in_memory or None)
     try:
@@ -78,8 +79,12 @@ def pretrain(
     print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
     loss = f"final loss {result.final_loss:.4f}" if math.isfinite(result.final_loss) else "no step run in this call"
-    typer.echo(f"trained {result.steps} steps ({loss}{knn}); model written to {out}")
-    if result.steps < result.total_steps:
+    plan = f" of {result.total_steps} planned for --minutes {minutes:g}" if minutes is not None and not resume else ""
+    typer.echo(f"trained {result.steps} steps{plan} ({loss}{knn}); model written to {out}")
+    if result.stopped_by == "minutes" and result.steps < result.total_steps:
+        typer.echo(f"stopped at step {result.steps} of the {result.total_steps} planned: the --minutes budget "
+                   "was spent first (the schedules did not reach their end)")
+    elif result.steps < result.total_steps:
         typer.echo(f"stopped at step {result.steps} of {result.total_steps} (--stop-at-step); continue with "
                    f"`filterkit pretrain {folder} --out {out} --resume`")
 
@@ -112,3 +117,4 @@ def eval_command(
     typer.echo(f"  {'model':>12}: {report.knn_top1:.4f}")
     for name, value in report.baselines.items():
         typer.echo(f"  {name:>12}: {value:.4f}")
+
