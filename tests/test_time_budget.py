@@ -2,6 +2,7 @@
 time limit, provenance, and resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from filterkit import Encoder, FilterkitError
 from filterkit.cli import main
 from filterkit.modeldir import CONFIG_FILE
 from filterkit.train import TrainOptions, lr_at, pretrain
-from filterkit.train.budget import PLAN_MARGIN, plan_options, planned_steps, step_seconds
+from filterkit.train.budget import PLAN_MARGIN, epoch_start_seconds, plan_options, planned_steps, step_seconds
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
@@ -20,10 +21,20 @@ def test_step_time_is_the_median_after_the_first_step():
     assert step_seconds([5.0, 0.3, 0.1, 0.2]) == 0.2
     assert step_seconds([5.0, 0.1, 0.3]) == pytest.approx(0.2)
     assert step_seconds([2.0]) == 2.0
+    assert epoch_start_seconds([5.0, 0.3, 0.1, 0.2]) == pytest.approx(4.8)  # the first step beyond the others
+    assert epoch_start_seconds([2.0]) == 0.0
 
 
 def test_planned_steps_fill_the_time_left_after_the_probe():
     assert planned_steps(1.0, 0.5, 2.0) == int(58.0 * PLAN_MARGIN / 0.5)
+    # Each epoch's start costs 1 s more, 4 steps an epoch: the most steps whose time fits.
+    left = 58.0 * PLAN_MARGIN
+    steps = planned_steps(1.0, 0.5, 2.0, epoch_start_s=1.0, steps_per_epoch=4)
+
+    def cost(t):
+        return t * 0.5 + math.ceil(t / 4) * 1.0
+
+    assert cost(steps) <= left < cost(steps + 1) and steps == 72
     with pytest.raises(FilterkitError, match=r"--minutes 0.01 is too small: one training step takes 2.00 s"):
         planned_steps(0.01, 2.0, 0.3)
 
@@ -47,7 +58,7 @@ def _plan_exactly(monkeypatch, steps):
 
     seen = {}
 
-    def fixed(minutes, step_s, probe_s):
+    def fixed(minutes, step_s, probe_s, *epoch_start):
         seen.update(step_s=step_s, probe_s=probe_s)
         return steps
 

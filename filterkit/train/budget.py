@@ -28,13 +28,24 @@ def step_seconds(times: list[float]) -> float:
     return timed[mid] if len(timed) % 2 else 0.5 * (timed[mid - 1] + timed[mid])
 
 
-def planned_steps(minutes: float, step_s: float, probe_s: float) -> int:
-    """Steps that fit in ``minutes`` once the probe's ``probe_s`` are spent; refuses a budget
+def epoch_start_seconds(times: list[float]) -> float:
+    """What starting an epoch adds to its first step (new loader, workers, a first batch not
+    decoded ahead): the probe's first step beyond the step time. It also holds the first
+    step's one-off allocations, so it errs towards fewer planned steps."""
+    return max(0.0, times[0] - step_seconds(times)) if len(times) > 1 else 0.0
+
+
+def planned_steps(minutes: float, step_s: float, probe_s: float, epoch_start_s: float = 0.0,
+                  steps_per_epoch: int = 1) -> int:
+    """The most steps T with T·step_s + ⌈T / steps_per_epoch⌉·epoch_start_s within
+    PLAN_MARGIN of the time ``minutes`` leaves after the probe's ``probe_s``; refuses a budget
     that leaves no time for one step."""
-    left = minutes * 60.0 - probe_s
-    steps = int(left * PLAN_MARGIN / step_s) if left > 0 else 0
+    left = (minutes * 60.0 - probe_s) * PLAN_MARGIN
+    steps = int(left / (step_s + epoch_start_s / steps_per_epoch)) + 1 if left > 0 else 0
+    while steps > 0 and steps * step_s + math.ceil(steps / steps_per_epoch) * epoch_start_s > left:
+        steps -= 1
     if steps < 1:
-        need = (probe_s + 2 * step_s / PLAN_MARGIN) / 60.0
+        need = (probe_s + 2 * (step_s + epoch_start_s) / PLAN_MARGIN) / 60.0
         raise FilterkitError(f"--minutes {minutes:g} is too small: one training step takes {step_s:.2f} s and "
                              f"measuring it took {probe_s:.1f} s; give at least --minutes {math.ceil(need * 100) / 100:g}")
     return steps

@@ -41,7 +41,7 @@ from .checkpoints import (
     _save_checkpoint,
     load_checkpoint,
 )
-from .budget import PROBE_SHARE, PROBE_STEPS, plan_options, planned_steps, step_seconds
+from .budget import PROBE_SHARE, PROBE_STEPS, epoch_start_seconds, plan_options, planned_steps, step_seconds
 from .data import Batches, _EpochSampler, folder_labels, load_images
 from .monitor import LOG, Monitor, _truncate_log
 from .options import TrainingInterrupted, TrainOptions, TrainResult
@@ -305,10 +305,12 @@ def _save(run: _Run, monitor: Monitor) -> None:
             compute, run.init_info, run.stopped_by)
 
 
-def _probe(run: _Run, batches: Batches) -> tuple[float, float]:
-    """(seconds per training step, seconds the probe took), for a --minutes plan: a few steps
-    of a throwaway copy of the method (lr 0) on the run's first batches, the RNG restored
-    after, so that the run itself is exactly the --max-steps run of the planned length.
+def _probe(run: _Run, batches: Batches) -> tuple[float, float, float]:
+    """(seconds per training step, seconds an epoch start adds, seconds the probe took), for a
+    --minutes plan: a few steps of a throwaway copy of the method (lr 0) on the run's first
+    batches, the RNG restored after, so that the run itself is exactly the --max-steps run of
+    the planned length. Its loader decodes one batch per worker ahead, not the run's four, so
+    that a data-bound step shows in the timed steps instead of being served from the buffer.
 
     Under DDP every rank probes the same number of steps (train_step's collectives need all of
     them) and the ranks plan with the slowest rank's times; the copy is not DDP-wrapped, so the
@@ -323,7 +325,7 @@ def _probe(run: _Run, batches: Batches) -> tuple[float, float]:
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, 0, o.seed, 0, run.rank,
                                 run.world)
         times, last = [], start
-        for x1, x2, _, labels in batches(sampler):
+        for x1, x2, _, labels in batches(sampler, prefetch=1):
             train_step(method, method, optimizer, scaler, x1.to(dev), x2.to(dev), 0.0, o.momentum, run.amp_dtype,
                        None if labels is None else labels.to(dev))
             if dev.type == "cuda":
@@ -335,19 +337,19 @@ def _probe(run: _Run, batches: Batches) -> tuple[float, float]:
                                              and now - start > PROBE_SHARE * budget_s):
                 break
         del method, optimizer
-    measured = [step_seconds(times), time.perf_counter() - start]
+    measured = [step_seconds(times), epoch_start_seconds(times), time.perf_counter() - start]
     if run.world > 1:
         agreed = torch.tensor(measured, dtype=torch.float64, device=dev)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         measured = agreed.tolist()
-    return measured[0], measured[1]
+    return measured[0], measured[1], measured[2]
 
 
 def _plan(run: _Run, batches: Batches, given: TrainOptions) -> float:
     """Fit a fresh --minutes run's schedules to its budget (run.options, total, warmup);
     returns the seconds the probe took."""
-    step_s, probe_s = _probe(run, batches)
-    planned = planned_steps(run.options.minutes, step_s, probe_s)
+    step_s, epoch_s, probe_s = _probe(run, batches)
+    planned = planned_steps(run.options.minutes, step_s, probe_s, epoch_s, run.steps_per_epoch)
     run.options, run.total, run.warmup_steps = plan_options(run.options, given, run.steps_per_epoch, planned,
                                                             run.total)
     return probe_s
