@@ -380,6 +380,7 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
             run.wall_seconds = float(training["compute"]["wall_seconds"])
             run.final_loss = result.final_loss if math.isfinite(result.final_loss) else None
             encoder = Encoder.load(out / name, device=device)
+            sets.min_crop_scale = training["min_crop_scale"]  # the views the runs trained on (one recipe for all)
             run.signals = sets.measure(encoder, name)
             comparison.preset = encoder.config.preset or comparison.preset
         comparison.runs.append(run)
