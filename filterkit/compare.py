@@ -364,6 +364,8 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
     sets = EvaluationSets(folder, labelled, exemplars, max_images, workers=workers, progress=progress)
     comparison = Comparison(folder.resolve().name or "root", minutes, preset or "default", seed,
                             ranking_signal(labelled, exemplars))
+    say(f"{len(chosen)} methods x {minutes:g} min: about {len(chosen) * minutes:g} min of training, then the "
+        f"measurements (ranked by {comparison.ranked_by})")
     for n, name in enumerate(chosen, 1):
         say(f"[{n}/{len(chosen)}] {name}: pretraining for {minutes:g} min")
         options = TrainOptions(method=name, preset=preset, depth=depth, batch_size=batch_size, seed=seed,
