@@ -318,7 +318,8 @@ def _probe(run: _Run, batches: Batches) -> tuple[float, float, float]:
     start = time.perf_counter()
     o, dev = run.options, run.device
     budget_s = o.minutes * 60.0
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         method = copy.deepcopy(run.method)
         optimizer = make_optimizer(method, 0.0, o.weight_decay, dev)
         scaler = torch.amp.GradScaler(dev.type, enabled=run.amp_dtype == torch.float16)
