@@ -389,8 +389,8 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
         _write(out, comparison)
     measured = next((r for r in comparison.runs if r.signals is not None), None)
     if measured is None:
-        raise FilterkitError("every method stopped on a health check (see above): lower the LR with fewer "
-                             "methods in `filterkit pretrain`, or give more --minutes")
+        raise FilterkitError("every method stopped on a health check (the messages above say why): nothing to "
+                             "rank. Try one of them with `filterkit pretrain --method M` and a lower --lr")
     say("baselines: random init, raw pixels")
     cfg = Encoder.load(out / measured.method, device="cpu").config
     torch.manual_seed(0)
