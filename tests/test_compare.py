@@ -126,3 +126,13 @@ def test_a_method_that_fails_its_health_check_is_ranked_last_and_the_others_stil
     assert doc["winner"]["method"] == "moco-v3" and "simclr failed: loss became nan" in printed
     failed = doc["runs"][1]
     assert failed["signals"] is None and failed["error"].startswith("loss became nan")
+
+
+def test_every_method_failing_is_a_one_line_error(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    code = main(["compare-methods", str(train_dir), "--minutes", "0.02", "--methods", "simclr", "--out",
+                 str(tmp_path / "cmp"), *TINY_CLI])
+    assert code == 1 and "error: every method stopped on a health check" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]["error"].startswith("loss became")
