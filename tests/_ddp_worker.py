@@ -37,6 +37,8 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
     few-images         a batch of 6 (the test gives fewer images than processes)
     slow-monitor       rank 0's epoch-end kNN monitor takes 10 s; the process group times out
                        after 4 s, so the other rank must not wait for it in a collective
+    budget             --minutes 0.03 with a plan far too long, and rank 1's clock never runs out:
+                       rank 0's clock must stop both ranks (outcome "ok <steps> <stopped_by>")
     """
     from datetime import timedelta
 
@@ -75,9 +77,16 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
             from filterkit.train import monitor
 
             monitor._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
+    elif case == "budget":
+        import filterkit.train.loop as loop
+
+        options.max_steps, options.epochs, options.minutes = None, None, 0.03
+        loop.planned_steps = lambda *args: 100_000
+        if rank == 1:
+            train.Monitor.wall_seconds = lambda self: 0.0
     try:
-        train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
-        outcome = "ok"
+        result = train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
+        outcome = "ok" if case != "budget" else f"ok {result.steps} {result.stopped_by}"
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
     with open(f"{dump}/rank{rank}.txt", "w") as f:

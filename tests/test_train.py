@@ -484,6 +484,12 @@ def test_ddp_ranks_agree_on_collapse(tmp_path, train_dir):
     assert outcomes == ["ok", "ok"], outcomes
 
 
+def test_ddp_a_budget_run_stops_every_rank_on_rank_0s_clock(tmp_path, train_dir):
+    outcomes = _ddp_outcomes("budget", 2, train_dir, tmp_path)
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("ok ") and outcomes[0].endswith(" minutes"), outcomes
+    assert int(outcomes[0].split()[1]) >= 1
+
+
 def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_path, train_dir):
     outcomes = _ddp_outcomes("slow-monitor", 2, train_dir, tmp_path)
     assert outcomes == ["ok", "ok"], outcomes

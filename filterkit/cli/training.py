@@ -22,6 +22,7 @@ def pretrain(
     preset: Annotated[Optional[str], typer.Option("--preset", help=f"Architecture preset ({presets.preset_help()}); its recipe fills unset options.", show_default=f"{presets.DEFAULT_PRESETS['cpu']} on a CPU, {presets.DEFAULT_PRESETS['cuda']} on a GPU, or the --init-from model's")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over FOLDER.", show_default="the preset's recipe")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Cap on optimiser steps (sets the schedules' length).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", help="Wall-clock budget for the training: the step time is measured first and the LR and momentum schedules planned to end with the budget; the run stops at the planned step or when the time is spent. --epochs / --max-steps, when given, still cap it.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch (split across DDP ranks).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default=presets.lr_help())] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.", show_default=str(presets.TRAIN_DEFAULTS["weight_decay"]))] = None,
@@ -62,7 +63,7 @@ def pretrain(
     options = TrainOptions(preset=preset, method=method, init_from=init_from, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
                            momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
-                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every,
+                           min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes,
                            predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
                            data_in_memory=data_in_memory or None)
     try:
@@ -78,8 +79,12 @@ def pretrain(
     print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
     loss = f"final loss {result.final_loss:.4f}" if math.isfinite(result.final_loss) else "no step run in this call"
-    typer.echo(f"trained {result.steps} steps ({loss}{knn}); model written to {out}")
-    if result.steps < result.total_steps:
+    plan = f" of {result.total_steps} planned for --minutes {minutes:g}" if minutes is not None and not resume else ""
+    typer.echo(f"trained {result.steps} steps{plan} ({loss}{knn}); model written to {out}")
+    if result.stopped_by == "minutes" and result.steps < result.total_steps:
+        typer.echo(f"stopped at step {result.steps} of the {result.total_steps} planned: the --minutes budget "
+                   "was spent first (the schedules did not reach their end)")
+    elif result.steps < result.total_steps:
         typer.echo(f"stopped at step {result.steps} of {result.total_steps} (--stop-at-step); continue with "
                    f"`filterkit pretrain {folder} --out {out} --resume`")
 
@@ -112,3 +117,80 @@ def eval_command(
     typer.echo(f"  {'model':>12}: {report.knn_top1:.4f}")
     for name, value in report.baselines.items():
         typer.echo(f"  {name:>12}: {value:.4f}")
+
+
+@app.command("compare-methods")
+def compare_methods_command(
+    folder: Annotated[Path, typer.Argument(help="Folder of images to pretrain on (your own collection).")],
+    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock budget of each method's run (the same for all).")],
+    methods_: Annotated[Optional[str], typer.Option("--methods", help=f"Comma-separated methods ({methods.method_help()}).", show_default="all; supcon only when FOLDER has class sub-folders")] = None,
+    labelled: Annotated[Optional[Path], typer.Option("--labelled", help="Labelled folder (one sub-folder per class, or train/ and test/ of them): rank by weighted kNN top-1.")] = None,
+    exemplars: Annotated[Optional[Path], typer.Option("--exemplars", help="Keep-like exemplars: rank by their leave-one-out keep-like AUROC against FOLDER (without --labelled).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for every method's model directory and compare.json.", show_default="./compare-FOLDERNAME")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help=f"Architecture preset of every run ({presets.preset_help()}).", show_default=f"{presets.DEFAULT_PRESETS['cpu']} on a CPU, {presets.DEFAULT_PRESETS['cuda']} on a GPU")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Number of blocks.", show_default=presets.depth_help())] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch of every run.", show_default="the preset's recipe")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every run (weights, augmentation, data order).")] = 0,
+    max_images: Annotated[int, typer.Option("--max-images", min=2, help="Images of FOLDER (evenly spread) the label-free signals are measured on.")] = 1000,
+    data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="As in `pretrain`: decode once, augment batches on the device.")] = False,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pretrain each self-supervised method on FOLDER for the same --minutes, then rank them: by
+    weighted kNN on --labelled, else by label-free signals of FOLDER's embeddings."""
+    from ..compare import RESULT_FILE, compare_methods
+
+    if preset is not None:
+        presets.get_preset(preset)
+    asked = [m.strip() for m in methods_.split(",") if m.strip()] if methods_ is not None else None
+    if asked is not None and not asked:
+        raise FilterkitError("--methods is empty: list methods separated by commas, e.g. moco-v3,simclr")
+    out = out if out is not None else Path(f"compare-{folder.resolve().name or 'root'}")
+    say = (lambda line: None) if quiet else echo_err
+    comparison = compare_methods(folder, out, minutes, asked, labelled, exemplars, preset, depth, batch_size, seed,
+                                 device, workers, data_in_memory, max_images, progress=not quiet, say=say)
+    doc = comparison.to_dict()
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    _print_comparison(doc, out / RESULT_FILE)
+    if doc["winner"] is not None:
+        typer.echo(f"winner: {doc['winner']['method']} (by {doc['ranked_by']}); its model: {out / doc['winner']['model']}")
+
+
+_COLUMNS = (("knn_top1", "kNN"), ("exemplar_auroc", "AUROC"), ("rankme", "RankMe"), ("alignment", "align"),
+            ("uniformity", "unif"))
+
+
+def _print_comparison(doc: dict, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+    shown = [(k, title) for k, title in _COLUMNS
+             if any((r["signals"] or {}).get(k) is not None for r in doc["runs"])]
+    table = Table(title=f"{len(doc['runs'])} methods on {doc['folder']}, {doc['minutes_per_method']:g} min each "
+                        f"({doc['preset']}, seed {doc['seed']}); ranked by {doc['ranked_by']}", title_justify="left")
+    for column in ("#", "method", "steps", "stop", *(t + ("▼" if k == doc["ranked_by"] else "") for k, t in shown)):
+        table.add_column(column, justify="left" if column in ("method", "stop") else "right", no_wrap=True)
+    for rank, r in enumerate(doc["runs"], 1):
+        name = r["method"] + (" (labels)" if r["supervised"] else "")
+        if r["signals"] is None:
+            table.add_row(str(rank), f"[red]{name}[/]", str(r["steps"]), "[red]failed[/]", *["-"] * len(shown))
+            continue
+        style = "bold green" if rank == 1 else ""
+        table.add_row(str(rank), f"[{style}]{name}[/]" if style else name, f"{r['steps']}/{r['total_steps']}",
+                      r["stopped_by"] or "-", *[fmt(r["signals"][k]) for k, _ in shown])
+    for base, values in doc["baselines"].items():
+        table.add_row("", f"[dim]{base.replace('_', ' ')}[/]", "", "", *[f"[dim]{fmt(values.get(k))}[/]" for k, _ in shown])
+    Console().print(table)
+    for r in doc["runs"]:
+        if r["error"]:
+            typer.echo(f"{r['method']} failed: {r['error']}")
+    typer.echo("▼ ranks the methods. kNN: weighted kNN top-1 on --labelled; AUROC: the exemplars' leave-one-out "
+               "keep-like AUROC; RankMe: effective rank of the embeddings (all three: higher is better); align, "
+               f"unif: alignment of two views and uniformity (lower is better). Written to {path}")

@@ -5,6 +5,7 @@ method of ``filterkit.methods`` (``TrainOptions(method=...)``, ``pretrain --meth
     data.py         the two-view dataset, the in-memory store, the epoch sampler, folder labels
     checkpoints.py  save, load, resume merge, export with provenance, --init-from
     monitor.py      NaN and collapse checks, the JSON log, rate, the kNN monitor
+    budget.py       --minutes: the steps a measured step time fits in the budget, the plan's options
     loop.py         pretrain: prepare, then the steps; AdamW, LR and momentum schedules, DDP
 
     >>> result = pretrain("./images", "models/mine", TrainOptions(preset="vit-tiny-4-32", epochs=10))

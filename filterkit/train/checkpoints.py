@@ -71,19 +71,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _export(out_dir: Path, method: Method, cfg: ModelConfig, options: TrainOptions, step: int,
             total: int, data_dir: Path, n_images: int, compute: dict[str, Any],
-            init: dict[str, Any] | None = None) -> None:
+            init: dict[str, Any] | None = None, stopped_by: str | None = None) -> None:
     """Write the base backbone as a model directory (loads into plain timm).
 
     Provenance holds names, model ids, image and step counts, never a path of this machine:
     ``data.name`` and ``training.init_from`` are base names, ``training.init`` summarises the
     model this run started from and ``training.stages`` lists every earlier run of the
-    ``--init-from`` chain, oldest first (docs/DESIGN.md, "Model directory").
+    ``--init-from`` chain, oldest first (docs/DESIGN.md, "Model directory"). ``stopped_by``
+    says why the run ended ("steps", "minutes"; None while it runs or after --stop-at-step).
     """
     # ``method`` names the paper (as before --method existed); ``method_option`` is the --method value.
     chosen = {k: v for k, v in asdict(options).items() if k != "method"}
     training = {"method": method.title, "steps": step, "total_steps": total, **chosen,
                 "method_option": method.name, "init_from": _provenance_name(options.init_from),
-                "compute": compute}
+                "stopped_by": stopped_by, "compute": compute}
     if init:  # scrubbed again: the checkpoint of a run started by an older version holds paths
         summary = {k: v for k, v in init.items() if k != "stages"}
         training["init"] = _scrubbed_training({"init": summary})["init"]

@@ -224,10 +224,12 @@ class Batches:
         else:
             self.views = BatchTwoViews(img_size, min_crop_scale, mean, std)
 
-    def __call__(self, sampler: Sampler):
+    def __call__(self, sampler: Sampler, prefetch: int = 4):
+        """``prefetch``: batches each worker decodes ahead (the --minutes probe takes 1, so its
+        timed steps wait for decoding as a long run's do once the buffer is drained)."""
         if self.store is not None:
             labels = None if self.labels is None else torch.tensor(self.labels, dtype=torch.long)
             return _memory_batches(self.store, self.rows, self.views, sampler, self.per_rank, self.device, labels)
         return DataLoader(self.dataset, batch_size=self.per_rank, sampler=sampler, num_workers=self.workers,
                           collate_fn=_collate, drop_last=True, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=4 if self.workers else None)
+                          prefetch_factor=prefetch if self.workers else None)

@@ -9,8 +9,10 @@ on 2 processes sees the same data as a run on 1.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from .checkpoints import (
     _save_checkpoint,
     load_checkpoint,
 )
+from .budget import PROBE_SHARE, PROBE_STEPS, epoch_start_seconds, plan_options, planned_steps, step_seconds
 from .data import Batches, _EpochSampler, folder_labels, load_images
 from .monitor import LOG, Monitor, _truncate_log
 from .options import TrainingInterrupted, TrainOptions, TrainResult
@@ -135,6 +138,7 @@ class _Run:
     init_info: dict[str, Any] | None
     prior_seconds: float  # training time of the runs this one resumes
     classes: list[str] | None = None  # a supervised method's classes (sub-folder names), label order
+    stopped_by: str | None = None  # TrainResult.stopped_by, once the loop has ended
 
     @property
     def is_main(self) -> bool:
@@ -161,6 +165,8 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
     if options.init_from and checkpoint is None:
         init = _load_init(options.init_from)
         options = _options_from_init(options, init)
+    if options.minutes is not None and not (options.minutes > 0 and math.isfinite(options.minutes)):
+        raise FilterkitError(f"--minutes must be a positive number of minutes, got {options.minutes:g}")
     lr_given = options.lr is not None
     options = options.resolved(device_kind)
     if method_class(options.method).needs_predictor and not options.predictor:
@@ -194,6 +200,8 @@ def _schedule(options: TrainOptions, data_dir: Path, images: int, world: int, lr
     total = steps_per_epoch * options.epochs
     if options.max_steps:
         total = min(total, options.max_steps)
+    if options.planned_steps:  # a --minutes run's plan (budget.plan_options), kept on --resume
+        total = min(total, options.planned_steps)
     warmup_steps = int(round(options.warmup_epochs * steps_per_epoch))
     return options, global_batch, steps_per_epoch, total, warmup_steps
 
@@ -294,13 +302,80 @@ def _save(run: _Run, monitor: Monitor) -> None:
     compute = {"device": device_name, "processes": run.world, "torch_threads": torch.get_num_threads(),
                "precision": precision_used, "wall_seconds": round(wall, 1)}
     _export(run.out_dir, run.method, run.cfg, run.options, run.step, run.total, run.data_dir, len(run.paths),
-            compute, run.init_info)
+            compute, run.init_info, run.stopped_by)
+
+
+def _probe(run: _Run, batches: Batches) -> tuple[float, float, float]:
+    """(seconds per training step, seconds an epoch start adds, seconds the probe took), for a
+    --minutes plan: a few steps of a throwaway copy of the method (lr 0) on the run's first
+    batches, the RNG restored after, so that the run itself is exactly the --max-steps run of
+    the planned length. Its loader decodes one batch per worker ahead, not the run's four, so
+    that a data-bound step shows in the timed steps instead of being served from the buffer.
+
+    Under DDP every rank probes the same number of steps (train_step's collectives need all of
+    them) and the ranks plan with the slowest rank's times; the copy is not DDP-wrapped, so the
+    gradient all-reduce is not in the measured step (the time limit still holds)."""
+    start = time.perf_counter()
+    o, dev = run.options, run.device
+    budget_s = o.minutes * 60.0
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        method = copy.deepcopy(run.method)
+        optimizer = make_optimizer(method, 0.0, o.weight_decay, dev)
+        scaler = torch.amp.GradScaler(dev.type, enabled=run.amp_dtype == torch.float16)
+        sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, 0, o.seed, 0, run.rank,
+                                run.world)
+        times, last = [], start
+        for x1, x2, _, labels in batches(sampler, prefetch=1):
+            train_step(method, method, optimizer, scaler, x1.to(dev), x2.to(dev), 0.0, o.momentum, run.amp_dtype,
+                       None if labels is None else labels.to(dev))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+            if len(times) > PROBE_STEPS or (run.world == 1 and len(times) >= 2
+                                             and now - start > PROBE_SHARE * budget_s):
+                break
+        del method, optimizer
+    measured = [step_seconds(times), epoch_start_seconds(times), time.perf_counter() - start]
+    if run.world > 1:
+        agreed = torch.tensor(measured, dtype=torch.float64, device=dev)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        measured = agreed.tolist()
+    return measured[0], measured[1], measured[2]
+
+
+def _plan(run: _Run, batches: Batches, given: TrainOptions) -> float:
+    """Fit a fresh --minutes run's schedules to its budget (run.options, total, warmup);
+    returns the seconds the probe took."""
+    step_s, epoch_s, probe_s = _probe(run, batches)
+    planned = planned_steps(run.options.minutes, step_s, probe_s, epoch_s, run.steps_per_epoch)
+    run.options, run.total, run.warmup_steps = plan_options(run.options, given, run.steps_per_epoch, planned,
+                                                            run.total)
+    return probe_s
+
+
+def _out_of_time(run: _Run, monitor: Monitor) -> bool:
+    """Whether the --minutes budget is spent (training time over resumes); every rank agrees."""
+    if run.options.minutes is None:
+        return False
+    spent = monitor.wall_seconds() >= run.options.minutes * 60.0
+    if run.world > 1:  # rank 0's clock decides, so that no rank steps on alone
+        flag = torch.tensor([float(spent)], device=run.device)
+        dist.broadcast(flag, 0)
+        spent = bool(flag.item())
+    return spent
 
 
 def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int) -> None:
-    """Train from ``run.step`` to ``stop``, epoch by epoch, checkpointing on the way."""
+    """Train from ``run.step`` to ``stop``, epoch by epoch, checkpointing on the way, until
+    then or until the --minutes budget is spent (``run.stopped_by``)."""
     o, dev = run.options, run.device
     epochs = math.ceil(run.total / run.steps_per_epoch)
+    if run.step < stop and _out_of_time(run, monitor):  # a resume of a run whose budget is spent
+        run.stopped_by = "minutes"
+        return
     while run.step < stop:
         epoch = run.step // run.steps_per_epoch
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, epoch, o.seed,
@@ -324,6 +399,11 @@ def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: in
                 monitor.end_of_epoch(run.step // run.steps_per_epoch, run.step, run.method, run.cfg, workers)
             if run.step >= stop:
                 break
+            if _out_of_time(run, monitor):
+                run.stopped_by = "minutes"
+                return
+    if run.step >= run.total:
+        run.stopped_by = "steps"
 
 
 def pretrain(
@@ -349,10 +429,18 @@ def pretrain(
 
     ``stop_at_step`` stops after that many steps as an interruption would, leaving a
     checkpoint that ``resume=True`` continues from.
+
+    ``options.minutes`` is a wall-clock budget for the training (the images' discovery and
+    decoding before it are not counted): a fresh run measures its step time on a throwaway
+    copy, plans the schedules to end with the budget (``planned_steps``), then stops at the
+    planned step or when the time is spent, whichever comes first (``TrainResult.stopped_by``).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    run, batches = _prepare(data_dir, out_dir, options or TrainOptions(), resume, device, precision, workers,
+    given = options or TrainOptions()
+    run, batches = _prepare(data_dir, out_dir, given, resume, device, precision, workers,
                             progress, follow_symlinks)
+    if run.options.minutes is not None and not resume:
+        run.prior_seconds += _plan(run, batches, given)  # the probe's time is spent from the budget
     monitor = _open_monitor(run, json_log, knn_train, knn_test, knn_max_per_class, collapse_patience)
     stop = run.total if stop_at_step is None else min(run.total, stop_at_step)
     try:
@@ -367,4 +455,4 @@ def pretrain(
     _save(run, monitor)
     skipped = run.refused + [Skip(run.paths[i], r) for i, r in sorted(monitor.skipped.items())]
     return TrainResult(out_dir, run.step, monitor.loss, monitor.images_per_s(), monitor.knn_history, skipped,
-                       run.method, run.total)
+                       run.method, run.total, run.stopped_by)

@@ -44,6 +44,11 @@ class TrainOptions:
     checkpoint_every: int | None = None  # steps
     init_from: str | None = None  # a model directory (or "default") to start from instead of random
     data_in_memory: bool | None = None  # decode once to uint8, augment whole batches on the device
+    # A wall-clock budget (train/budget.py): the schedules' horizon is planned to fit it, and the
+    # run stops when it is spent. Not a schedule key: the plan is fixed once made (planned_steps),
+    # and --minutes given again on --resume only sets a new limit on the total training time.
+    minutes: float | None = None
+    planned_steps: int | None = None  # set by the plan, never by the caller: caps the horizon
 
     def resolved(self, device_kind: str) -> TrainOptions:
         preset = self.preset or default_preset(device_kind)
@@ -64,7 +69,8 @@ class TrainOptions:
 # Options that change what a resumed run computes: they must match the checkpoint.
 _SCHEDULE_KEYS = ("preset", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "temperature",
                   "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
-                  "freeze_patch_embed", "min_crop_scale", "depth", "seed", "data_in_memory", "method")
+                  "freeze_patch_embed", "min_crop_scale", "depth", "seed", "data_in_memory", "method",
+                  "planned_steps")
 
 
 @dataclass
@@ -77,6 +83,9 @@ class TrainResult:
     skipped: list[Skip]
     model: Method  # the trained method: backbone, heads and any EMA target
     total_steps: int = 0  # the schedule's length (steps < total_steps: stopped early)
+    # "steps": the schedule ran to its end; "minutes": the --minutes budget ran out first;
+    # None: stopped by --stop-at-step (a checkpoint to resume from).
+    stopped_by: str | None = None
 
 
 class TrainingStopped(FilterkitError):

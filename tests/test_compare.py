@@ -1,0 +1,138 @@
+"""compare-methods: the label-free signals against their formulas, the method choice, and a
+tiny end-to-end comparison of two methods."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from filterkit import Encoder, FilterkitError
+from filterkit.cli import main
+from filterkit.compare import alignment, choose_methods, exemplar_auroc, rankme, uniformity
+
+from conftest import assert_no_machine_path
+
+TINY_CLI = ["--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--workers", "0", "-q"]
+
+
+def test_rankme_is_the_effective_rank_of_the_singular_values():
+    d = 8
+    assert rankme(torch.eye(d)) == pytest.approx(d, rel=1e-5)  # all singular values equal: full rank
+    rank1 = torch.outer(torch.arange(1.0, 11.0), torch.randn(d, generator=torch.Generator().manual_seed(0)))
+    assert rankme(rank1) == pytest.approx(1.0, abs=1e-4)
+    # two singular values 3 and 1: p = (0.75, 0.25), exp(entropy)
+    z = torch.diag(torch.tensor([3.0, 1.0, 0.0]))
+    p = np.array([0.75, 0.25]) + 1e-7
+    assert rankme(z) == pytest.approx(math.exp(-(p * np.log(p)).sum() - 1e-7 * math.log(1e-7)), rel=1e-6)
+
+
+def test_alignment_and_uniformity_equal_their_formulas():
+    g = torch.Generator().manual_seed(1)
+    z = F.normalize(torch.randn(6, 4, generator=g), dim=1)
+    assert alignment(z, z) == 0.0
+    other = F.normalize(torch.randn(6, 4, generator=g), dim=1)
+    assert alignment(z, other) == pytest.approx(float(((z - other) ** 2).sum(1).mean()), rel=1e-6)
+    # two antipodal points: one pair at squared distance 4, log exp(-2 * 4) = -8
+    assert uniformity(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-8.0)
+    pairs = [float(((z[i] - z[j]) ** 2).sum()) for i in range(6) for j in range(i + 1, 6)]
+    assert uniformity(z) == pytest.approx(math.log(np.mean(np.exp(-2.0 * np.array(pairs)))), rel=1e-6)
+    assert uniformity(z[:1].repeat(3, 1)) == pytest.approx(0.0)  # one point: 0, the worst
+
+
+def test_exemplar_auroc_separates_exemplars_that_stand_out():
+    g = np.random.default_rng(0)
+    centre = np.eye(16)[0]
+    ex = centre + 0.1 * g.normal(size=(10, 16))
+    pool = g.normal(size=(200, 16))
+    unit = lambda v: (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    assert exemplar_auroc(unit(pool), unit(ex)) > 0.95
+    assert 0.2 < exemplar_auroc(unit(pool), unit(g.normal(size=(10, 16)))) < 0.8  # exemplars like the rest
+
+
+def test_supcon_is_offered_only_with_class_folders_and_errors_are_clear(tmp_path, train_dir, photos_dir):
+    assert "supcon" in choose_methods(train_dir, None)
+    assert "supcon" not in choose_methods(photos_dir, None) and "moco-v3" in choose_methods(photos_dir, None)
+    with pytest.raises(FilterkitError, match="--methods supcon is supervised"):
+        choose_methods(photos_dir, ["simclr", "supcon"])
+    with pytest.raises(FilterkitError, match="unknown method 'dino'"):
+        choose_methods(photos_dir, ["dino"])
+    with pytest.raises(FilterkitError, match="lists a method twice"):
+        choose_methods(photos_dir, ["byol", "byol"])
+
+
+def test_cli_errors_are_one_line(tmp_path, train_dir, capsys):
+    assert main(["compare-methods", str(train_dir), "--minutes", "1", "--methods", "mocov3", "--out",
+                 str(tmp_path / "a"), "-q"]) == 1
+    assert "error: unknown method 'mocov3'" in capsys.readouterr().err
+    assert main(["compare-methods", str(train_dir), "--minutes", "-1", "--out", str(tmp_path / "b"), "-q"]) == 1
+    assert "error: --minutes must be a positive number of minutes per method" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("mine")
+    assert main(["compare-methods", str(train_dir), "--minutes", "1", "--out", str(tmp_path / "c"), "-q"]) == 1
+    assert "already holds files" in capsys.readouterr().err and (tmp_path / "c" / "x").read_text() == "mine"
+    assert main(["compare-methods", str(train_dir), "--minutes", "0.0001", "--methods", "simclr", "--out",
+                 str(tmp_path / "d"), *TINY_CLI]) == 1
+    assert "is too small: one training step takes" in capsys.readouterr().err
+
+
+def test_two_methods_at_a_tiny_budget_rank_by_knn_with_both_baselines(tmp_path, train_dir, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare-methods", str(train_dir), "--minutes", "0.03", "--methods", "moco-v3,simclr",
+                 "--labelled", str(train_dir), "--out", str(out), *TINY_CLI])
+    printed = capsys.readouterr().out
+    assert code == 0 and "winner:" in printed and "kNN▼" in printed and "random init" in printed
+    doc = json.loads((out / "compare.json").read_text())
+    assert_no_machine_path(doc, tmp_path)
+    assert doc["ranked_by"] == "knn_top1" and sorted(doc["ranking"]) == ["moco-v3", "simclr"]
+    assert doc["winner"]["method"] == doc["ranking"][0]
+    knn = [r["signals"]["knn_top1"] for r in doc["runs"]]
+    assert knn == sorted(knn, reverse=True) and all(0 <= v <= 1 for v in knn)
+    assert set(doc["baselines"]) == {"random_init", "raw_pixels"}
+    assert 0 <= doc["baselines"]["raw_pixels"]["knn_top1"] <= 1
+    for run in doc["runs"]:
+        assert run["stopped_by"] in ("steps", "minutes") and run["steps"] >= 1
+        assert 1 <= run["signals"]["rankme"] <= 192 and 0 <= run["signals"]["alignment"] <= 4
+        training = json.loads((out / run["model"] / "config.json").read_text())["training"]
+        assert training["method_option"] == run["method"] and training["minutes"] == 0.03
+        Encoder.load(out / run["model"], device="cpu")  # every run's model directory is kept and loads
+
+
+def test_label_free_ranking_with_exemplars_and_json(tmp_path, train_dir, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare-methods", str(train_dir), "--minutes", "0.03", "--methods", "byol,simsiam",
+                 "--exemplars", str(train_dir / "part0"), "--out", str(out), "--json", *TINY_CLI])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc == json.loads((out / "compare.json").read_text())
+    assert doc["ranked_by"] == "exemplar_auroc" and doc["winner"]["method"] in ("byol", "simsiam")
+    aurocs = [r["signals"]["exemplar_auroc"] for r in doc["runs"]]
+    assert aurocs == sorted(aurocs, reverse=True) and all(r["signals"]["knn_top1"] is None for r in doc["runs"])
+    assert "exemplar_auroc" in doc["baselines"]["raw_pixels"] and "knn_top1" not in doc["baselines"]["raw_pixels"]
+
+
+def test_a_method_that_fails_its_health_check_is_ranked_last_and_the_others_still_run(tmp_path, train_dir,
+                                                                                   monkeypatch, capsys):
+    import filterkit.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    out = tmp_path / "cmp"
+    code = main(["compare-methods", str(train_dir), "--minutes", "0.03", "--methods", "simclr,moco-v3",
+                 "--out", str(out), *TINY_CLI])
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "compare.json").read_text())
+    assert code == 0 and doc["ranked_by"] == "rankme" and doc["ranking"] == ["moco-v3", "simclr"]
+    assert doc["winner"]["method"] == "moco-v3" and "simclr failed: loss became nan" in printed
+    failed = doc["runs"][1]
+    assert failed["signals"] is None and failed["error"].startswith("loss became nan")
+
+
+def test_every_method_failing_is_a_one_line_error(tmp_path, train_dir, monkeypatch, capsys):
+    import filterkit.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    code = main(["compare-methods", str(train_dir), "--minutes", "0.03", "--methods", "simclr", "--out",
+                 str(tmp_path / "cmp"), *TINY_CLI])
+    assert code == 1 and "error: every method stopped on a health check" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]["error"].startswith("loss became")
