@@ -343,10 +343,12 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
                     exemplars: str | os.PathLike | None = None, preset: str | None = None, depth: int | None = None,
                     batch_size: int | None = None, seed: int = 0, device: str = "auto", workers: int | None = None,
                     data_in_memory: bool = False, max_images: int = MAX_IMAGES, progress: bool = True,
-                    say: Callable[[str], None] = lambda line: None) -> Comparison:
+                    say: Callable[[str], None] = lambda line: None, max_steps: int | None = None) -> Comparison:
     """Pretrain each method on ``folder`` for ``minutes`` of wall clock into ``out/<method>``,
     measure each (and the random-init baseline, plus raw pixels for kNN and AUROC), write
-    ``out/compare.json`` after every method, and return the comparison."""
+    ``out/compare.json`` after every method, and return the comparison. ``max_steps`` caps every
+    run's steps as well (the same cap for all: a quick look, or a test that must not depend on the
+    machine's speed)."""
     from .encoder import Encoder, build_backbone
     from .train import TrainingStopped, TrainOptions, pretrain
 
@@ -369,7 +371,7 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
     for n, name in enumerate(chosen, 1):
         say(f"[{n}/{len(chosen)}] {name}: pretraining for {minutes:g} min")
         options = TrainOptions(method=name, preset=preset, depth=depth, batch_size=batch_size, seed=seed,
-                               minutes=minutes, data_in_memory=data_in_memory or None)
+                               minutes=minutes, max_steps=max_steps, data_in_memory=data_in_memory or None)
         run = MethodRun(name, name, method_table.method_class(name).needs_labels)
         try:
             result = pretrain(folder, out / name, options, device=device, workers=workers, progress=progress)

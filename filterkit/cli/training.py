@@ -132,6 +132,7 @@ def compare_methods_command(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch of every run.", show_default="the preset's recipe")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every run (weights, augmentation, data order).")] = 0,
     max_images: Annotated[int, typer.Option("--max-images", min=2, help="Images of FOLDER (evenly spread) the label-free signals are measured on.")] = 1000,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Also cap every method's run at this many steps (the same for all).")] = None,
     data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="As in `pretrain`: decode once, augment batches on the device.")] = False,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -150,7 +151,8 @@ def compare_methods_command(
     out = out if out is not None else Path(f"compare-{folder.resolve().name or 'root'}")
     say = (lambda line: None) if quiet else echo_err
     comparison = compare_methods(folder, out, minutes, asked, labelled, exemplars, preset, depth, batch_size, seed,
-                                 device, workers, data_in_memory, max_images, progress=not quiet, say=say)
+                                 device, workers, data_in_memory, max_images, progress=not quiet, say=say,
+                                 max_steps=max_steps)
     doc = comparison.to_dict()
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
