@@ -1,6 +1,10 @@
 """Keep the incoming photos that look like the exemplars, from Python, with the default model.
 
     python examples/filter_photos.py
+
+With the shipped encoder the two astronaut photos are kept too (nearest exemplar cat.jpg):
+with two exemplars of different kinds the automatic threshold is their mutual similarity,
+and README.md (Quickstart) says why that lets them through.
 """
 
 from pathlib import Path
