@@ -3,8 +3,8 @@
 # keeping photos like examples/exemplars and rejecting photos like examples/negatives.
 # Writes an HTML report (with CSV and JSON beside it) to out/demo/filter.html.
 # With the shipped encoder it keeps the four edited copies of the exemplars, and also the two
-# astronaut photos, which it finds nearer the cat than the coffee is: two exemplars of different
-# kinds set a low automatic threshold (README.md, Quickstart, says why).
+# astronaut photos, which it puts nearer both exemplars than they are to each other: the automatic
+# threshold from two exemplars is their mutual similarity (README.md, Quickstart, says more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FK=${FK:-.venv/bin/filterkit}

@@ -3,8 +3,8 @@
     python examples/filter_photos.py
 
 With the shipped encoder the two astronaut photos are kept too (nearest exemplar cat.jpg):
-with two exemplars of different kinds the automatic threshold is their mutual similarity,
-and README.md (Quickstart) says why that lets them through.
+the automatic threshold from two exemplars is their mutual similarity, and the encoder puts
+the astronaut nearer both of them than they are to each other (README.md, Quickstart).
 """
 
 from pathlib import Path
