@@ -1,6 +1,10 @@
 """Keep the incoming photos that look like the exemplars, from Python, with the default model.
 
     python examples/filter_photos.py
+
+With the shipped encoder the two astronaut photos are kept too (nearest exemplar cat.jpg):
+the automatic threshold from two exemplars is their mutual similarity, and the encoder puts
+the astronaut nearer both of them than they are to each other (README.md, Quickstart).
 """
 
 from pathlib import Path
