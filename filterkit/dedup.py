@@ -621,10 +621,10 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
     the proposer would not propose them; the candidate pairs as negatives; links counted per
     ``n_images``. A synthetic copy is scored with its image's background with the copy among its
-    candidates (``backgrounds_with``) for both ends, or, where a copy's candidates differ from its
-    image's (cross-set: the copy's are reference images, its image's new ones), with its image's
-    plain background and ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]``
-    for its own end. Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
+    candidates (``backgrounds_with``) for both ends, or with
+    ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
+    candidates differ from its image's (cross-set: the copy's are reference images, its image's
+    new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
     rng = np.random.default_rng(seed)
     sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, pool, views, rng, sample)
     rows, cols, proposer = candidates(pixel_floor)
@@ -640,11 +640,9 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     # candidates stands for both ends, and a copy that candidate generation would not propose is
     # one dedup misses
     found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
-    if copy_background is None:
-        level = backgrounds_with(len(paths), rows, cols, pix, sampled, pos_pix)
-    else:  # cross-set keeps the plain background at its image's end: not measured there yet, and
-        # on the tests' 26 images the new rule let two halves of one scene link (0.645 >= 0.601)
-        level = (background[sampled] + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
+    level = backgrounds_with(len(paths), rows, cols, pix, sampled, pos_pix)
+    if copy_background is not None:
+        level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
     # the links per image are counted over all candidate pairs (every one has its score
     # already), not only over the sampled images: far less noise at the same cost
