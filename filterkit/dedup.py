@@ -325,53 +325,25 @@ def pair_score(cosine: np.ndarray, pixel: np.ndarray, background: np.ndarray | f
             - np.asarray(background, dtype=np.float64)) / 2
 
 
-def _top_scores(n: int, rows: np.ndarray, cols: np.ndarray, pixel: np.ndarray, k: int) -> np.ndarray:
-    """float64 [n, k + 1]: each image's k + 1 largest pixel scores over its candidate pairs,
-    descending, -inf where it has fewer."""
-    ends = np.concatenate([rows, cols]).astype(np.int64)
-    values = np.concatenate([pixel, pixel]).astype(np.float64)
-    order = np.lexsort((-values, ends))  # by image, then score descending
-    ends, values = ends[order], values[order]
-    rank = np.arange(len(ends)) - np.searchsorted(ends, ends)  # 0 for an image's best
-    keep = rank <= k
-    top = np.full((n, k + 1), -np.inf)
-    top[ends[keep], rank[keep]] = values[keep]
-    return top
-
-
-def _mean_after_best(top: np.ndarray) -> np.ndarray:
-    """[m]: the mean of the finite entries of each row of descending scores but the first (0 if none)."""
-    rest = top[:, 1:]
-    finite = np.isfinite(rest)
-    return np.where(finite, rest, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
-
-
 def backgrounds(n: int, rows: np.ndarray, cols: np.ndarray, pixel: np.ndarray, k: int = BACKGROUND) -> np.ndarray:
     """[n]: each image's background, the mean of its 2nd to (k+1)-th largest pixel scores over
     its candidate pairs (0 with fewer than two). The best is left out because it may be a copy;
-    the same rule for every pair, and for a synthetic copy through its image (``backgrounds_with``),
-    keeps the calibration's positives scored like the collection's pairs.
+    the same rule for every pair, and for a synthetic copy through its image, keeps the
+    calibration's positives scored like the collection's pairs.
 
     A low-texture image (a small object on a plain sky) correlates highly with many unrelated
     ones; a copy stands out from that level, a look-alike does not. Subtracting it is the
     contextual dissimilarity of Jegou, Harzallah and Schmid 2007 ("A contextual dissimilarity
     measure for accurate and efficient image search"; CSLS in Conneau et al. 2018)."""
-    return _mean_after_best(_top_scores(n, rows, cols, pixel, k))
-
-
-def backgrounds_with(n: int, rows: np.ndarray, cols: np.ndarray, pixel: np.ndarray, targets: np.ndarray,
-                     extra: np.ndarray, k: int = BACKGROUND) -> np.ndarray:
-    """[len(targets)]: the background (``backgrounds``) image ``targets[p]`` would have with one
-    more candidate pair, of pixel score ``extra[p]``: that of a synthetic copy of it, had the copy
-    been in the collection. A copy is usually an image's best pair, left out, so the image's
-    background is then the mean of its k best other pairs rather than of its 2nd to (k+1)-th:
-    higher, as it is for an image of the collection that has a real copy. Scoring a synthetic
-    copy with the plain background instead made the positives score above the real copies, so
-    the calibration undercounted the real copies (benchmarks/README.md)."""
-    targets = np.asarray(targets, dtype=np.int64)
-    top = _top_scores(n, rows, cols, pixel, k)[targets]
-    merged = -np.sort(-np.concatenate([top, np.asarray(extra, np.float64)[:, None]], axis=1), axis=1)
-    return _mean_after_best(merged[:, :k + 1])
+    ends = np.concatenate([rows, cols]).astype(np.int64)
+    values = np.concatenate([pixel, pixel]).astype(np.float64)
+    order = np.lexsort((-values, ends))  # by image, then score descending
+    ends, values = ends[order], values[order]
+    rank = np.arange(len(ends)) - np.searchsorted(ends, ends)  # 0 for an image's best
+    keep = (rank >= 1) & (rank <= k)
+    total = np.bincount(ends[keep], weights=values[keep], minlength=n)
+    count = np.bincount(ends[keep], minlength=n)
+    return total / np.maximum(count, 1)
 
 
 def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -620,8 +592,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     cosine and pixel score less the pair's ``backgrounds``), and the threshold chosen (or, when
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
     the proposer would not propose them; the candidate pairs as negatives; links counted per
-    ``n_images``. A synthetic copy is scored with its image's background with the copy among its
-    candidates (``backgrounds_with``) for both ends, or with
+    ``n_images``. A synthetic copy is scored with its image's background for both ends, or with
     ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
     candidates differ from its image's (cross-set: the copy's are reference images, its image's
     new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
@@ -636,11 +607,10 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     m = len(sampled)
     pos_cos = np.einsum("nd,nd->n", vectors[sampled], copy_vectors)
     pos_pix = _verify().pixel_scores(both, np.arange(m), np.arange(m, 2 * m))
-    # a synthetic copy is not in the collection: its image's background with the copy among its
-    # candidates stands for both ends, and a copy that candidate generation would not propose is
-    # one dedup misses
+    # a synthetic copy is not in the collection: its image's background stands for both ends,
+    # and a copy that candidate generation would not propose is one dedup misses
     found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
-    level = backgrounds_with(len(paths), rows, cols, pix, sampled, pos_pix)
+    level = background[sampled]
     if copy_background is not None:
         level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)

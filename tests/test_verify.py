@@ -12,10 +12,9 @@ from PIL import Image, ImageDraw
 
 from filterkit import Encoder, verify
 from filterkit.cli import main
-from filterkit.dedup import (_Proposer, _spanning_groups, backgrounds, backgrounds_with, choose_threshold, estimate,
-                             find_duplicates, synthetic_copy)
+from filterkit.dedup import _Proposer, _spanning_groups, choose_threshold, estimate, find_duplicates
 
-from conftest import PHOTO_NAMES, sample_photo
+from conftest import sample_photo
 
 SHIPPED = "models/filterkit-vit-mini"
 
@@ -212,30 +211,6 @@ def test_plain_sky_look_alikes_are_not_grouped(tmp_path, photos_dir):
         drawings = {name.split(".")[0].split("_")[0] for name in [g.keep.name] + [d.path.name for d in g.duplicates]
                     if name.startswith("sky")}
         assert len(drawings) <= 1, f"different drawings grouped: {sorted(drawings)}"
-
-
-def test_a_synthetic_copy_is_scored_with_the_background_its_image_has_once_the_copy_is_in_the_collection():
-    # Seven photos and crops of them, every pair a candidate; then one synthetic copy of the
-    # astronaut joins them. Its image's background in the enlarged collection (the copy its best
-    # pair, left out) is what the calibration must subtract for that copy, not the background
-    # before it joined: the copy displaces the best look-alike from the 2nd-to-11th window.
-    photos = [sample_photo(name) for name in PHOTO_NAMES[:7]]
-    photos += [im.crop((0, 0, im.width * 2 // 3, im.height * 2 // 3)) for im in photos]
-    copy = synthetic_copy(photos[0], np.random.default_rng(3))
-    views = np.stack([verify.image_views(im) for im in photos + [copy]])
-    n = len(photos)
-    rows, cols = np.triu_indices(n, k=1)
-    pix = verify.pixel_scores(views, rows, cols)
-    copy_pix = verify.pixel_scores(views, np.zeros(n, dtype=np.int64), np.full(n, n))  # the copy with each
-    grown = backgrounds(n + 1, np.concatenate([rows, np.arange(n)]), np.concatenate([cols, np.full(n, n)]),
-                        np.concatenate([pix, copy_pix]))
-    before = backgrounds(n, rows, cols, pix)
-    # the copy's pair with its own image (row 0): the copy is that image's best pair
-    assert copy_pix[0] > max(pix[(rows == 0) | (cols == 0)])
-    got = backgrounds_with(n, rows, cols, pix, np.array([0, 0]), np.array([copy_pix[0], -1.0]))
-    assert got[0] == pytest.approx(grown[0], abs=1e-6)
-    assert got[0] > before[0] + 1e-3  # the copy moved the window up: the old rule undercounted
-    assert got[1] == pytest.approx(before[0], abs=1e-6)  # a pair scoring below all others changes nothing
 
 
 def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transforms():
