@@ -164,8 +164,8 @@ def test_scores_are_cosines_after_the_normaliser_fitted_on_exemplars_and_incomin
 
 
 def test_the_pool_mixture_recovers_the_prevalence_and_its_estimates_equal_their_formulas():
-    from scipy.special import ndtr
     from scipy.stats import norm
+    from scipy.stats import t as student
 
     from filterkit.filtering import PRECISION_LEVEL, bootstrap_pool, fit_pool, pool_precision, pool_threshold
 
@@ -176,17 +176,19 @@ def test_the_pool_mixture_recovers_the_prevalence_and_its_estimates_equal_their_
     assert model.prevalence == pytest.approx(0.2, abs=0.03) and model.consistent()
     assert (model.pos_mean, model.pos_std) == (pytest.approx(held_out.mean()), pytest.approx(held_out.std(ddof=1)))
     t = pool_threshold(pool, held_out, target_recall=0.9)
-    assert t.value == pytest.approx(norm.ppf(0.1, model.pos_mean, model.pos_std))
+    # The prediction quantile of a new score: Student-t of 15 df, scaled by sqrt(1 + 1/16).
+    assert t.value == pytest.approx(model.pos_mean + student.ppf(0.1, 15) * model.pos_std * np.sqrt(1 + 1 / 16))
+    assert t.value < norm.ppf(0.1, model.pos_mean, model.pos_std)  # below the plug-in normal's
     assert t.est_recall == pytest.approx(0.9)
     assert t.est_prevalence == pytest.approx(model.prevalence)
     share = (pool >= t.value).mean()
     assert t.est_precision == pytest.approx(min(1.0, model.prevalence * 0.9 / share))
     # The interval: quantiles of the same formula over the bootstrap refits.
     pi, mu, sd = bootstrap_pool(pool, held_out)
-    per_resample = np.minimum(1.0, pi * ndtr((mu - t.value) / sd) / share)
+    per_resample = np.minimum(1.0, pi * student.cdf((mu - t.value) / sd / np.sqrt(1 + 1 / 16), 15) / share)
     tails = [(1 - PRECISION_LEVEL) / 2, (1 + PRECISION_LEVEL) / 2]
     assert t.precision_interval == pytest.approx(tuple(np.quantile(per_resample, tails)))
-    np.testing.assert_allclose(pool_precision(pi, mu, sd, pool, t.value), per_resample)
+    np.testing.assert_allclose(pool_precision(pi, mu, sd, pool, t.value, 16), per_resample)
     true_precision = (pool[:200] >= t.value).sum() / (pool >= t.value).sum()
     assert abs(t.est_precision - true_precision) < 0.05
     lo, hi = t.precision_interval
@@ -205,7 +207,7 @@ def test_the_chosen_precision_threshold_meets_its_estimate_formula():
     model = fit_pool(pool, held_out)
     t = pool_threshold(pool, held_out, target_precision=0.9, resamples=0)
     def formula(v):
-        return float(pool_precision(model.prevalence, model.pos_mean, model.pos_std, pool, v))
+        return float(pool_precision(model.prevalence, model.pos_mean, model.pos_std, pool, v, 16))
 
     assert formula(t.value) >= 0.9 and t.est_precision == pytest.approx(formula(t.value))
     # The lowest pool score that meets the target: the next lower one does not.
@@ -416,3 +418,19 @@ def test_filter_cli_review_band_reaches_the_json_the_report_and_the_out_folder(t
     assert json.loads(capsys.readouterr().out)["summary"]["review"] == 0
     assert main(base + ["--review-band", "wide"]) == 1
     assert "--review-band must be 'auto' or a score width" in capsys.readouterr().err
+
+
+def test_the_recall_threshold_keeps_its_target_on_average_over_exemplar_draws():
+    from scipy.special import ndtr
+    from scipy.stats import norm
+
+    from filterkit.filtering import pool_recall_threshold
+
+    # 16 held-out exemplar scores from N(0, 1) per draw; the true recall of each threshold is
+    # P(N(0, 1) >= t). The prediction quantile keeps 95 % on average; the plug-in normal did not.
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.0, 1.0, (4000, 16))
+    kept = np.array([ndtr(-pool_recall_threshold(d, 0.95)) for d in draws])
+    plug_in = ndtr(-norm.ppf(0.05, draws.mean(axis=1), draws.std(axis=1, ddof=1)))
+    assert abs(kept.mean() - 0.95) < 0.003
+    assert plug_in.mean() < 0.94
