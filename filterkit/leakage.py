@@ -88,12 +88,19 @@ class CrossDedupResult:
 
 
 def _check_folders(new: Path, reference: Path) -> None:
+    from .ondisk import is_index_dir
+
     for label, folder in (("new folder", new), ("reference", reference)):
-        if (folder / "meta.json").is_file() and (folder / "index.faiss").is_file():
+        # an index directory, or a file of one (its index.faiss): the images are what is wanted
+        index = folder if is_index_dir(folder) else folder.parent if folder.is_file() and is_index_dir(
+            folder.parent) else None
+        if index is not None:
             raise FilterkitError(
-                f"{folder} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
+                f"{index} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
                 "pair on its two images, which an index does not hold; pass the image folder it was built from "
                 "(its vectors come from the embedding cache, not embedded again)")
+        if folder.is_file():
+            raise FilterkitError(f"{label} is a file, not a folder of images: {folder}")
         if not folder.is_dir():
             raise FilterkitError(f"{label} not found: {folder}")
     a, b = new.resolve(), reference.resolve()

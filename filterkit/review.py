@@ -353,8 +353,8 @@ class VerdictSession(_Session):
     says what ``VERDICTS`` are (value, key, button), the first one agreeing with the report; the
     labels file holds ``{SECTION: {entry key: verdict}, "members": {entry key: [paths]}}``."""
 
-    SECTION = ""
-    NOUN = ""
+    SECTION = ""  # the labels file's key of the verdicts
+    ENTRY = ""  # what one entry is called
     VERDICTS: tuple[tuple[str, str, str], ...] = ()
 
     def __init__(self, report: Path, doc: dict) -> None:
@@ -376,7 +376,7 @@ class VerdictSession(_Session):
         if verdict is not None and verdict not in values:
             raise FilterkitError(f"a verdict is one of {', '.join(values)} (or null), got {verdict!r}")
         if not isinstance(entry, int) or isinstance(entry, bool) or not 0 <= entry < len(self.entries):
-            raise FilterkitError(f"no {self.NOUN[:-1]} {entry!r} in this report")
+            raise FilterkitError(f"no {self.ENTRY} {entry!r} in this report")
         with self.lock:
             key = self.entries[entry]["key"]
             if verdict is None:
@@ -388,7 +388,7 @@ class VerdictSession(_Session):
 
     def state(self) -> dict:
         summary = self.doc.get("summary")
-        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name, "noun": self.NOUN,
+        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name, "noun": f"{self.ENTRY}s",
                 "summary": summary if isinstance(summary, str) else "", "verdicts": self.VERDICTS,
                 "entries": [{**e, "verdict": self.verdicts.get(e["key"])} for e in self.entries]}
 
@@ -396,7 +396,7 @@ class VerdictSession(_Session):
 class DedupSession(VerdictSession):
     """A dedup report: each group confirmed, or split (not all copies of one image)."""
 
-    kind, SECTION, NOUN = "dedup", "groups", "groups"
+    kind, SECTION, ENTRY = "dedup", "groups", "group"
     VERDICTS = (("confirm", "c", "Confirm"), ("split", "s", "Split"))
 
     def _entries(self, report, doc):
@@ -415,7 +415,7 @@ class CrossDedupSession(VerdictSession):
     """A ``dedup NEW --against REFERENCE`` report: each new image beside the reference image it
     duplicates, confirmed or rejected (not a duplicate)."""
 
-    kind, SECTION, NOUN = "cross-dedup", "pairs", "pairs"
+    kind, SECTION, ENTRY = "cross-dedup", "pairs", "pair"
     VERDICTS = (("confirm", "c", "Duplicate"), ("reject", "r", "Not a duplicate"))
 
     def _entries(self, report, doc):
@@ -431,7 +431,7 @@ class OutlierSession(VerdictSession):
     (the report is right) or fine (not an outlier). The report ranks every image; only the top
     ones are asked about (and served)."""
 
-    kind, SECTION, NOUN = "outliers", "outliers", "outliers"
+    kind, SECTION, ENTRY = "outliers", "outliers", "outlier"
     VERDICTS = (("outlier", "o", "Outlier"), ("fine", "f", "Fine"))
 
     def _entries(self, report, doc):
