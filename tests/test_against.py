@@ -189,9 +189,9 @@ def test_an_index_directory_is_refused_naming_what_to_pass(tmp_path, capsys, set
     for args in ([new, index], [index, ref], [new, index / "index.faiss"]):
         assert main(["dedup", str(args[0]), "--against", str(args[1]), "--model", SHIPPED, "-q", "--workers", "0"]) == 1
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert lines == [f"error: {index} is an index directory (filterkit index build): cross-set dedup verifies "
-                         "each candidate pair on its two images, which an index does not hold; pass the image folder "
-                         "it was built from (its vectors come from the embedding cache, not embedded again)"], lines
+        assert lines == [(f"error: {index} is an index directory (filterkit index build): cross-set dedup verifies "
+                          "each candidate pair on its two images, which an index does not hold; pass the image folder "
+                          "it was built from (its vectors come from the embedding cache, not embedded again)")], lines
     assert main(["dedup", str(new), "--against", str(tmp_path / "c.sqlite"), "--model", SHIPPED, "-q"]) == 1
     assert "reference is a file, not a folder of images" in capsys.readouterr().err
 

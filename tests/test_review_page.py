@@ -1,6 +1,7 @@
 """filterkit review: the HTTP API in-process, stopping by signal in a subprocess, and the page
 driven in a real headless Chromium (playwright on the system's browser; skipped without one)."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -43,14 +44,25 @@ def _name(doc, short):
 
 
 @pytest.fixture
-def served(filter_report):
-    session = open_session(filter_report)
-    server = make_server(session, 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield session, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def serve_report():
+    """start(report) -> (session, url): a review server in a thread, stopped after the test."""
+    servers = []
+
+    def start(report):
+        session = open_session(report)
+        server = make_server(session, 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return session, f"http://127.0.0.1:{server.server_address[1]}"
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def served(filter_report, serve_report):
+    return serve_report(filter_report)
 
 
 def _call(url, body=None, headers=None, method=None):
@@ -124,8 +136,8 @@ def test_dedup_groups_are_confirmed_or_split(tmp_path, photos_dir, small_model_d
 
 @pytest.mark.parametrize("content, message", [
     (None, "report not found"), ("{", "cannot read report"),
-    ('{"clusters": [], "images": []}', "not a report filterkit review opens (filter, dedup, dedup --against or "
-                                       "outliers)"),  # a cluster report
+    ('{"clusters": [], "images": []}',  # a cluster report
+     "not a report filterkit review opens (filter, dedup, dedup --against or outliers)"),
     ('{"duplicates": [{"path": "a.jpg"}]}', "an entry without path and duplicate_of")])
 def test_bad_reports_are_clear_errors(tmp_path, capsys, content, message):
     path = tmp_path / "r.json"
@@ -159,22 +171,6 @@ def cross_report(tmp_path, photos_dir):
     return report.with_suffix(".json")
 
 
-@pytest.fixture
-def serve_report():
-    servers = []
-
-    def start(report):
-        session = open_session(report)
-        server = make_server(session, 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return session, f"http://127.0.0.1:{server.server_address[1]}"
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
 def test_cross_dedup_pairs_are_confirmed_or_rejected(cross_report, serve_report):
     session, url = serve_report(cross_report)
     state = json.loads(_call(url + "/api/state")[1])
@@ -193,7 +189,7 @@ def test_cross_dedup_pairs_are_confirmed_or_rejected(cross_report, serve_report)
     assert status == 400 and "confirm, reject" in json.loads(body)["error"]
     assert _call(url + "/api/verdict", {"entry": 2, "verdict": "confirm"})[0] == 400
     assert not labels_path(cross_report).exists()
-    before = set(p.name for p in cross_report.parent.iterdir())
+    before = {p.name for p in cross_report.parent.iterdir()}
     state = json.loads(_call(url + "/api/verdict", {"entry": 1, "verdict": "reject"})[1])
     assert state["entries"][1]["verdict"] == "reject"
     _call(url + "/api/verdict", {"entry": 0, "verdict": "confirm"})
@@ -201,7 +197,7 @@ def test_cross_dedup_pairs_are_confirmed_or_rejected(cross_report, serve_report)
     assert labels["format"] == "filterkit-labels/1" and labels["kind"] == "cross-dedup"
     assert labels["pairs"] == {pair["key"]: "reject", state["entries"][0]["key"]: "confirm"}
     assert labels["members"][pair["key"]] == [m["name"] for m in pair["members"]]
-    assert set(p.name for p in cross_report.parent.iterdir()) - before == {"leak.labels.json"}
+    assert {p.name for p in cross_report.parent.iterdir()} - before == {"leak.labels.json"}
     _call(url + "/api/verdict", {"entry": 0, "verdict": None})  # undo
     assert open_session(cross_report).verdicts == {pair["key"]: "reject"}  # picked up again
 
@@ -265,41 +261,48 @@ def _chromium():
     return path
 
 
-def test_review_page_in_headless_chromium(filter_report, tmp_path):
+@contextlib.contextmanager
+def _page_of(report, tmp_path):
+    """A headless Chromium page on `filterkit review REPORT` run as a subprocess, stopped after."""
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    proc, url = _start(filter_report, tmp_path)
+    proc, url = _start(report, tmp_path)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
-            headings = page.locator("h2").all_text_contents()
-            assert headings[0] == "To review (score near the threshold) (2)"  # the review band first
-            assert page.locator(".card").count() == 6  # every image of the report
-            cat = page.locator(".card", has=page.locator(".name", has_text="cat_copy.jpg"))
-            cat.locator("button[data-act=keep]").click()  # a click ...
-            page.wait_for_selector("body[data-round='1']")
-            coffee = page.locator(".card", has=page.locator(".name", has_text="coffee.jpg"))
-            coffee.locator(".reason").click()  # focus the card
-            page.keyboard.press("r")  # ... and a keyboard shortcut
-            page.wait_for_selector("body[data-round='2']")
-            page.wait_for_function("[...document.images].every(i => i.complete)")
-            marks = json.loads(labels_path(filter_report).read_text())["marks"]
-            assert {Path(k).name: v for k, v in marks.items()} == {"cat_copy.jpg": "keep", "coffee.jpg": "reject"}
-            stats = page.locator("#stats").text_content()
-            assert "round 2" in stats and "(was 2)" in stats and "5 keep-like, 1 reject-like" in stats
-            review_now = json.loads(labels_path(filter_report).read_text())["history"][-1]["review"]
-            assert f"{review_now} to review" in stats and review_now < 2  # the band shrank
-            assert page.locator(".card.marked").count() == 2
-            assert page.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length") >= 6
-            shot = tmp_path / "review.png"
-            page.screenshot(path=str(shot), full_page=True)
+            yield page
             browser.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_review_page_in_headless_chromium(filter_report, tmp_path):
+    with _page_of(filter_report, tmp_path) as page:
+        headings = page.locator("h2").all_text_contents()
+        assert headings[0] == "To review (score near the threshold) (2)"  # the review band first
+        assert page.locator(".card").count() == 6  # every image of the report
+        cat = page.locator(".card", has=page.locator(".name", has_text="cat_copy.jpg"))
+        cat.locator("button[data-act=keep]").click()  # a click ...
+        page.wait_for_selector("body[data-round='1']")
+        coffee = page.locator(".card", has=page.locator(".name", has_text="coffee.jpg"))
+        coffee.locator(".reason").click()  # focus the card
+        page.keyboard.press("r")  # ... and a keyboard shortcut
+        page.wait_for_selector("body[data-round='2']")
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        marks = json.loads(labels_path(filter_report).read_text())["marks"]
+        assert {Path(k).name: v for k, v in marks.items()} == {"cat_copy.jpg": "keep", "coffee.jpg": "reject"}
+        stats = page.locator("#stats").text_content()
+        assert "round 2" in stats and "(was 2)" in stats and "5 keep-like, 1 reject-like" in stats
+        review_now = json.loads(labels_path(filter_report).read_text())["history"][-1]["review"]
+        assert f"{review_now} to review" in stats and review_now < 2  # the band shrank
+        assert page.locator(".card.marked").count() == 2
+        assert page.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length") >= 6
+        shot = tmp_path / "review.png"
+        page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as image:
         assert image.format == "PNG" and image.width == 1280 and image.height >= 900
         colours = image.convert("RGB").getcolors(1 << 20)
@@ -307,30 +310,18 @@ def test_review_page_in_headless_chromium(filter_report, tmp_path):
 
 
 def test_cross_dedup_page_in_headless_chromium(cross_report, tmp_path):
-    chromium = _chromium()
-    from playwright.sync_api import sync_playwright
-
-    proc, url = _start(cross_report, tmp_path)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            assert page.locator(".group").count() == 2 and page.locator(".group figure").count() == 4
-            flipped = page.locator(".group", has_text="coffee_flipped.jpg")
-            assert "reference: " in flipped.locator("figure").nth(1).text_content()
-            flipped.locator("button[data-act=reject]").click()  # a click ...
-            page.wait_for_selector(".group.v1")
-            page.locator(".group", has_text="astronaut_copy.jpg").locator(".reason").click()  # focus it
-            page.keyboard.press("c")  # ... and a keyboard shortcut
-            page.wait_for_selector(".group.v0")
-            page.wait_for_function("[...document.images].every(i => i.complete)")
-            assert page.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length") == 4
-            assert "2 pairs" in page.locator("#stats").text_content()
-            assert "marked not a duplicate by you" in flipped.text_content()
-            browser.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+    with _page_of(cross_report, tmp_path) as page:
+        assert page.locator(".group").count() == 2 and page.locator(".group figure").count() == 4
+        flipped = page.locator(".group", has_text="coffee_flipped.jpg")
+        assert "reference: " in flipped.locator("figure").nth(1).text_content()
+        flipped.locator("button[data-act=reject]").click()  # a click ...
+        page.wait_for_selector(".group.v1")
+        page.locator(".group", has_text="astronaut_copy.jpg").locator(".reason").click()  # focus it
+        page.keyboard.press("c")  # ... and a keyboard shortcut
+        page.wait_for_selector(".group.v0")
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        assert page.evaluate("[...document.images].filter(i => i.naturalWidth > 0).length") == 4
+        assert "2 pairs" in page.locator("#stats").text_content()
+        assert "marked not a duplicate by you" in flipped.text_content()
     pairs = json.loads(labels_path(cross_report).read_text())["pairs"]
     assert {Path(k).name: v for k, v in pairs.items()} == {"coffee_flipped.jpg": "reject", "astronaut_copy.jpg": "confirm"}
