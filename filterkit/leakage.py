@@ -91,10 +91,8 @@ def _check_folders(new: Path, reference: Path) -> None:
     from .ondisk import is_index_dir
 
     for label, folder in (("new folder", new), ("reference", reference)):
-        # an index directory, or a file of one (its index.faiss): the images are what is wanted
-        index = folder if is_index_dir(folder) else folder.parent if folder.is_file() and is_index_dir(
-            folder.parent) else None
-        if index is not None:
+        index = folder.parent if folder.is_file() else folder  # a file of one, too: its index.faiss
+        if is_index_dir(index):
             raise FilterkitError(
                 f"{index} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
                 "pair on its two images, which an index does not hold; pass the image folder it was built from "

@@ -92,8 +92,8 @@ function renderVerdicts(){
     `<div class="pics">${g.members.map(m=>`<figure><img loading="lazy" alt="" src="/thumb/${m.file}"><figcaption>`+
     `${esc(m.caption)}: ${esc(m.name)}</figcaption></figure>`).join('')}</div>`+
     `<div class="reason">${esc(g.why)}${g.verdict?' &middot; <b>marked '+
-    esc(vs.find(x=>x[0]===g.verdict)[2].toLowerCase())+' by you</b>':''}</div><div class="btns">`+vs.map(([v,key,label],i)=>`<button class="${['bk','br'][i]}" `+
-    `data-act="${v}">${esc(label)} (${key})</button>`).join('')+
+    esc(vs.find(x=>x[0]===g.verdict)[2].toLowerCase())+' by you</b>':''}</div><div class="btns">`+
+    vs.map(([v,key,label],i)=>`<button class="${['bk','br'][i]}" data-act="${v}">${esc(label)} (${key})</button>`).join('')+
     `${g.verdict?'<button data-act="undo">Undo (u)</button>':''}</div></div>`).join('');
 }
 function render(){(S.state.verdicts?renderVerdicts:renderFilter)();focus(Math.min(S.cur,S.order.length-1),false);}
