@@ -88,12 +88,17 @@ class CrossDedupResult:
 
 
 def _check_folders(new: Path, reference: Path) -> None:
+    from .ondisk import is_index_dir
+
     for label, folder in (("new folder", new), ("reference", reference)):
-        if (folder / "meta.json").is_file() and (folder / "index.faiss").is_file():
+        index = folder.parent if folder.is_file() else folder  # a file of one, too: its index.faiss
+        if is_index_dir(index):
             raise FilterkitError(
-                f"{folder} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
+                f"{index} is an index directory (filterkit index build): cross-set dedup verifies each candidate "
                 "pair on its two images, which an index does not hold; pass the image folder it was built from "
                 "(its vectors come from the embedding cache, not embedded again)")
+        if folder.is_file():
+            raise FilterkitError(f"{label} is a file, not a folder of images: {folder}")
         if not folder.is_dir():
             raise FilterkitError(f"{label} not found: {folder}")
     a, b = new.resolve(), reference.resolve()

@@ -197,6 +197,12 @@ def load_normalizer(path: str | os.PathLike, meta: dict) -> Normalizer:
     return norm
 
 
+def is_index_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has an index directory's layout (not whether it loads)."""
+    path = Path(path)
+    return (path / "meta.json").is_file() and (path / "index.faiss").is_file()
+
+
 def load_index_dir(path: str | os.PathLike) -> tuple[faiss.Index, list[str], dict]:
     """(index with memory-mapped lists, sha256 per id, meta) of an index directory."""
     path = Path(path)

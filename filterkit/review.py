@@ -7,12 +7,14 @@ reject-like exemplars; the rest are scored again with ``filtering.filter_vectors
 report's own options, so the threshold and review band are recalibrated on the larger
 exemplar sets. Each round of marks shrinks the band: active learning on the user's clicks,
 where the images asked about are the ones the filter is least sure of (uncertainty sampling,
-Lewis & Gale 1994). For a dedup report each group is confirmed or split.
+Lewis & Gale 1994). The other kinds take one verdict per entry (``VerdictSession``): a dedup
+report's groups are confirmed or split, a ``dedup --against`` report's pairs (new image,
+reference image) confirmed or rejected, an outliers report's top images marked outlier or fine.
 
 Vectors come from the embedding cache the report's run used (its ``run`` record), opened
 read-only; only images it lacks are embedded, in memory. The server binds 127.0.0.1, serves
-thumbnails of the files the report lists and nothing else, and writes nothing outside the
-report's folder.
+thumbnails of the files the page shows (all named by the report) and nothing else, and writes
+nothing outside the report's folder.
 
     >>> session = open_session("out/filter.json")
     >>> serve(session, port=0, open_browser=False)
@@ -43,7 +45,7 @@ from .fsutil import atomic_write_text
 LABELS_FORMAT = "filterkit-labels/1"
 THUMB = 160
 MARKS = ("keep", "reject")
-VERDICTS = ("confirm", "split")
+KINDS = "filter, dedup, dedup --against or outliers"  # the reports review opens
 
 
 def report_json(path: str | os.PathLike) -> Path:
@@ -52,7 +54,7 @@ def report_json(path: str | os.PathLike) -> Path:
     if path.suffix.lower() in (".html", ".htm", ".csv"):
         path = path.with_suffix(".json")
     if not path.is_file():
-        raise FilterkitError(f"report not found: {path} (give the .json a filter or dedup --report wrote)")
+        raise FilterkitError(f"report not found: {path} (give the .json that --report wrote: {KINDS})")
     return path
 
 
@@ -71,14 +73,17 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def open_session(report: str | os.PathLike):
-    """A FilterSession or DedupSession for the report (its .json, or the .html beside it)."""
+    """The session for the report (its .json, or the .html beside it): a FilterSession,
+    DedupSession, CrossDedupSession or OutlierSession, told apart by the report's keys."""
     path = report_json(report)
     doc = _read_json(path, "report")
     if isinstance(doc.get("images"), list) and isinstance(doc.get("summary"), dict):
         return FilterSession(path, doc)
-    if isinstance(doc.get("groups"), list):
-        return DedupSession(path, doc)
-    raise FilterkitError(f"{path} is not a filter or dedup report (no 'images' + 'summary', no 'groups')")
+    for key, session in (("groups", DedupSession), ("duplicates", CrossDedupSession), ("outliers", OutlierSession)):
+        if isinstance(doc.get(key), list):
+            return session(path, doc)
+    raise FilterkitError(f"{path} is not a report filterkit review opens ({KINDS}): no 'images' + 'summary', "
+                         "'groups', 'duplicates' or 'outliers'")
 
 
 class _Session:
@@ -102,6 +107,9 @@ class _Session:
         if doc.get("format") != LABELS_FORMAT:
             raise FilterkitError(f"{self.labels_file} is not a filterkit labels file ({LABELS_FORMAT}): "
                                  "move it away to start afresh")
+        if doc.get("kind", self.kind) != self.kind:  # the report was rewritten by another command
+            raise FilterkitError(f"{self.labels_file} holds {doc['kind']} labels, not {self.kind} ones (was the "
+                                 "report written again by another command?): move it away to start afresh")
         return doc
 
     def _file(self, path: Path) -> int:
@@ -329,41 +337,111 @@ def vectors_for(paths: list[Path], run: dict, embed_missing: bool = True) -> dic
     return out
 
 
-# -- dedup reports -------------------------------------------------------------------------------
-class DedupSession(_Session):
-    kind = "dedup"
+# -- reports whose entries each get one verdict: dedup groups, cross-set pairs, outliers ------------
+def _f3(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _entry(report: Path, d, *fields: str) -> dict:
+    if not isinstance(d, dict) or not all(isinstance(d.get(f), str) for f in fields):
+        raise FilterkitError(f"{report}: an entry without {' and '.join(fields)}")
+    return d
+
+
+class VerdictSession(_Session):
+    """A report whose entries (a group, a pair, an outlier) are each confirmed or not. Its kind
+    says what ``VERDICTS`` are (value, key, button), the first one agreeing with the report; the
+    labels file holds ``{SECTION: {entry key: verdict}, "members": {entry key: [paths]}}``."""
+
+    SECTION = ""  # the labels file's key of the verdicts
+    ENTRY = ""  # what one entry is called
+    VERDICTS: tuple[tuple[str, str, str], ...] = ()
 
     def __init__(self, report: Path, doc: dict) -> None:
         super().__init__(report, doc)
-        self.groups = []
-        for g in doc["groups"]:
-            if not isinstance(g, dict) or not isinstance(g.get("keep"), str):
-                raise FilterkitError(f"{report}: a group without a kept image")
-            members = [(g["keep"], None, False)] + [(d["path"], d.get("score"), d.get("exact", False))
-                                                    for d in g.get("duplicates", [])]
-            self.groups.append({"keep": g["keep"], "weakest": (g.get("weakest_link") or {}).get("score"),
-                                "members": [{"name": m, "file": self._file(Path(m)), "score": s, "exact": e}
-                                            for m, s, e in members]})
-        self.verdicts: dict[str, str] = {k: v for k, v in (self.saved.get("groups") or {}).items() if v in VERDICTS}
+        self.entries: list[dict] = []  # {"key", "why", "members": [{"name", "file", "caption"}]}
+        for key, why, members in self._entries(report, doc):
+            self.entries.append({"key": key, "why": why, "members": [
+                {"name": name, "file": self._file(Path(name)), "caption": caption} for name, caption in members]})
+        values = [v for v, _, _ in self.VERDICTS]
+        self.verdicts = {k: v for k, v in (self.saved.get(self.SECTION) or {}).items() if v in values}
 
-    def verdict(self, group: int, verdict: str | None) -> None:
-        if verdict is not None and verdict not in VERDICTS:
-            raise FilterkitError(f"a verdict is one of {', '.join(VERDICTS)} (or null), got {verdict!r}")
-        if not isinstance(group, int) or not 0 <= group < len(self.groups):
-            raise FilterkitError(f"no group {group!r} in this report")
+    def _entries(self, report: Path, doc: dict):
+        """(key, why, [(path, caption)]) of each entry the report lists."""
+        raise NotImplementedError
+
+    def verdict(self, entry: int, verdict: str | None) -> None:
+        """Give entry number ``entry`` a verdict (None: take it back) and save the labels file."""
+        values = [v for v, _, _ in self.VERDICTS]
+        if verdict is not None and verdict not in values:
+            raise FilterkitError(f"a verdict is one of {', '.join(values)} (or null), got {verdict!r}")
+        if not isinstance(entry, int) or isinstance(entry, bool) or not 0 <= entry < len(self.entries):
+            raise FilterkitError(f"no {self.ENTRY} {entry!r} in this report")
         with self.lock:
-            keep = self.groups[group]["keep"]
+            key = self.entries[entry]["key"]
             if verdict is None:
-                self.verdicts.pop(keep, None)
+                self.verdicts.pop(key, None)
             else:
-                self.verdicts[keep] = verdict
-            members = {g["keep"]: [m["name"] for m in g["members"]] for g in self.groups}
-            self._write_labels({"groups": self.verdicts,
-                                "members": {k: members[k] for k in self.verdicts}})
+                self.verdicts[key] = verdict
+            members = {e["key"]: [m["name"] for m in e["members"]] for e in self.entries}
+            self._write_labels({self.SECTION: self.verdicts, "members": {k: members[k] for k in self.verdicts}})
 
     def state(self) -> dict:
-        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name,
-                "groups": [{**g, "verdict": self.verdicts.get(g["keep"])} for g in self.groups]}
+        summary = self.doc.get("summary")
+        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name, "noun": f"{self.ENTRY}s",
+                "summary": summary if isinstance(summary, str) else "", "verdicts": self.VERDICTS,
+                "entries": [{**e, "verdict": self.verdicts.get(e["key"])} for e in self.entries]}
+
+
+class DedupSession(VerdictSession):
+    """A dedup report: each group confirmed, or split (not all copies of one image)."""
+
+    kind, SECTION, ENTRY = "dedup", "groups", "group"
+    VERDICTS = (("confirm", "c", "Confirm"), ("split", "s", "Split"))
+
+    def _entries(self, report, doc):
+        for n, g in enumerate(doc["groups"]):
+            if not isinstance(g, dict) or not isinstance(g.get("keep"), str):
+                raise FilterkitError(f"{report}: a group without a kept image")
+            weakest = (g.get("weakest_link") or {}).get("score")
+            members = [(g["keep"], "keep")]
+            for d in g.get("duplicates") or []:
+                d = _entry(report, d, "path")
+                members.append((d["path"], "identical bytes" if d.get("exact") else f"score {_f3(d.get('score'))}"))
+            yield g["keep"], f"group {n}" + ("" if weakest is None else f" \u00b7 weakest link {_f3(weakest)}"), members
+
+
+class CrossDedupSession(VerdictSession):
+    """A ``dedup NEW --against REFERENCE`` report: each new image beside the reference image it
+    duplicates, confirmed or rejected (not a duplicate)."""
+
+    kind, SECTION, ENTRY = "cross-dedup", "pairs", "pair"
+    VERDICTS = (("confirm", "c", "Duplicate"), ("reject", "r", "Not a duplicate"))
+
+    def _entries(self, report, doc):
+        threshold = doc.get("threshold")
+        for d in doc["duplicates"]:
+            d = _entry(report, d, "path", "duplicate_of")
+            why = "identical bytes" if d.get("exact") else f"pair score {_f3(d.get('score'))} (threshold {_f3(threshold)})"
+            yield d["path"], why, [(d["path"], "new"), (d["duplicate_of"], "reference")]
+
+
+class OutlierSession(VerdictSession):
+    """An outliers report: each of the top images beside its nearest neighbour, marked outlier
+    (the report is right) or fine (not an outlier). The report ranks every image; only the top
+    ones are asked about (and served)."""
+
+    kind, SECTION, ENTRY = "outliers", "outliers", "outlier"
+    VERDICTS = (("outlier", "o", "Outlier"), ("fine", "f", "Fine"))
+
+    def _entries(self, report, doc):
+        top = doc.get("top") if isinstance(doc.get("top"), int) else len(doc["outliers"])
+        k = doc.get("k")
+        for o in doc["outliers"][:top]:
+            o = _entry(report, o, "path", "nearest")
+            why = (f"rank {o.get('rank', '-')}: mean cosine distance {_f3(o.get('score'))} to its {k or '-'} nearest "
+                   f"other images; nearest at cosine {_f3(o.get('nearest_similarity'))}")
+            yield o["path"], why, [(o["path"], f"score {_f3(o.get('score'))}"), (o["nearest"], "nearest")]
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -421,8 +499,8 @@ def _handler(session):
                 body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"{}")
                 if self.path == "/api/mark" and session.kind == "filter":
                     session.mark(body.get("name"), body.get("label"))
-                elif self.path == "/api/group" and session.kind == "dedup":
-                    session.verdict(body.get("group"), body.get("verdict"))
+                elif self.path == "/api/verdict" and isinstance(session, VerdictSession):
+                    session.verdict(body.get("entry"), body.get("verdict"))
                 else:
                     return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
             except (ValueError, AttributeError) as e:

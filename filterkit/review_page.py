@@ -3,7 +3,9 @@
 The first state comes inside the page (no second request before the first paint); each mark
 posts to the server and redraws from the state it answers. Thumbnails load lazily from
 ``/thumb/N``. Keys: k keep, r reject, u undo, j / arrow right or down: next, arrow left or
-up: previous (dedup: c confirm, s split).
+up: previous; the other kinds take the keys of their verdicts (dedup: c confirm, s split;
+dedup --against: c duplicate, r not a duplicate; outliers: o outlier, f fine). A verdict's
+border is green where it agrees with the report, red where not.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ kbd{border:1px solid #bbb;border-radius:3px;padding:0 3px;background:#f4f4f4;fon
 .bk{background:#e6f4e6}.br{background:#f8e4e4}.tag{font-weight:600}
 .group{margin:8px 18px;border:2px solid #ddd;border-radius:6px;padding:6px;background:#fff;font-size:12px}
 .group figure{max-width:200px;word-break:break-all}
-.group.confirm{border-color:#2a2}.group.split{border-color:#c33}.group.cur{outline:3px solid #f90}
+.group.v0{border-color:#2a2}.group.v1{border-color:#c33}.group.cur{outline:3px solid #f90}
 """
 
 _SCRIPT = r"""
@@ -78,19 +80,23 @@ function card(it,k){
     `<div class="reason">${esc(it.reason)}</div>`+(can?'<div class="btns">'+btn('keep','bk','Keep (k)')+
     btn('reject','br','Reject (r)')+(it.mark?'<button data-act="undo">Undo (u)</button>':'')+'</div>':'')+'</div>';
 }
-function renderDedup(){
-  const st=S.state,done=st.groups.filter(g=>g.verdict).length;
-  $('stats').innerHTML=`${st.groups.length} groups &middot; <b>${done}</b> decided &middot; verdicts saved to ${esc(st.labels)}`;
-  $('help').innerHTML='<kbd>c</kbd> confirm &nbsp;<kbd>s</kbd> split &nbsp;<kbd>u</kbd> undo &nbsp;<kbd>j</kbd>/<kbd>&rarr;</kbd> next &nbsp;<kbd>&larr;</kbd> previous';
-  S.order=st.groups;
-  $('list').innerHTML=st.groups.map((g,k)=>`<div class="group ${g.verdict||''}" id="c${k}" data-k="${k}">`+
+function renderVerdicts(){
+  const st=S.state,done=st.entries.filter(e=>e.verdict).length,vs=st.verdicts;
+  $('stats').innerHTML=`${st.entries.length} ${st.noun} &middot; <b>${done}</b> decided &middot; verdicts saved to ${esc(st.labels)}`;
+  $('help').innerHTML=vs.map(([v,key,label])=>`<kbd>${key}</kbd> ${esc(label.toLowerCase())} &nbsp;`).join('')+
+    '<kbd>u</kbd> undo &nbsp;<kbd>j</kbd>/<kbd>&rarr;</kbd> next &nbsp;<kbd>&larr;</kbd> previous'+
+    (st.summary?' &middot; '+esc(st.summary):'');
+  S.order=st.entries;
+  const said=v=>{const i=vs.findIndex(x=>x[0]===v);return i<0?'':'v'+i;};
+  $('list').innerHTML=st.entries.map((g,k)=>`<div class="group ${said(g.verdict)}" id="c${k}" data-k="${k}">`+
     `<div class="pics">${g.members.map(m=>`<figure><img loading="lazy" alt="" src="/thumb/${m.file}"><figcaption>`+
-    `${m.score==null?'keep':m.exact?'identical bytes':'score '+f3(m.score)}: ${esc(m.name)}</figcaption></figure>`).join('')}</div>`+
-    `<div class="reason">group ${k}${g.weakest==null?'':' &middot; weakest link '+f3(g.weakest)}`+
-    `${g.verdict?' &middot; <b>'+({confirm:'confirmed',split:'split'}[g.verdict])+' by you</b>':''}</div><div class="btns"><button class="bk" data-act="confirm">Confirm (c)</button>`+
-    `<button class="br" data-act="split">Split (s)</button>${g.verdict?'<button data-act="undo">Undo (u)</button>':''}</div></div>`).join('');
+    `${esc(m.caption)}: ${esc(m.name)}</figcaption></figure>`).join('')}</div>`+
+    `<div class="reason">${esc(g.why)}${g.verdict?' &middot; <b>marked '+
+    esc(vs.find(x=>x[0]===g.verdict)[2].toLowerCase())+' by you</b>':''}</div><div class="btns">`+
+    vs.map(([v,key,label],i)=>`<button class="${['bk','br'][i]}" data-act="${v}">${esc(label)} (${key})</button>`).join('')+
+    `${g.verdict?'<button data-act="undo">Undo (u)</button>':''}</div></div>`).join('');
 }
-function render(){(S.state.kind==='dedup'?renderDedup:renderFilter)();focus(Math.min(S.cur,S.order.length-1),false);}
+function render(){(S.state.verdicts?renderVerdicts:renderFilter)();focus(Math.min(S.cur,S.order.length-1),false);}
 function focus(k,scroll=true){
   document.querySelectorAll('.cur').forEach(e=>e.classList.remove('cur'));
   if(k<0)return;S.cur=k;const e=$('c'+k);if(!e)return;e.classList.add('cur');
@@ -99,15 +105,15 @@ function focus(k,scroll=true){
 function act(k,what){
   S.busy=S.busy.then(async()=>{
     const item=S.order[k];if(!item)return;
-    const dedup=S.state.kind==='dedup',next=S.order[k+1];
-    const body=dedup?{group:k,verdict:what==='undo'?null:what}:{name:item.name,label:what==='undo'?null:what};
-    $('msg').textContent=dedup?'saving...':'saving and re-scoring...';
+    const verdicts=!!S.state.verdicts,next=S.order[k+1];
+    const body=verdicts?{entry:k,verdict:what==='undo'?null:what}:{name:item.name,label:what==='undo'?null:what};
+    $('msg').textContent=verdicts?'saving...':'saving and re-scoring...';
     try{
-      const r=await fetch(dedup?'/api/group':'/api/mark',{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify(body)});
+      const r=await fetch(verdicts?'/api/verdict':'/api/mark',{method:'POST',headers:{'Content-Type':'application/json'},body:JSON.stringify(body)});
       const st=await r.json();
       if(!r.ok){$('msg').textContent=st.error||('error '+r.status);return;}
       S.state=st;$('msg').textContent='';
-      if(dedup){S.cur=Math.min(k+1,st.groups.length-1);render();}
+      if(verdicts){S.cur=Math.min(k+1,st.entries.length-1);render();}
       else{render();const n=next?S.order.findIndex(o=>o.name===next.name):-1;S.cur=n>=0?n:Math.min(k,S.order.length-1);}
       focus(S.cur);document.body.dataset.round=st.round??'';
     }catch(e){$('msg').textContent='the server did not answer: '+e;}
@@ -119,7 +125,8 @@ document.addEventListener('click',e=>{
 });
 document.addEventListener('keydown',e=>{
   if(e.ctrlKey||e.metaKey||e.altKey)return;
-  const dedup=S.state.kind==='dedup',keys=dedup?{c:'confirm',s:'split',u:'undo'}:{k:'keep',r:'reject',u:'undo'};
+  const vs=S.state.verdicts,keys=vs?Object.fromEntries([...vs.map(([v,key])=>[key,v]),['u','undo']]):
+    {k:'keep',r:'reject',u:'undo'};
   if(keys[e.key]){e.preventDefault();act(S.cur,keys[e.key]);}
   else if(['j','ArrowRight','ArrowDown'].includes(e.key)){e.preventDefault();focus(Math.min(S.cur+1,S.order.length-1));}
   else if(['ArrowLeft','ArrowUp'].includes(e.key)){e.preventDefault();focus(Math.max(S.cur-1,0));}

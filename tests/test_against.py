@@ -174,6 +174,28 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, sets, case, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
+def test_an_index_directory_is_refused_naming_what_to_pass(tmp_path, capsys, sets):
+    # a real one, as `filterkit index build` writes it: on either side, or its index.faiss
+    from filterkit.cache import EmbeddingCache
+    from filterkit.ondisk import build_index_dir
+
+    vectors = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        cache.put("m", [f"{i:064x}" for i in range(64)], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    index = tmp_path / "idx"
+    build_index_dir([tmp_path / "c.sqlite"], "m", index, nlist=2)
+    capsys.readouterr()
+    new, ref = sets
+    for args in ([new, index], [index, ref], [new, index / "index.faiss"]):
+        assert main(["dedup", str(args[0]), "--against", str(args[1]), "--model", SHIPPED, "-q", "--workers", "0"]) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == [(f"error: {index} is an index directory (filterkit index build): cross-set dedup verifies "
+                          "each candidate pair on its two images, which an index does not hold; pass the image folder "
+                          "it was built from (its vectors come from the embedding cache, not embedded again)")], lines
+    assert main(["dedup", str(new), "--against", str(tmp_path / "c.sqlite"), "--model", SHIPPED, "-q"]) == 1
+    assert "reference is a file, not a folder of images" in capsys.readouterr().err
+
+
 def test_cross_dihedral_search_pairs_only_across_the_two_sets():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(6, verify.SIDE ** 2)).astype(np.float32)
