@@ -12,7 +12,8 @@ images drawn at random. Each
 encoder embeds the same images: the model, the same architecture at random init and raw 32x32
 pixels (benchmarks/_encoders.py); ``outliers.rank_outliers`` scores them (mean cosine distance to
 the k = 10 nearest others) in raw cosine (the command's default) for every encoder, and for the
-model also centred and whitened on the collection (``--normalize center | whiten``). Printed: planted images in the top ``--planted`` (the goal: >= 7 of 10)
+model also centred and whitened on the collection (``--normalize center | whiten``), and with
+``--alternatives`` other scores of the model's vectors (``alternative_scores``). Printed: planted images in the top ``--planted`` (the goal: >= 7 of 10)
 and the AUROC of the score for planted vs base images.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from filterkit.images import discover_images
-from filterkit.outliers import rank_outliers
+from filterkit.outliers import outlier_scores, rank_outliers
 from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 from _encoders import compared_encoders, embed_paths
 
@@ -42,6 +43,25 @@ def draw(paths: list[Path], labels: list[str], seed: int, base: int, planted: in
     return target, [paths[i] for i in chosen], np.arange(len(chosen)) >= base
 
 
+def alternative_scores(vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """Other outlier scores of the same raw unit vectors (higher = more unusual), to compare with
+    the command's k-NN distance: k = 1 and 50; cosine distance to the collection's mean; the
+    Mahalanobis distance under a Ledoit-Wolf covariance; the local outlier factor (20
+    neighbours); an isolation forest (seed 0)."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.ensemble import IsolationForest
+    from sklearn.neighbors import LocalOutlierFactor
+
+    v = vectors.astype(np.float64)
+    mean = v.mean(axis=0)
+    out = {f"k-NN k={k}": outlier_scores(vectors, k)[0] for k in (1, 50)}
+    out["distance to the mean"] = 1.0 - v @ (mean / np.linalg.norm(mean))
+    out["Mahalanobis (Ledoit-Wolf)"] = LedoitWolf().fit(v).mahalanobis(v)
+    out["local outlier factor"] = -LocalOutlierFactor(20).fit(v).negative_outlier_factor_
+    out["isolation forest"] = -IsolationForest(random_state=0).fit(v).score_samples(v)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser)
@@ -51,6 +71,8 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=300)
     parser.add_argument("--planted", type=int, default=10)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--alternatives", action="store_true",
+                        help="also score the model's vectors with other outlier scores (scikit-learn), side by side")
     args = parser.parse_args()
     import torch
 
@@ -69,6 +91,12 @@ def main() -> None:
                 vectors = embed_paths(encoder, chosen, workers=0)
                 spaces = [("none", label)] + ([("center", f"{label}, centred"), ("whiten", f"{label}, whitened")]
                                               if label == "model" else [])
+                if label == "model" and args.alternatives:
+                    for key, score in alternative_scores(vectors).items():
+                        hits = int(planted[np.argsort(-score, kind="stable")[:args.planted]].sum())
+                        auroc = roc_auc_score(planted, score)
+                        rows.setdefault(f"model, {key}", []).append((hits, auroc))
+                        line.append(f"model, {key} {hits}/{args.planted} (AUROC {auroc:.3f})")
                 for space, key in spaces:
                     result = rank_outliers(chosen, vectors, top=args.planted, k=args.k, normalize=space)
                     score = {str(o.path): o.score for o in result.ranked}

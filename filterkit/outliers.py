@@ -4,8 +4,9 @@ Each image's score is its mean cosine distance (1 - cosine) to its ``k`` nearest
 in raw cosine by default or after a normaliser fitted on the collection (normalize.py). Raw
 is the default because it measured best: centring (or whitening) renormalises every row to
 unit length afterwards, which throws away how far an image lies from the collection's mean,
-the very signal of an outlier (benchmarks/outlier_quality.py, CIFAR-10, 3 draws: AUROC 0.81
-raw vs 0.59 centred, 1.3 vs 0.7 of 10 planted photos in the top 10). This is
+the very signal of an outlier (benchmarks/outlier_quality.py, 6 draws: AUROC 0.83 raw vs 0.77
+centred on CIFAR-10, 0.77 vs 0.66 on Imagenette). Nor did k = 1 or 50, the distance to the
+mean, a Mahalanobis distance, LOF or an isolation forest beat it beyond the spread. This is
 the k-NN distance outlier score (Ramaswamy, Rastogi & Shim 2000, with the mean over the k as
 in Angiulli & Pizzuti 2002), which FiftyOne's uniqueness also builds on. The ``top`` highest
 are the outliers; each comes with its nearest neighbour, to judge it by.
