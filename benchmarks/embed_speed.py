@@ -7,7 +7,8 @@ For each image set the script times, alternating, over ``--rounds`` rounds:
   pipeline  ``embed_paths`` on a fresh cache: hash + decode (JPEG draft mode) + resize +
             forward + cache writes, decode in DataLoader workers;
   no-draft  the same pipeline with full-size JPEG decoding;
-and reports images/s and the ratios pipeline/forward. Sets: (a) Imagenette photos
+and reports images/s and the ratios pipeline/forward, and the forward's FLOPs per image against
+the speed of a large square fp32 matmul timed in the same rounds (the forward's ceiling here). Sets: (a) Imagenette photos
 (224 px JPEGs), (b) camera-size JPEGs (4000x3000, made by upscaling Imagenette photos and
 saving at quality 90). Finally it times a second ``embed`` of an already-cached folder
 against the first.
@@ -53,13 +54,36 @@ def time_pipeline(encoder: Encoder, paths: list[Path], batch_size: int, workers:
     return len(paths) / elapsed
 
 
+def forward_flops(encoder: Encoder) -> int:
+    """Floating-point operations of one image's forward pass (torch's FLOP counter: matmuls,
+    convolutions and attention; 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = encoder.config.img_size
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        encoder.backbone(torch.zeros(1, 3, size, size, device=encoder.device))
+    return counter.get_total_flops()
+
+
+def time_matmul(side: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a square fp32 matmul: about the best this CPU does on dense work."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return reps * 2 * side ** 3 / (time.perf_counter() - start) / 1e9
+
+
 def measure(name: str, encoder: Encoder, paths: list[Path], args) -> None:
     size = encoder.config.img_size
     # Forward-only input: the very tensors the pipeline would make, decoded up front.
     pixels = torch.stack([encoder.transform(load_image(p, size)) for p in paths])
     encoder.embed_batch(pixels[: args.batch_size])  # warm-up
     rates: dict[str, list[float]] = {"forward": [], "pipeline": [], "no-draft": []}
+    matmul: list[float] = []
     for _ in range(args.rounds):
+        matmul.append(time_matmul())
         rates["forward"].append(time_forward(encoder, pixels, args.batch_size))
         rates["pipeline"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, True))
         rates["no-draft"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, False))
@@ -70,6 +94,11 @@ def measure(name: str, encoder: Encoder, paths: list[Path], args) -> None:
         print(f"  {k:9s} {med[k]:7.1f} img/s  [{', '.join(f'{x:.1f}' for x in v)}]")
     print(f"  pipeline/forward          = {med['pipeline'] / med['forward']:.2f}")
     print(f"  pipeline/forward no draft = {med['no-draft'] / med['forward']:.2f}")
+    # The forward's ceiling on this CPU: its FLOPs at the speed of a large square matmul.
+    flops, mm = forward_flops(encoder), statistics.median(matmul)
+    print(f"  forward: {flops / 1e9:.3f} GFLOP per image, {med['forward'] * flops / 1e9:.1f} GFLOP/s; a 2048^2 "
+          f"fp32 matmul in the same rounds {mm:.1f} GFLOP/s [{', '.join(f'{x:.1f}' for x in matmul)}] -> "
+          f"at that speed at most {mm * 1e9 / flops:.0f} img/s (forward at {med['forward'] * flops / 1e9 / mm:.0%} of it)")
 
 
 def make_camera_jpegs(sources: list[Path], folder: Path) -> list[Path]:
