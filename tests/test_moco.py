@@ -49,7 +49,7 @@ def test_loss_with_a_queue_equals_the_formula_on_fixed_tensors():
     q, k = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
     queue = rng.normal(size=(7, 8))
     queue /= np.linalg.norm(queue, axis=1, keepdims=True)
-    as_t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
     for tau in (0.2, 0.5):
         got = contrastive_loss(as_t(q), as_t(k), tau, as_t(queue))
         assert float(got) == pytest.approx(reference_ctr_with_queue(q, k, queue, tau), rel=1e-5)
@@ -78,7 +78,7 @@ def test_model_contrasts_with_the_queue_then_pushes_both_views_keys_fifo():
             q1, q2 = model.predictor(z1), model.predictor(z2)
             k1, k2, _ = model.momentum(x1, x2)
         loss.backward()  # the push after the loss must not break its backward
-        unit = lambda t: torch.nn.functional.normalize(t, dim=1)  # noqa: E731
+        unit = lambda t: torch.nn.functional.normalize(t, dim=1)
         return float(loss.detach()), (q1, q2), torch.cat([unit(k1), unit(k2)])
 
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
