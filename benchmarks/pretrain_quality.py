@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=float, default=None)
     parser.add_argument("--depth", type=int, default=None, help="override the preset's number of blocks")
     parser.add_argument("--min-crop-scale", type=float, default=None)
+    parser.add_argument("--queue", type=int, default=None, help="moco-v3's queue of negative keys (0: none)")
     parser.add_argument("--data-in-memory", action="store_true",
                         help="decode CIFAR once and augment whole batches (no per-image loader)")
     parser.add_argument("--device", default="auto")
@@ -50,7 +51,7 @@ def main() -> None:
     options = TrainOptions(preset=args.preset, epochs=args.epochs, max_steps=args.max_steps,
                            batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                            data_in_memory=args.data_in_memory, depth=args.depth,
-                           min_crop_scale=args.min_crop_scale, checkpoint_every=100)
+                           min_crop_scale=args.min_crop_scale, queue=args.queue, checkpoint_every=100)
     start = time.perf_counter()
     result = pretrain(args.cifar / "train", args.out, options, resume=args.resume, device=args.device,
                       workers=args.workers, knn_train=args.cifar / "train", knn_test=args.cifar / "test",

@@ -7,6 +7,23 @@ Transformers"), in the shape of the paper's Algorithm 1:
     ctr(q, k) = CrossEntropy(q·kᵀ / τ, labels = arange(N)) · 2τ             # q, k L2-normalised
     after the optimiser step: f_m ← m·f_m + (1 − m)·f   (backbone + projector, never predictor)
 
+With ``--queue K`` > 0, MoCo v2's queue of negatives (He et al. 2020, "Momentum Contrast for
+Unsupervised Visual Representation Learning", Algorithm 1; Chen, Fan, Girshick & He 2020,
+"Improved Baselines with Momentum Contrastive Learning") is added to the same loss:
+
+    Q: the last K momentum keys k̄ (L2-normalised, no gradient), a FIFO ring, empty at the start
+    ctr(q, k) = CrossEntropy([q·kᵀ, q·Qᵀ] / τ, labels = arange(N)) · 2τ     # logits [N, N + |Q|]
+    i.e. ctr(q, k) = 2τ · mean_i −log( exp(q_i·k_i/τ) / (Σ_j exp(q_i·k_j/τ) + Σ_{n∈Q} exp(q_i·n/τ)) )
+    after the loss: Q ← Q with the batch's k̄1 and k̄2 pushed (2N rows), oldest out
+
+Both ctr terms see the same Q, the one from before this step's push, so no key is its own
+negative. |Q| grows to K over the first K / 2N steps. K need not divide by the batch: the ring
+wraps (and a K below 2N keeps the batch's last K keys). K = 0, the default, is the MoCo v3 loss
+above with no queue module at all (checkpoints and results as before). Under DDP, k runs over
+every rank's keys (N is then the global batch, labels offset by rank), and every rank pushes the
+gathered global batch, so the ranks' queues stay equal. The queue lives in the module's buffers
+(``methods.base.EmbeddingQueue``): checkpoints and ``--resume`` carry it.
+
     >>> model = MoCo(backbone, embed_dim=192)
     >>> loss, features = model(x1, x2)
     >>> loss.backward(); optimizer.step(); model.momentum_update(momentum_at(step, total))
@@ -25,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import Method
+from .methods.base import EmbeddingQueue, Method, gather_no_grad
 
 
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -66,15 +83,20 @@ def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank() * k.shape[0]
 
 
-def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float,
+                     queue: torch.Tensor | None = None) -> torch.Tensor:
     """ctr(q, k) = CrossEntropy(q·kᵀ/τ, positives on the diagonal) · 2τ, in fp32.
 
     Under DDP the keys of every rank are the negatives and the labels shift by rank·N.
+    ``queue`` (L2-normalised rows, no gradient) adds its rows as further negatives: the
+    logits gain the columns q·Qᵀ/τ after the batch's.
     """
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1)
     k_all, offset = gather_keys(k)
     logits = q @ k_all.T / temperature
+    if queue is not None and queue.shape[0]:
+        logits = torch.cat([logits, q @ queue.detach().float().T / temperature], dim=1)
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
@@ -99,6 +121,7 @@ class MoCo(Method):
         pred_hidden: int = 4096,
         temperature: float = 0.2,
         predictor: bool = True,
+        queue_size: int = 0,
     ) -> None:
         super().__init__()
         self.temperature = temperature
@@ -106,11 +129,13 @@ class MoCo(Method):
         self.predictor = mlp(2, out_dim, pred_hidden, out_dim) if predictor else nn.Identity()
         self.momentum = copy.deepcopy(self.base)
         self.momentum.requires_grad_(False)
+        # No module at all without a queue: the state dict (and old checkpoints) stay as they were.
+        self.queue = EmbeddingQueue(queue_size, out_dim) if queue_size > 0 else None
 
     @classmethod
     def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> MoCo:
         return cls(backbone, embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden,
-                   options.temperature, options.predictor)
+                   options.temperature, options.predictor, options.queue or 0)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss, detached backbone features of both views, for monitoring)."""
@@ -118,7 +143,16 @@ class MoCo(Method):
         q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             k1, k2, _ = self.momentum(x1, x2)
-        loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+        if self.queue is None:
+            loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+            return loss, features.detach()
+        # A copy: the push below writes the ring in place, and backward still needs these rows.
+        queued = self.queue.contents().clone()
+        loss = (contrastive_loss(q1, k2, self.temperature, queued)
+                + contrastive_loss(q2, k1, self.temperature, queued))
+        with torch.no_grad():
+            keys = torch.cat([F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)])
+            self.queue.push(gather_no_grad(keys))
         return loss, features.detach()
 
     @torch.no_grad()

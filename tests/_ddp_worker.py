@@ -158,3 +158,28 @@ def run_global_batch(rank: int, world: int, port: int, data: str, out: str, dump
     found.update(state=result.model.state_dict(), loss=result.final_loss)
     torch.save(found, f"{dump}/global{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_moco_queue(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """MoCo v3 with --queue under gloo DDP: ctr with a queue on fixed tensors split across the
+    ranks, then a short pretraining run; writes dump/queue<rank>.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from filterkit.moco import contrastive_loss
+    from filterkit.train import TrainOptions, pretrain
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(5)
+    q_all, k_all = torch.randn(world * 3, 8), torch.randn(world * 3, 8)
+    queue = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)  # the same on every rank
+    loss = contrastive_loss(q_all[rank * 3:(rank + 1) * 3], k_all[rank * 3:(rank + 1) * 3], 0.2, queue)
+    dist.all_reduce(loss)
+    # 2 steps of batch 8: 16 keys pushed per step into 20 rows (the last pushed after DDP's
+    # last buffer broadcast, so only pushing the gathered batch keeps the ranks' queues equal).
+    options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=2, epochs=10, queue=20,
+                           proj_hidden=32, pred_hidden=32, out_dim=16, checkpoint_every=100)
+    result = pretrain(data, out, options, device="cpu", workers=0, progress=False)
+    torch.save({"q_all": q_all, "k_all": k_all, "queue": queue, "mean_loss": loss / world,
+                "state": result.model.state_dict(), "loss": result.final_loss}, f"{dump}/queue{rank}.pt")
+    dist.destroy_process_group()

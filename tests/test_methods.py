@@ -508,10 +508,12 @@ def test_labels_follow_the_image_actually_returned_and_the_in_memory_rows(tmp_pa
     assert [b[3].tolist() for b in got] == [[9, 7], [8, 7]]
 
 
-def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, train_dir):
+@pytest.mark.parametrize("queue", [None, 0])
+def test_the_default_method_trains_as_it_did_before_methods_existed(tmp_path, train_dir, queue):
     # Recorded from the single-module trainer (before --method): 3 steps, seed 3. On that machine
     # the refactored trainer reproduced them bit for bit; the tolerance only allows for other CPUs.
-    opts = TrainOptions(max_steps=3, epochs=10, seed=3, **TINY)
+    # --queue 0, given or not, is that trainer too.
+    opts = TrainOptions(max_steps=3, epochs=10, seed=3, queue=queue, **TINY)
     result = pretrain(train_dir, tmp_path / "m", opts, device="cpu", workers=0, progress=False)
     log = [json.loads(line) for line in (tmp_path / "m" / "training" / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log] == pytest.approx([2.6649575233459473, 1.8984822034835815, 2.3585705757141113],
@@ -535,3 +537,96 @@ def test_a_checkpoint_from_before_methods_resumes_as_moco_v3(tmp_path, train_dir
     resumed = pretrain(train_dir, out, TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
     assert resumed.steps == 2 and type(resumed.model).__name__ == "MoCo"
     assert load_checkpoint(out / CHECKPOINT)["options"]["method"] == "moco-v3"
+
+
+def test_moco_queue_trains_with_finite_losses_and_resumes_exactly_with_its_queue(tmp_path, train_dir):
+    # 20 keys, 16 pushed per step (2 views x batch 8): not a multiple, so the ring wraps mid-batch.
+    opts = TrainOptions(max_steps=4, epochs=10, queue=20, **TINY)
+    straight = pretrain(train_dir, tmp_path / "a", opts, device="cpu", workers=0, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "a" / "training" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["training"]["queue"] == 20
+    queue = straight.model.queue
+    assert (int(queue.filled), int(queue.ptr)) == (20, 4 * 16 % 20)
+    torch.testing.assert_close(queue.rows.norm(dim=1), torch.ones(20))  # unit keys, every row written
+
+    pretrain(train_dir, tmp_path / "b", opts, device="cpu", workers=0, progress=False, stop_at_step=2)
+    saved = load_checkpoint(tmp_path / "b" / CHECKPOINT)
+    assert saved["options"]["queue"] == 20 and int(saved["model"]["queue.ptr"]) == 2 * 16 % 20
+    with pytest.raises(FilterkitError, match=r"differ from the checkpoint: queue \(checkpoint 20, now 0\)"):
+        pretrain(train_dir, tmp_path / "b", TrainOptions(queue=0), resume=True, device="cpu", workers=0,
+                 progress=False)
+    resumed = pretrain(train_dir, tmp_path / "b", TrainOptions(), resume=True, device="cpu", workers=0,
+                       progress=False)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert resumed.steps == 4 and a.keys() == b.keys() and "queue.rows" in a
+    for key in a:  # the queue's rows, pointer and fill count included
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # A queue changes the loss from the first step that has one (the second).
+    plain = pretrain(train_dir, tmp_path / "c", TrainOptions(max_steps=2, epochs=10, **TINY), device="cpu",
+                     workers=0, progress=False)
+    plain_log = [json.loads(line) for line in (tmp_path / "c" / "training" / "log.jsonl").read_text().splitlines()]
+    assert plain_log[0]["loss"] == pytest.approx(log[0]["loss"], rel=1e-6) and plain_log[1]["loss"] != log[1]["loss"]
+    assert plain.model.queue is None
+
+
+def test_moco_queue_errors_are_one_line_and_a_checkpoint_from_before_resumes_without_one(tmp_path, train_dir,
+                                                                                         capsys):
+    common = ["pretrain", str(train_dir), "--out", str(tmp_path / "m"), "--batch-size", "8", "--max-steps", "1",
+              "--workers", "0", "-q"]
+    assert main([*common, "--queue", "-1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --queue must be 0 (no queue) or a positive number of keys, got -1"]
+    assert main([*common, "--queue", "64", "--method", "nnclr"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --queue 64 is moco-v3's queue of negative keys: --method nnclr does not take it (leave out --queue)"]
+    assert not (tmp_path / "m").exists()
+    # A checkpoint written before --queue existed has no "queue" option: it resumes as queue 0.
+    out = tmp_path / "old"
+    pretrain(train_dir, out, TrainOptions(max_steps=2, epochs=10, **TINY), device="cpu", workers=0, progress=False,
+             stop_at_step=1)
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    options = json.loads(state["options"])
+    del options["queue"]
+    state["options"] = json.dumps(options)
+    torch.save(state, out / CHECKPOINT)
+    with pytest.raises(FilterkitError, match=r"queue \(checkpoint 0, now 8\)"):
+        pretrain(train_dir, out, TrainOptions(queue=8), resume=True, device="cpu", workers=0, progress=False)
+    resumed = pretrain(train_dir, out, TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
+    assert resumed.steps == 2 and resumed.model.queue is None
+
+
+def test_init_from_a_queued_moco_run_continues_its_queue_unless_the_method_changes(tmp_path, train_dir):
+    pretrain(train_dir, tmp_path / "q", TrainOptions(max_steps=1, epochs=10, queue=24, **TINY), device="cpu",
+             workers=0, progress=False)
+    again = pretrain(train_dir, tmp_path / "again", TrainOptions(max_steps=1, init_from=str(tmp_path / "q"),
+                                                                 batch_size=8), device="cpu", workers=0,
+                     progress=False)
+    doc = json.loads((tmp_path / "again" / CONFIG_FILE).read_text())["training"]
+    assert (doc["queue"], doc["init"]["loaded"]) == (24, "encoders and heads")
+    assert int(again.model.queue.filled) == 24  # 16 from the init run, 16 more here
+    other = pretrain(train_dir, tmp_path / "simclr", TrainOptions(max_steps=1, init_from=str(tmp_path / "q"),
+                                                                  method="simclr", batch_size=8), device="cpu",
+                     workers=0, progress=False)
+    doc = json.loads((tmp_path / "simclr" / CONFIG_FILE).read_text())["training"]
+    assert (doc["queue"], doc["init"]["loaded"]) == (0, "backbone") and isinstance(other.model, SimCLR)
+
+
+def test_ddp_moco_queue_is_the_global_batchs_and_equal_on_every_rank(tmp_path, train_dir):
+    import _ddp_worker
+    import torch.multiprocessing as mp
+
+    from filterkit.moco import contrastive_loss
+
+    mp.start_processes(_ddp_worker.run_moco_queue, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
+                                                         str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"queue{r}.pt", weights_only=True) for r in (0, 1))
+    single = contrastive_loss(r0["q_all"], r0["k_all"], 0.2, r0["queue"])  # one process, the global batch
+    torch.testing.assert_close(r0["mean_loss"], single, rtol=1e-5, atol=1e-6)
+    s0, s1 = r0["state"], r1["state"]
+    assert (int(s0["queue.filled"]), int(s0["queue.ptr"])) == (20, 2 * 16 % 20)
+    for key in ("queue.rows", "queue.ptr", "queue.filled"):
+        assert torch.equal(s0[key], s1[key]), key
+    for key in (k for k in params(s0) if "running_" not in k):
+        torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0, msg=key)
+    assert math.isfinite(r0["loss"]) and load_checkpoint(tmp_path / "m" / CHECKPOINT)["options"]["queue"] == 20

@@ -32,6 +32,86 @@ def test_loss_equals_the_formula_on_fixed_tensors():
     assert float(swapped) == pytest.approx(reference_ctr(k, q, 0.2), rel=1e-5)
 
 
+def reference_ctr_with_queue(q: np.ndarray, k: np.ndarray, queue: np.ndarray, tau: float) -> float:
+    """MoCo v2's ctr(q, k) written out: the logits of q_i are q_i·k_j/τ over the batch's keys,
+    then q_i·n/τ over the queued keys n (already unit vectors); the positive is k_i."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    total = 0.0
+    for i in range(len(q)):
+        logits = [float(q[i] @ k[j]) / tau for j in range(len(k))] + [float(q[i] @ n) / tau for n in queue]
+        total += -logits[i] + math.log(sum(math.exp(x) for x in logits))
+    return total / len(q) * 2 * tau
+
+
+def test_loss_with_a_queue_equals_the_formula_on_fixed_tensors():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    queue = rng.normal(size=(7, 8))
+    queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)
+    for tau in (0.2, 0.5):
+        got = contrastive_loss(as_t(q), as_t(k), tau, as_t(queue))
+        assert float(got) == pytest.approx(reference_ctr_with_queue(q, k, queue, tau), rel=1e-5)
+        # more negatives: the loss grows (the queue's columns only add to the denominator)
+        assert float(got) > float(contrastive_loss(as_t(q), as_t(k), tau))
+    # No queue and an empty one are the MoCo v3 loss, bit for bit.
+    plain = contrastive_loss(as_t(q), as_t(k), 0.2)
+    assert torch.equal(contrastive_loss(as_t(q), as_t(k), 0.2, torch.empty(0, 8)), plain)
+    assert torch.equal(contrastive_loss(as_t(q), as_t(k), 0.2, None), plain)
+    # The queue gets no gradient, the query does.
+    qt, rows = as_t(q).requires_grad_(True), as_t(queue).requires_grad_(True)
+    contrastive_loss(qt, as_t(k), 0.2, rows).backward()
+    assert qt.grad is not None and rows.grad is None
+
+
+def test_model_contrasts_with_the_queue_then_pushes_both_views_keys_fifo():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("vit-mini-8-32", depth=1)
+    model = MoCo(build_backbone(cfg), cfg.embed_dim, out_dim=16, proj_hidden=32, pred_hidden=32, queue_size=10)
+    assert set(model.queue.state_dict()) == {"rows", "ptr", "filled"}
+
+    def step(x1, x2):
+        loss, _ = model(x1, x2)
+        with torch.no_grad():
+            z1, z2, _ = model.base(x1, x2)
+            q1, q2 = model.predictor(z1), model.predictor(z2)
+            k1, k2, _ = model.momentum(x1, x2)
+        loss.backward()  # the push after the loss must not break its backward
+        unit = lambda t: torch.nn.functional.normalize(t, dim=1)
+        return float(loss.detach()), (q1, q2), torch.cat([unit(k1), unit(k2)])
+
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss, (q1, q2), keys = step(x1, x2)  # the first step: an empty queue, the MoCo v3 loss
+    with torch.no_grad():
+        k1, k2 = keys[:4], keys[4:]
+        assert loss == pytest.approx(float(contrastive_loss(q1, k2, 0.2) + contrastive_loss(q2, k1, 0.2)), rel=1e-5)
+    assert (int(model.queue.filled), int(model.queue.ptr)) == (8, 8)
+    torch.testing.assert_close(model.queue.rows[:8], keys, rtol=0, atol=1e-6)  # k̄1 then k̄2
+    first = keys
+
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss, (q1, q2), keys = step(x1, x2)  # the 8 keys of step 1 are the queue (pushed after the loss)
+    queue = first.numpy()
+    want = (reference_ctr_with_queue(q1.numpy(), keys[4:].numpy(), queue, 0.2)
+            + reference_ctr_with_queue(q2.numpy(), keys[:4].numpy(), queue, 0.2))
+    assert loss == pytest.approx(want, rel=1e-5)
+    # FIFO over 10 rows: the 8 new keys fill rows 8, 9, then wrap over the oldest, rows 0-5.
+    assert (int(model.queue.filled), int(model.queue.ptr)) == (10, 6)
+    torch.testing.assert_close(model.queue.rows[8:10], keys[:2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.queue.rows[0:6], keys[2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.queue.rows[6:8], first[6:8], rtol=0, atol=0)  # not yet overwritten
+    assert model.queue.rows.grad is None and not model.queue.rows.requires_grad
+
+
+def test_no_queue_leaves_the_moco_v3_state_unchanged():
+    cfg = ModelConfig.from_preset("vit-mini-8-32", depth=1)
+    plain = MoCo(build_backbone(cfg), cfg.embed_dim, out_dim=16, proj_hidden=32, pred_hidden=32)
+    zero = MoCo(build_backbone(cfg), cfg.embed_dim, out_dim=16, proj_hidden=32, pred_hidden=32, queue_size=0)
+    assert plain.queue is None and zero.queue is None and set(plain.state_dict()) == set(zero.state_dict())
+    assert not any(key.startswith("queue") for key in plain.state_dict())
+
+
 def test_loss_at_init_on_random_unit_vectors_is_about_2_tau_log_n():
     torch.manual_seed(0)
     n, tau = 128, 0.2

@@ -27,6 +27,7 @@ def pretrain(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak LR.", show_default=presets.lr_help())] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.", show_default=str(presets.TRAIN_DEFAULTS["weight_decay"]))] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="InfoNCE temperature.", show_default=str(presets.TRAIN_DEFAULTS["temperature"]))] = None,
+    queue: Annotated[Optional[int], typer.Option("--queue", help="moco-v3 only: also contrast each query with this many momentum keys of past batches (MoCo v2's FIFO queue of negatives), for small batches; 0: the batch's keys only.", show_default=str(presets.TRAIN_DEFAULTS["queue"]))] = None,
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="Initial EMA momentum m0.", show_default=str(presets.TRAIN_DEFAULTS["momentum"]))] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear LR warmup before the half-cosine.", show_default="the preset's recipe")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Number of blocks.", show_default=presets.depth_help())] = None,
@@ -62,7 +63,7 @@ def pretrain(
     # None: not given (the recipe's or the checkpoint's value). A flag left out is not given either.
     options = TrainOptions(preset=preset, method=method, init_from=init_from, epochs=epochs, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
-                           momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
+                           queue=queue, momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
                            min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes,
                            predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
                            data_in_memory=data_in_memory or None)

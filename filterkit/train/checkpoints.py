@@ -24,8 +24,10 @@ from .options import _SCHEDULE_KEYS, DEFAULTS, TrainOptions
 
 CHECKPOINT = Path("training") / "checkpoint.pt"
 # The checkpoint options that shape a method's state: --init-from loads that state only when
-# the new run's match. A checkpoint from before --method existed is a MoCo v3 one.
-_HEAD_KEYS = ("out_dim", "proj_hidden", "pred_hidden", "predictor", "method")
+# the new run's match. A checkpoint from before --method existed is a MoCo v3 one, and one from
+# before --queue has none.
+_HEAD_KEYS = ("out_dim", "proj_hidden", "pred_hidden", "predictor", "method", "queue")
+_HEAD_DEFAULTS = {"method": DEFAULTS["method"], "queue": 0}
 
 
 def _save_checkpoint(out_dir: Path, method: Method, optimizer, scaler, step: int, options: TrainOptions,
@@ -177,7 +179,7 @@ def _load_init(spec: str) -> _Init:
         state = load_checkpoint(path / CHECKPOINT)
         method_state = state["model"]
         info["steps"] = int(state["step"])  # the checkpoint may be ahead of the exported model
-        heads = {k: state["options"].get(k, DEFAULTS["method"] if k == "method" else None) for k in _HEAD_KEYS}
+        heads = {k: state["options"].get(k, _HEAD_DEFAULTS.get(k)) for k in _HEAD_KEYS}
     return _Init(encoder.config, info, encoder.backbone.state_dict(), method_state, heads)
 
 
@@ -206,6 +208,8 @@ def _options_from_init(options: TrainOptions, init: _Init) -> TrainOptions:
                              "fit it (leave --depth out)")
     depth = arch.depth  # the init model's, never a recipe's
     heads = {k: v for k, v in init.heads.items() if v is not None and getattr(options, k) is None}
+    if (options.method or heads.get("method")) != "moco-v3":
+        heads.pop("queue", None)  # another method: a moco-v3 queue size does not carry over
     return replace(options, preset=preset, depth=depth, **heads)
 
 

@@ -169,6 +169,11 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
         raise FilterkitError(f"--minutes must be a positive number of minutes, got {options.minutes:g}")
     lr_given = options.lr is not None
     options = options.resolved(device_kind)
+    if not isinstance(options.queue, int) or options.queue < 0:
+        raise FilterkitError(f"--queue must be 0 (no queue) or a positive number of keys, got {options.queue}")
+    if options.queue and options.method != "moco-v3":
+        raise FilterkitError(f"--queue {options.queue} is moco-v3's queue of negative keys: --method "
+                             f"{options.method} does not take it (leave out --queue)")
     if method_class(options.method).needs_predictor and not options.predictor:
         raise FilterkitError(f"--method {options.method} trains through its predictor: leave out --no-predictor")
     if options.batch_size % world:

@@ -30,6 +30,7 @@ class TrainOptions:
     base_lr: float | None = None
     weight_decay: float | None = None
     temperature: float | None = None
+    queue: int | None = None  # moco-v3's queue of negative keys (moco.py); 0: none, MoCo v3 as published
     momentum: float | None = None
     warmup_epochs: float | None = None
     out_dim: int | None = None
@@ -68,7 +69,7 @@ class TrainOptions:
 
 # Options that change what a resumed run computes: they must match the checkpoint.
 _SCHEDULE_KEYS = ("preset", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "temperature",
-                  "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
+                  "queue", "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
                   "freeze_patch_embed", "min_crop_scale", "depth", "seed", "data_in_memory", "method",
                   "planned_steps")
 
