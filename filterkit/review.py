@@ -87,7 +87,7 @@ def open_session(report: str | os.PathLike):
 
 
 class _Session:
-    """What both kinds share: the report, its labels file, the files that may be served."""
+    """What every kind shares: the report, its labels file, the files that may be served."""
 
     kind = ""
 
@@ -388,7 +388,7 @@ class VerdictSession(_Session):
 
     def state(self) -> dict:
         summary = self.doc.get("summary")
-        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name, "noun": f"{self.ENTRY}s",
+        return {"kind": self.kind, "report": self.report.name, "labels": self.labels_file.name, "noun": self.ENTRY,
                 "summary": summary if isinstance(summary, str) else "", "verdicts": self.VERDICTS,
                 "entries": [{**e, "verdict": self.verdicts.get(e["key"])} for e in self.entries]}
 

@@ -82,7 +82,7 @@ function card(it,k){
 }
 function renderVerdicts(){
   const st=S.state,done=st.entries.filter(e=>e.verdict).length,vs=st.verdicts;
-  $('stats').innerHTML=`${st.entries.length} ${st.noun} &middot; <b>${done}</b> decided &middot; verdicts saved to ${esc(st.labels)}`;
+  $('stats').innerHTML=`${st.entries.length} ${st.noun}${st.entries.length===1?'':'s'} &middot; <b>${done}</b> decided &middot; verdicts saved to ${esc(st.labels)}`;
   $('help').innerHTML=vs.map(([v,key,label])=>`<kbd>${key}</kbd> ${esc(label.toLowerCase())} &nbsp;`).join('')+
     '<kbd>u</kbd> undo &nbsp;<kbd>j</kbd>/<kbd>&rarr;</kbd> next &nbsp;<kbd>&larr;</kbd> previous'+
     (st.summary?' &middot; '+esc(st.summary):'');

@@ -434,3 +434,22 @@ def test_the_recall_threshold_keeps_its_target_on_average_over_exemplar_draws():
     plug_in = ndtr(-norm.ppf(0.05, draws.mean(axis=1), draws.std(axis=1, ddof=1)))
     assert abs(kept.mean() - 0.95) < 0.003
     assert plug_in.mean() < 0.94
+
+
+def test_the_predictive_quantile_inverts_the_predictive_recall_for_any_number_of_exemplars():
+    from scipy.special import ndtr
+    from scipy.stats import t as student
+
+    from filterkit.filtering import pool_precision, predictive_quantile, predictive_recall
+
+    for n in (1, 2, 5, 16, 200):
+        t = predictive_quantile(0.9, 0.5, 0.1, n)
+        assert float(predictive_recall(t, 0.5, 0.1, n)) == pytest.approx(0.9)
+    assert float(predictive_recall(0.4, 0.5, 0.1, 1)) == pytest.approx(ndtr(1.0))  # one score: plug-in normal
+    assert float(predictive_recall(0.4, 0.5, 0.1, 5)) == pytest.approx(student.cdf(1.0 / np.sqrt(1.2), 4))
+    # fewer exemplars, a lower threshold for the same recall; many, close to the normal's
+    assert predictive_quantile(0.9, 0.5, 0.1, 5) < predictive_quantile(0.9, 0.5, 0.1, 16) < predictive_quantile(0.9, 0.5, 0.1, 1)
+    assert predictive_quantile(0.9, 0.5, 0.1, 200) == pytest.approx(predictive_quantile(0.9, 0.5, 0.1, 1), abs=0.002)
+    pool = np.linspace(0, 1, 101)
+    expected = min(1.0, 0.2 * student.cdf((0.6 - 0.5) / 0.1 / np.sqrt(1 + 1 / 5), 4) / (pool >= 0.5).mean())
+    assert float(pool_precision(0.2, 0.6, 0.1, pool, 0.5, 5)) == pytest.approx(expected)

@@ -612,6 +612,33 @@ def test_init_from_a_queued_moco_run_continues_its_queue_unless_the_method_chang
     assert (doc["queue"], doc["init"]["loaded"]) == (0, "backbone") and isinstance(other.model, SimCLR)
 
 
+def test_init_from_with_another_queue_size_keeps_the_trained_heads_and_starts_the_queue_empty(tmp_path, train_dir,
+                                                                                              monkeypatch):
+    import filterkit.train.loop as loop
+
+    pretrain(train_dir, tmp_path / "plain", TrainOptions(max_steps=1, epochs=10, **TINY), device="cpu", workers=0,
+             progress=False)
+    trained = load_checkpoint(tmp_path / "plain" / CHECKPOINT)["model"]
+    loaded = {}
+
+    def apply(method, init, options):  # the state right after the init is applied, before any step
+        what = checkpoints._apply_init(method, init, options)
+        loaded.update({k: v.clone() for k, v in method.state_dict().items()})
+        return what
+
+    from filterkit.train import checkpoints
+
+    monkeypatch.setattr(loop, "_apply_init", apply)
+    pretrain(train_dir, tmp_path / "queued", TrainOptions(max_steps=1, init_from=str(tmp_path / "plain"), queue=16,
+                                                          batch_size=8), device="cpu", workers=0, progress=False)
+    doc = json.loads((tmp_path / "queued" / CONFIG_FILE).read_text())["training"]
+    assert (doc["queue"], doc["init"]["loaded"]) == (16, "encoders and heads (an empty queue)")
+    assert set(loaded) - set(trained) == {"queue.rows", "queue.ptr", "queue.filled"}
+    for key, value in trained.items():  # backbone, projector, predictor and the momentum encoder
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    assert int(loaded["queue.filled"]) == 0
+
+
 def test_ddp_moco_queue_is_the_global_batchs_and_equal_on_every_rank(tmp_path, train_dir):
     import _ddp_worker
     import torch.multiprocessing as mp

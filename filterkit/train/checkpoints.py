@@ -184,11 +184,21 @@ def _load_init(spec: str) -> _Init:
 
 
 def _apply_init(method: Method, init: _Init, options: TrainOptions) -> str:
-    """Load ``init`` into a fresh method; returns what was loaded ("encoders and heads" or "backbone")."""
-    same_heads = init.state is not None and all(getattr(options, k) == v for k, v in init.heads.items())
-    if same_heads:
+    """Load ``init`` into a fresh method; returns what was loaded ("encoders and heads", with
+    "(an empty queue)" when only ``--queue`` differs, or "backbone")."""
+    same_heads = init.state is not None and all(getattr(options, k) == v for k, v in init.heads.items()
+                                                 if k != "queue")
+    if same_heads and (options.queue or 0) == (init.heads.get("queue") or 0):
         method.load_state_dict(init.state)
         return "encoders and heads"
+    if same_heads:
+        # Only the queue's size differs: the trained encoders and heads carry over, the queue
+        # (keys of the init run's own batches) starts empty.
+        state = {k: v for k, v in init.state.items() if not k.startswith("queue.")}
+        missing, unexpected = method.load_state_dict(state, strict=False)
+        if unexpected or not all(k.startswith("queue.") for k in missing):
+            raise RuntimeError(f"init state does not fit the method: missing {missing}, unexpected {unexpected}")
+        return "encoders and heads (an empty queue)"
     # Another method or heads of another shape (or none saved): the backbone (and any EMA copy
     # of it) starts from the init, the heads fresh.
     method.load_backbone(init.backbone)
