@@ -211,6 +211,9 @@ def _print_comparison(doc: dict, path: Path) -> None:
     for r in doc["runs"]:
         if r["error"]:
             typer.echo(f"{r['method']} failed: {r['error']}")
+        elif r.get("resumed_at_step") is not None:
+            typer.echo(f"{r['method']}: interrupted, then continued from its checkpoint of step {r['resumed_at_step']} "
+                       f"({r['wall_seconds']:g} s of training in all)")
     typer.echo("▼ ranks the methods. kNN: weighted kNN top-1 on --labelled; AUROC: the exemplars' leave-one-out "
                "keep-like AUROC; RankMe: effective rank of the embeddings (all three: higher is better); align, "
                f"unif: alignment of two views and uniformity (lower is better). Written to {path}")
