@@ -63,11 +63,8 @@ def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     found = []
     for key, option in OPTIONS.items():
         old, new = recorded.get(key), now.get(key)
-        if key == "methods" and old is not None and new is not None:
-            if sorted(old) == sorted(new):
-                continue  # the same methods in another order are the same comparison
-        if old == new:
-            continue
+        if old == new or (key == "methods" and old is not None and new is not None and sorted(old) == sorted(new)):
+            continue  # the same methods in another order are the same comparison
         if (key in ("folder", "labelled", "exemplars") and old is not None and new is not None
                 and (old["name"], old["images"]) == (new["name"], new["images"])):
             found.append(f"{option} (same name and image count, but other files or file sizes)")

@@ -3,6 +3,7 @@ tiny end-to-end comparison of two methods."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ class _Trainer:
     it is raised in ``method``'s training loop after its first step."""
 
     def __init__(self, monkeypatch, method, error):
-        import filterkit.train as train
+        from filterkit import train
         from filterkit.train.monitor import Monitor
 
         self.calls, self.method, self.error = [], method, error
@@ -203,8 +204,8 @@ def test_a_crash_mid_method_reruns_that_method_from_scratch(tmp_path, train_dir,
     from filterkit.compare import compare_methods
 
     out = tmp_path / "cmp"
-    kw = dict(methods=["moco-v3", "simclr"], preset="vit-mini-8-32", depth=1, batch_size=8, workers=0,
-              progress=False, max_steps=2, device="cpu")
+    kw = {"methods": ["moco-v3", "simclr"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
     trainer = _Trainer(monkeypatch, "simclr", RuntimeError("the machine fell over"))
     with pytest.raises(RuntimeError, match="fell over"):
         compare_methods(train_dir, out, 1, **kw)
@@ -262,14 +263,14 @@ def test_the_record_is_never_half_written(tmp_path, train_dir, monkeypatch):
 
     def replace(src, dst):
         if os.path.basename(dst) == "compare-record.json":
-            seen.append(json.loads(open(src).read()))
+            seen.append(json.loads(Path(src).read_text()))
             if seen[-1]["runs"]:  # the write that records the first method: killed before the rename
                 raise KeyboardInterrupt
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    kw = dict(methods=["byol"], preset="vit-mini-8-32", depth=1, batch_size=8, workers=0, progress=False,
-              max_steps=2, device="cpu")
+    kw = {"methods": ["byol"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
     with pytest.raises(ComparisonInterrupted) as stopped:
         compare_methods(train_dir, out, 1, **kw)
     assert stopped.value.finished == [] and stopped.value.method == "byol" and stopped.value.step == 2
