@@ -140,7 +140,7 @@ def open_record(out: Path, settings: dict[str, Any], resume: bool, overwrite: bo
     found = Record.load(out) if out.is_dir() else None
     if found is None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FilterkitError(f"{out} already holds files that are not a comparison's (no {RECORD_FILE}): choose "
+            raise FilterkitError(f"{out} already holds files, and no {RECORD_FILE} of a comparison to resume: choose "
                                  "a new --out folder (each method's model is written under it)")
         if resume:
             say(f"nothing to resume in {out}: starting the comparison")

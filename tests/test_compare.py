@@ -3,6 +3,7 @@ tiny end-to-end comparison of two methods."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -243,12 +244,22 @@ def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_
     assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 0
     assert json.loads((out / "compare-record.json").read_text())["settings"]["seed"] == 1
     assert json.loads((out / "compare.json").read_text())["seed"] == 1
+    again = [*one, "--seed", "1", "--resume"]
+    # A recorded method whose folder was deleted is trained again; one that holds another model is refused.
+    shutil.rmtree(out / "simsiam")
+    assert main(["compare-methods", str(train_dir), *again]) == 0
+    config = json.loads((out / "simsiam" / "config.json").read_text())
+    assert config["model_id"] == json.loads((out / "compare-record.json").read_text())["runs"]["simsiam"]["model_id"]
+    (out / "simsiam" / "config.json").write_text(json.dumps({**config, "model_id": "0123456789abcdef"}))
+    assert main(["compare-methods", str(train_dir), *again]) == 1
+    assert "holds model 0123456789abcdef, not the model" in capsys.readouterr().err
     # A folder whose files are no comparison's is refused even with --overwrite, and left as it was.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "x").write_text("mine")
     assert main(["compare-methods", str(train_dir), *run, "--out", str(tmp_path / "mine"), *TINY_CLI,
                  "--overwrite"]) == 1
-    assert "not a comparison's" in capsys.readouterr().err and (tmp_path / "mine" / "x").read_text() == "mine"
+    assert "no compare-record.json of a comparison to resume" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "x").read_text() == "mine"
 
 
 def test_the_record_is_never_half_written(tmp_path, train_dir, monkeypatch):

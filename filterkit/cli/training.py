@@ -168,7 +168,8 @@ def compare_methods_command(
         for flag, value in given:
             if value is not None:
                 words += [flag, str(value)]
-        words += [*(["--data-in-memory"] if data_in_memory else []), *(["-q"] if quiet else []), "--resume"]
+        words += [*(["--data-in-memory"] if data_in_memory else []), *(["-q"] if quiet else []),
+                  *(["--json"] if as_json else []), "--resume"]
         echo_err(f"interrupted: {e}; continue with `{shlex.join(words)}`")
         raise typer.Exit(130) from None
     doc = comparison.to_dict()
