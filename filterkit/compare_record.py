@@ -43,8 +43,12 @@ def folder_fingerprint(folder: Path | None) -> dict[str, Any] | None:
     paths = discover_images(folder)
     digest = hashlib.sha256()
     for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError:  # a broken link or a file gone meanwhile: the training reports it as a skip
+            size = -1
         relative = path.relative_to(folder).as_posix()
-        digest.update(f"{relative}\0{path.stat().st_size}\n".encode("utf-8", errors="surrogateescape"))
+        digest.update(f"{relative}\0{size}\n".encode("utf-8", errors="surrogateescape"))
     return {"name": folder.resolve().name or "root", "images": len(paths), "sha256": digest.hexdigest()}
 
 
