@@ -24,7 +24,10 @@ This script adds, per model and per baseline:
 Then, among the self-supervised methods (supcon trains on the labels and is reported apart),
 whether the method ranked first by RankMe, and by the label-free exemplar AUROC, is the kNN
 winner, and the Spearman correlation of each label-free signal with kNN across methods.
-Everything is written to OUT/method_bench.json; a summary is printed.
+Everything is written to OUT/method_bench.json (atomically, after each set and seed); a summary
+is printed. The full benchmark takes hours: `--resume` continues an interrupted one, keeping the
+(set, seed) results already written (their settings must match) and, inside the (set, seed) it
+stopped in, the methods `compare-methods` had finished (its own record, OUT/<set>/seed<N>/).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -45,11 +49,15 @@ from filterkit.compare import compare_methods, exemplar_auroc
 from filterkit.encoder import build_backbone
 from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
 from filterkit.filtering import DEFAULT_NORMALIZE, exemplar_scores
+from filterkit.fsutil import atomic_write_text
 from filterkit.methods import METHODS, method_class
 from filterkit.normalize import Normalizer
 from _data import add_data_argument, cifar10, data_root, imagenette_train, splits  # benchmarks/_data.py
 
 EXEMPLARS = 16
+# The arguments a (set, seed) result depends on: a --resume with other values is refused.
+SETTINGS = ("minutes", "methods", "train_per_class", "test_per_class", "max_images", "preset", "depth", "batch_size",
+            "device", "data_in_memory")
 
 
 def _subset(source: Path, dest: Path, per_class: int) -> None:
@@ -77,9 +85,12 @@ def prepare(name: str, root: Path, out: Path, train_per_class: int, test_per_cla
         imagenette_train(root)  # the split is made from it: say so if it is missing
         src_train, src_test = splits(root) / "imagenette-train", splits(root) / "imagenette-heldout"
     dest = out / "data" / name
-    if not dest.is_dir():
-        _subset(src_train, dest / "train", train_per_class)
-        _subset(src_test, dest / "test", test_per_class)
+    if not dest.is_dir():  # made beside it, then renamed: an interrupted copy is never taken for the subset
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _subset(src_train, partial / "train", train_per_class)
+        _subset(src_test, partial / "test", test_per_class)
+        os.replace(partial, dest)
     return dest
 
 
@@ -117,7 +128,7 @@ def one_run(set_name: str, set_dir: Path, seed: int, args) -> dict:
     comparison = compare_methods(set_dir / "train", out, args.minutes, args.methods, labelled=set_dir,
                                  preset=args.preset, depth=args.depth, batch_size=args.batch_size, seed=seed,
                                  device=args.device, workers=args.workers, data_in_memory=args.data_in_memory,
-                                 max_images=args.max_images, progress=False,
+                                 max_images=args.max_images, progress=False, resume=args.resume,
                                  say=lambda line: print(f"  {set_name} seed {seed}: {line}", flush=True))
     train, test = labelled_images(set_dir / "train"), labelled_images(set_dir / "test")
     rng = np.random.default_rng(seed)
@@ -164,9 +175,33 @@ def one_run(set_name: str, set_dir: Path, seed: int, args) -> dict:
             values = [-rows[m][signal] for m in ssl]
             picks[signal] = {"spearman_with_knn": spearman(values, knn)}
         picks["knn_winner"] = knn_winner
-    return {"set": set_name, "seed": seed, "preset": comparison.preset, "minutes_per_method": args.minutes,
+    return {"set": set_name, "seed": seed, "bench": settings(args), "preset": comparison.preset,
+            "minutes_per_method": args.minutes,
             "n_train": len(train.paths), "n_test": len(test.paths), "methods": rows, "baselines": baselines,
             "label_free": picks, "wall_minutes": round((time.perf_counter() - t0) / 60, 2)}
+
+
+def settings(args) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
+def finished_runs(path: Path, args, parser) -> list[dict]:
+    """The (set, seed) results of an earlier run of this benchmark into the same --out, checked
+    to have been run with the same settings."""
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text(encoding="utf-8"))
+    now = settings(args)
+    for r in results:
+        if "bench" not in r:
+            parser.error(f"{path} was written by an older version of this script (no settings to compare): "
+                         "choose a new --out")
+        differ = [f"--{k.replace('_', '-')} (recorded {r['bench'].get(k)!r}, now {v!r})"
+                  for k, v in now.items() if r["bench"].get(k) != v]
+        if differ:
+            parser.error(f"{path} holds {r['set']} seed {r['seed']} run with other settings: {'; '.join(differ)}. "
+                         "Give the same ones to --resume, or choose a new --out")
+    return results
 
 
 def summarise(results: list[dict]) -> None:
@@ -212,23 +247,35 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--data-in-memory", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run into the same --out with the same settings")
     args = parser.parse_args()
     if args.train_per_class < EXEMPLARS:
         parser.error(f"--train-per-class must be at least {EXEMPLARS} (the exemplars of each class)")
-    if args.out.exists() and any(p.name != "data" for p in args.out.iterdir()):
-        parser.error(f"{args.out} already holds results: choose a new --out (its data/ folder alone may be reused)")
+    if not args.resume and args.out.exists() and any(p.name != "data" for p in args.out.iterdir()):
+        parser.error(f"{args.out} already holds results: pass --resume to continue that run (same settings), or "
+                     "choose a new --out (its data/ folder alone may be reused)")
     if any(method_class(m).needs_labels for m in args.methods):
         print("note: supcon trains on the class folders' labels: reported, but not in the label-free check")
     root = data_root(args.data)
-    results = []
+    path = args.out / "method_bench.json"
+    results = finished_runs(path, args, parser) if args.resume else []
     for set_name in args.sets:
         set_dir = prepare(set_name, root, args.out, args.train_per_class, args.test_per_class)
         for seed in args.seeds:
+            if any((r["set"], r["seed"]) == (set_name, seed) for r in results):
+                print(f"  {set_name} seed {seed}: finished earlier, kept from {path}", flush=True)
+                continue
             results.append(one_run(set_name, set_dir, seed, args))
-            (args.out / "method_bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    summarise(results)
-    print(f"\nwritten to {args.out / 'method_bench.json'}")
+            atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    summarise([r for r in results if r["set"] in args.sets and r["seed"] in args.seeds])
+    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # compare_methods' ComparisonInterrupted says what was kept
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}; the same command with --resume continues",
+              file=sys.stderr)
+        sys.exit(130)

@@ -34,7 +34,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from . import methods as method_table
+from .compare_record import RESULT_FILE
 from .errors import FilterkitError, ImageError
 from .fsutil import atomic_write_bytes
 
-RESULT_FILE = "compare.json"
 RANKME_EPS = 1e-7  # the paper's ε
 UNIFORMITY_T = 2.0  # Wang & Isola's t
 MAX_IMAGES = 1000  # of FOLDER, evenly spaced over the sorted paths, for the label-free signals
@@ -292,11 +292,24 @@ class MethodRun:
     final_loss: float | None = None
     signals: Signals | None = None
     error: str | None = None  # the run stopped on a health check (NaN loss, collapse)
+    model_id: str | None = None  # of the model measured: a rerun checks the folder still holds it
+    resumed_at_step: int | None = None  # continued from an interrupted run's checkpoint of this step
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "signals"}
         out["signals"] = None if self.signals is None else self.signals.to_dict()
         return out
+
+    def to_record(self) -> dict[str, Any]:
+        """As ``to_dict``, with the signals unrounded: a resumed comparison ranks on the same values."""
+        return {**self.to_dict(), "signals": None if self.signals is None else dict(self.signals.__dict__)}
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any]) -> MethodRun:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in doc.items() if k in known}
+        signals = values.pop("signals", None)
+        return cls(**values, signals=None if signals is None else Signals(**signals))
 
 
 @dataclass
@@ -338,19 +351,45 @@ def ranking_signal(labelled: Path | None, exemplars: Path | None) -> str:
     return "knn_top1" if labelled is not None else "exemplar_auroc" if exemplars is not None else "rankme"
 
 
+class ComparisonInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a comparison. The finished methods are in OUT's record; ``compare_methods``
+    with ``resume=True`` skips them and continues ``method`` (from its checkpoint when it saved
+    one, at ``step``)."""
+
+    def __init__(self, out: Path, finished: list[str], total: int, method: str | None, step: int | None) -> None:
+        from .compare_record import RECORD_FILE
+
+        self.out, self.finished, self.total, self.method, self.step = out, finished, total, method, step
+        where = ""
+        if method is not None:
+            where = (f"; {method} was interrupted and will continue from its checkpoint (step {step})"
+                     if step is not None else f"; {method} was interrupted and will run again")
+        super().__init__(f"{len(finished)} of {total} methods finished, recorded in {out / RECORD_FILE}{where}")
+
+
 def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: float,
                     methods: list[str] | None = None, labelled: str | os.PathLike | None = None,
                     exemplars: str | os.PathLike | None = None, preset: str | None = None, depth: int | None = None,
                     batch_size: int | None = None, seed: int = 0, device: str = "auto", workers: int | None = None,
                     data_in_memory: bool = False, max_images: int = MAX_IMAGES, progress: bool = True,
-                    say: Callable[[str], None] = lambda line: None, max_steps: int | None = None) -> Comparison:
+                    say: Callable[[str], None] = lambda line: None, max_steps: int | None = None,
+                    resume: bool = False, overwrite: bool = False) -> Comparison:
     """Pretrain each method on ``folder`` for ``minutes`` of wall clock into ``out/<method>``,
     measure each (and the random-init baseline, plus raw pixels for kNN and AUROC), write
     ``out/compare.json`` after every method, and return the comparison. ``max_steps`` caps every
-    run's steps as well (the same cap for all: a quick look, or a test that must not depend on the
-    machine's speed)."""
+    run's steps as well (the same for all: a quick look, or a test that must not depend on the
+    machine's speed).
+
+    Each finished method is recorded in ``out/compare-record.json`` (``compare_record.py``) with
+    the settings. ``resume=True`` continues the comparison recorded there, which must have the
+    same settings: finished methods are kept, an interrupted run continues from its checkpoint
+    (or starts again if it saved none), the rest run. ``overwrite=True`` deletes the recorded
+    comparison's files first. Without either, an ``out`` holding files is refused. Ctrl-C
+    raises ``ComparisonInterrupted`` (a KeyboardInterrupt) once the record is safe."""
+    from .compare_record import RECORD_FILE, folder_fingerprint, open_record
+    from .devices import pick_device
     from .encoder import Encoder, build_backbone
-    from .train import TrainingStopped, TrainOptions, pretrain
+    from .train import TrainingInterrupted, TrainOptions
 
     folder, out = Path(folder), Path(out)
     labelled = Path(labelled) if labelled is not None else None
@@ -360,47 +399,146 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
     if not (minutes > 0 and math.isfinite(minutes)):
         raise FilterkitError(f"--minutes must be a positive number of minutes per method, got {minutes:g}")
     chosen = choose_methods(folder, methods)
-    if out.exists() and any(out.iterdir()):
-        raise FilterkitError(f"{out} already holds files: choose a new --out folder (each method's model is "
-                             "written under it)")
     sets = EvaluationSets(folder, labelled, exemplars, max_images, workers=workers, progress=progress)
+    settings = {"folder": folder_fingerprint(folder), "methods": chosen, "minutes": minutes, "max_steps": max_steps,
+                "seed": seed, "preset": preset, "depth": depth, "batch_size": batch_size,
+                "device": pick_device(device).type, "data_in_memory": bool(data_in_memory),
+                "labelled": folder_fingerprint(labelled), "exemplars": folder_fingerprint(exemplars),
+                "max_images": max_images}
+    record = open_record(out, settings, resume, overwrite, say)
     comparison = Comparison(folder.resolve().name or "root", minutes, preset or "default", seed,
                             ranking_signal(labelled, exemplars))
-    say(f"{len(chosen)} methods x {minutes:g} min: about {len(chosen) * minutes:g} min of training, then the "
+    left = [m for m in chosen if m not in record.runs]
+    kept = f" ({len(chosen) - len(left)} finished earlier)" if len(left) < len(chosen) else ""
+    say(f"{len(left)} methods x {minutes:g} min{kept}: about {len(left) * minutes:g} min of training, then the "
         f"measurements (ranked by {comparison.ranked_by})")
-    for n, name in enumerate(chosen, 1):
-        say(f"[{n}/{len(chosen)}] {name}: pretraining for {minutes:g} min")
-        options = TrainOptions(method=name, preset=preset, depth=depth, batch_size=batch_size, seed=seed,
-                               minutes=minutes, max_steps=max_steps, data_in_memory=data_in_memory or None)
-        run = MethodRun(name, name, method_table.method_class(name).needs_labels)
-        try:
-            result = pretrain(folder, out / name, options, device=device, workers=workers, progress=progress)
-        except TrainingStopped as e:  # this method's failure, not the comparison's: the others still run
-            run.error = str(e)
-            say(f"  {name} stopped: {e}")
-        else:
-            training = json.loads((out / name / "config.json").read_text(encoding="utf-8"))["training"]
-            run.steps, run.total_steps, run.stopped_by = result.steps, result.total_steps, result.stopped_by
-            run.wall_seconds = float(training["compute"]["wall_seconds"])
-            run.final_loss = result.final_loss if math.isfinite(result.final_loss) else None
-            encoder = Encoder.load(out / name, device=device)
-            sets.min_crop_scale = training["min_crop_scale"]  # the views the runs trained on (one recipe for all)
-            run.signals = sets.measure(encoder, name)
-            comparison.preset = encoder.config.preset or comparison.preset
-        comparison.runs.append(run)
+    current = None
+    try:
+        for n, name in enumerate(chosen, 1):
+            run = _recorded_run(out, record, name, say)
+            if run is not None:
+                say(f"[{n}/{len(chosen)}] {name}: finished earlier, kept from {out / RECORD_FILE}")
+            else:
+                say(f"[{n}/{len(chosen)}] {name}: pretraining for {minutes:g} min")
+                current = name
+                options = TrainOptions(method=name, preset=preset, depth=depth, batch_size=batch_size, seed=seed,
+                                       minutes=minutes, max_steps=max_steps, data_in_memory=data_in_memory or None)
+                run = _run_method(name, folder, out, sets, options, device, workers, progress, say)
+                record.finish(out, name, run.to_record())  # first: now safe from an interruption
+                current = None
+            if run.signals is not None:
+                comparison.preset = _config(out, run)["architecture"].get("preset") or comparison.preset
+            comparison.runs.append(run)
+            _write(out, comparison)
+        measured = next((r for r in comparison.runs if r.signals is not None), None)
+        if measured is None:
+            raise FilterkitError("every method stopped on a health check (the messages above say why): nothing "
+                                 "to rank. Try one of them with `filterkit pretrain --method M` and a lower --lr")
+        if not record.baselines:  # the same architecture and views for every method: measured once
+            say("baselines: random init, raw pixels")
+            cfg = Encoder.load(out / measured.model, device="cpu").config
+            sets.min_crop_scale = _config(out, measured)["training"]["min_crop_scale"]
+            torch.manual_seed(0)
+            random_init = Encoder(build_backbone(cfg), cfg, device=device)
+            record.set_baselines(out, {"random_init": sets.measure(random_init, "random init").to_dict(),
+                                       "raw_pixels": {k: round(v, 4) for k, v in sets.raw_pixels().items()}})
+        comparison.baselines = record.baselines
         _write(out, comparison)
-    measured = next((r for r in comparison.runs if r.signals is not None), None)
-    if measured is None:
-        raise FilterkitError("every method stopped on a health check (the messages above say why): nothing to "
-                             "rank. Try one of them with `filterkit pretrain --method M` and a lower --lr")
-    say("baselines: random init, raw pixels")
-    cfg = Encoder.load(out / measured.method, device="cpu").config
-    torch.manual_seed(0)
-    random_init = Encoder(build_backbone(cfg), cfg, device=device)
-    comparison.baselines = {"random_init": sets.measure(random_init, "random init").to_dict(),
-                            "raw_pixels": {k: round(v, 4) for k, v in sets.raw_pixels().items()}}
-    _write(out, comparison)
+    except TrainingInterrupted as e:  # the run saved a checkpoint of step e.step
+        raise ComparisonInterrupted(out, list(record.runs), len(chosen), current, e.step) from None
+    except KeyboardInterrupt:
+        from .train import CHECKPOINT, checkpoint_step
+
+        step = None
+        if current is not None and (out / current / CHECKPOINT).is_file():
+            try:
+                step = checkpoint_step(out / current / CHECKPOINT)
+            except FilterkitError:
+                pass  # say it will run again; the rerun reports the unreadable checkpoint
+        raise ComparisonInterrupted(out, list(record.runs), len(chosen), current, step) from None
     return comparison
+
+
+def _config(out: Path, run: MethodRun) -> dict[str, Any]:
+    from .compare_record import relative_model
+
+    return json.loads((relative_model(out, run.model) / "config.json").read_text(encoding="utf-8"))
+
+
+def _recorded_run(out: Path, record, name: str, say: Callable[[str], None]) -> MethodRun | None:
+    """``name``'s run from the record, when it finished and its model folder still holds the
+    model it measured; None: it has to run."""
+    from .compare_record import RECORD_FILE, relative_model
+
+    saved = record.runs.get(name)
+    if saved is None:
+        return None
+    run = MethodRun.from_record(saved)
+    if run.signals is None:
+        return run  # stopped on a health check: a finished run, with its message
+    model_dir = relative_model(out, run.model)
+    if not (model_dir / "config.json").is_file():
+        say(f"  {name}: recorded as finished, but {model_dir} no longer holds its model: training it again")
+        del record.runs[name]
+        return None
+    found = _config(out, run).get("model_id")
+    if run.model_id is not None and found != run.model_id:
+        raise FilterkitError(f"{model_dir} holds model {found}, not the model {run.model_id} that {out / RECORD_FILE} "
+                             "measured: put it back, delete the folder to train that method again, or pass "
+                             "--overwrite to start the comparison again")
+    return run
+
+
+def _run_method(name: str, folder: Path, out: Path, sets: EvaluationSets, options, device: str,
+                workers: int | None, progress: bool, say: Callable[[str], None]) -> MethodRun:
+    """Pretrain one method into ``out/<name>`` (continuing an interrupted run's checkpoint
+    there) and measure it."""
+    from .compare_record import clear_unstarted
+    from .encoder import Encoder
+    from .train import CHECKPOINT, LOG, TrainingStopped, checkpoint_step, pretrain
+
+    model_dir = out / name
+    run = MethodRun(name, name, method_table.method_class(name).needs_labels)
+    if (model_dir / CHECKPOINT).is_file():
+        # The trainer's --resume: the same planned schedule, data order and RNG, and the budget
+        # counts the training time already spent, so the run ends as an uninterrupted one would.
+        run.resumed_at_step = checkpoint_step(model_dir / CHECKPOINT)
+        say(f"  continuing its interrupted run from its checkpoint (step {run.resumed_at_step}); the "
+            f"{options.minutes:g} min budget includes the training time it already had")
+    else:
+        clear_unstarted(model_dir)
+    try:
+        result = pretrain(folder, model_dir, options, resume=run.resumed_at_step is not None, device=device,
+                          workers=workers, progress=progress)
+    except TrainingStopped as e:  # this method's failure, not the comparison's: the others still run
+        run.error = str(e)
+        say(f"  {name} stopped: {e}")
+        return run
+    config = _config(out, run)
+    training = config["training"]
+    run.steps, run.total_steps, run.stopped_by = result.steps, result.total_steps, result.stopped_by
+    run.wall_seconds = float(training["compute"]["wall_seconds"])  # over both sessions of a resumed run
+    run.final_loss = result.final_loss if math.isfinite(result.final_loss) else _last_loss(model_dir / LOG)
+    run.model_id = config["model_id"]
+    encoder = Encoder.load(model_dir, device=device)
+    sets.min_crop_scale = training["min_crop_scale"]  # the views the runs trained on (one recipe for all)
+    run.signals = sets.measure(encoder, name)
+    return run
+
+
+def _last_loss(log: Path) -> float | None:
+    """The last finite loss of a training log: a resumed run whose steps were all done before
+    the interruption trains none, and its TrainResult has no loss."""
+    if not log.is_file():
+        return None
+    for line in reversed(log.read_text(encoding="utf-8").splitlines()):
+        try:
+            loss = json.loads(line).get("loss")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            return float(loss)
+    return None
 
 
 def _write(out: Path, comparison: Comparison) -> None:

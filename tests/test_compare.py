@@ -3,6 +3,8 @@ tiny end-to-end comparison of two methods."""
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +139,156 @@ def test_every_method_failing_is_a_one_line_error(tmp_path, train_dir, monkeypat
                  str(tmp_path / "cmp"), *TINY_CLI])
     assert code == 1 and "error: every method stopped on a health check" in capsys.readouterr().err
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]["error"].startswith("loss became")
+
+
+# -- an interrupted comparison, resumed -----------------------------------------------------------
+TWO = ["--minutes", "1", "--max-steps", "2", "--methods", "moco-v3,simclr"]
+
+
+class _Trainer:
+    """pretrain, watched: every call in ``calls`` as (method, resumed); while ``error`` is set,
+    it is raised in ``method``'s training loop after its first step."""
+
+    def __init__(self, monkeypatch, method, error):
+        from filterkit import train
+        from filterkit.train.monitor import Monitor
+
+        self.calls, self.method, self.error = [], method, error
+        real_pretrain, real_after_step = train.pretrain, Monitor.after_step
+
+        def pretrain(data_dir, out_dir, options, **kw):
+            self.calls.append((options.method, kw.get("resume", False)))
+            return real_pretrain(data_dir, out_dir, options, **kw)
+
+        def after_step(monitor, step, *args, **kw):
+            if self.error is not None and self.calls[-1][0] == self.method and step == 1:
+                raise self.error
+            return real_after_step(monitor, step, *args, **kw)
+
+        monkeypatch.setattr(train, "pretrain", pretrain)
+        monkeypatch.setattr(Monitor, "after_step", after_step)
+
+
+def test_ctrl_c_keeps_the_finished_method_and_resume_continues_the_interrupted_one(tmp_path, train_dir,
+                                                                                    monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    cmd = ["compare-methods", str(train_dir), *TWO, "--out", str(out), *TINY_CLI]
+    trainer = _Trainer(monkeypatch, "simclr", KeyboardInterrupt())
+    assert main(cmd) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 2 methods finished" in err and "Traceback" not in err
+    assert "simclr was interrupted and will continue from its checkpoint (step 1)" in err
+    assert f"--out {out}" in err and err.rstrip().endswith("--resume`")
+    record = json.loads((out / "compare-record.json").read_text())
+    assert_no_machine_path(record, tmp_path)
+    assert list(record["runs"]) == ["moco-v3"] and record["settings"]["seed"] == 0
+    first = record["runs"]["moco-v3"]
+    assert first["model"] == "moco-v3" and first["steps"] == 2 and first["signals"]["rankme"] >= 1
+
+    assert main(cmd) == 1  # the same command without --resume neither resumes nor deletes by surprise
+    assert "holds this comparison already (1 of 2 methods finished): pass --resume" in capsys.readouterr().err
+
+    trainer.calls, trainer.error = [], None
+    assert main([*cmd, "--resume"]) == 0
+    assert trainer.calls == [("simclr", True)]  # moco-v3 not trained again; simclr continued from its checkpoint
+    assert "winner:" in capsys.readouterr().out
+    doc = json.loads((out / "compare.json").read_text())
+    assert sorted(doc["ranking"]) == ["moco-v3", "simclr"] and set(doc["baselines"]) == {"random_init", "raw_pixels"}
+    runs = {r["method"]: r for r in doc["runs"]}
+    assert runs["simclr"]["resumed_at_step"] == 1 and runs["simclr"]["steps"] == 2
+    assert runs["moco-v3"]["resumed_at_step"] is None and runs["moco-v3"]["model_id"] == first["model_id"]
+    assert json.loads((out / "compare-record.json").read_text())["runs"]["moco-v3"] == first
+    Encoder.load(out / "simclr", device="cpu")
+
+
+def test_a_crash_mid_method_reruns_that_method_from_scratch(tmp_path, train_dir, monkeypatch):
+    from filterkit.compare import compare_methods
+
+    out = tmp_path / "cmp"
+    kw = {"methods": ["moco-v3", "simclr"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
+    trainer = _Trainer(monkeypatch, "simclr", RuntimeError("the machine fell over"))
+    with pytest.raises(RuntimeError, match="fell over"):
+        compare_methods(train_dir, out, 1, **kw)
+    assert list(json.loads((out / "compare-record.json").read_text())["runs"]) == ["moco-v3"]
+    assert not (out / "simclr" / "training" / "checkpoint.pt").exists()  # no checkpoint before step 500
+    trainer.calls, trainer.error = [], None
+    result = compare_methods(train_dir, out, 1, resume=True, **kw)
+    assert trainer.calls == [("simclr", False)]  # started again (its partial folder held only the log)
+    assert sorted(r.method for r in result.ranked()) == ["moco-v3", "simclr"] and result.baselines
+    assert {r.method: r.resumed_at_step for r in result.runs} == {"moco-v3": None, "simclr": None}
+
+
+def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_path, train_dir, photos_dir,
+                                                                           capsys):
+    out = tmp_path / "cmp"
+    run = ["--minutes", "1", "--max-steps", "1", "--methods", "simsiam"]
+    one = [*run, "--out", str(out), *TINY_CLI]
+    assert main(["compare-methods", str(train_dir), *one]) == 0
+    model_id = json.loads((out / "simsiam" / "config.json").read_text())["model_id"]
+    capsys.readouterr()
+    assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--max-images", "5", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "holds another comparison (1 of 1 methods finished)" in err
+    assert "--seed (recorded 0, now 1); --max-images (recorded 1000, now 5)" in err and "--overwrite" in err
+    assert main(["compare-methods", str(photos_dir), *one, "--resume"]) == 1
+    assert "FOLDER (recorded 'train" in capsys.readouterr().err
+    assert TINY_CLI[2:4] == ["--depth", "1"]
+    no_depth = TINY_CLI[:2] + TINY_CLI[4:]  # the preset's own depth: another comparison
+    assert main(["compare-methods", str(train_dir), *run, "--out", str(out), *no_depth, "--resume"]) == 1
+    assert "--depth (recorded 1, now not given)" in capsys.readouterr().err
+    assert main(["compare-methods", str(train_dir), *one, "--resume", "--overwrite"]) == 1
+    assert "give one or the other" in capsys.readouterr().err
+    # Nothing was touched by the refusals; --overwrite replaces the comparison.
+    assert json.loads((out / "simsiam" / "config.json").read_text())["model_id"] == model_id
+    assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 0
+    assert json.loads((out / "compare-record.json").read_text())["settings"]["seed"] == 1
+    assert json.loads((out / "compare.json").read_text())["seed"] == 1
+    again = [*one, "--seed", "1", "--resume"]
+    # A recorded method whose folder was deleted is trained again; one that holds another model is refused.
+    shutil.rmtree(out / "simsiam")
+    assert main(["compare-methods", str(train_dir), *again]) == 0
+    config = json.loads((out / "simsiam" / "config.json").read_text())
+    assert config["model_id"] == json.loads((out / "compare-record.json").read_text())["runs"]["simsiam"]["model_id"]
+    (out / "simsiam" / "config.json").write_text(json.dumps({**config, "model_id": "0123456789abcdef"}))
+    assert main(["compare-methods", str(train_dir), *again]) == 1
+    assert "holds model 0123456789abcdef, not the model" in capsys.readouterr().err
+    # A folder whose files are no comparison's is refused even with --overwrite, and left as it was.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x").write_text("mine")
+    assert main(["compare-methods", str(train_dir), *run, "--out", str(tmp_path / "mine"), *TINY_CLI,
+                 "--overwrite"]) == 1
+    assert "no compare-record.json of a comparison to resume" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "x").read_text() == "mine"
+
+
+def test_the_record_is_never_half_written(tmp_path, train_dir, monkeypatch):
+    """A kill while the record is being replaced leaves the previous record whole (and no
+    temporary file); the rerun then measures the method whose training had finished."""
+    import os
+
+    from filterkit.compare import ComparisonInterrupted, compare_methods
+
+    out = tmp_path / "cmp"
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "compare-record.json":
+            seen.append(json.loads(Path(src).read_text()))
+            if seen[-1]["runs"]:  # the write that records the first method: killed before the rename
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    kw = {"methods": ["byol"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
+    with pytest.raises(ComparisonInterrupted) as stopped:
+        compare_methods(train_dir, out, 1, **kw)
+    assert stopped.value.finished == [] and stopped.value.method == "byol" and stopped.value.step == 2
+    on_disk = json.loads((out / "compare-record.json").read_text())
+    assert on_disk["runs"] == {} and on_disk["settings"] == seen[-1]["settings"]
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    result = compare_methods(train_dir, out, 1, resume=True, **kw)
+    (run,) = result.runs
+    assert run.resumed_at_step == 2 and run.steps == 2 and run.signals is not None and run.final_loss is not None

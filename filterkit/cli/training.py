@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -135,14 +136,17 @@ def compare_methods_command(
     max_images: Annotated[int, typer.Option("--max-images", min=2, help="Images of FOLDER (evenly spread) the label-free signals are measured on.")] = 1000,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Also cap every method's run at this many steps (the same for all).")] = None,
     data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="As in `pretrain`: decode once, augment batches on the device.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the comparison recorded in --out (run with the same options): finished methods are kept, an interrupted run continues from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the comparison recorded in --out (its method folders, compare.json and record) and start again.")] = False,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain each self-supervised method on FOLDER for the same --minutes, then rank them: by
-    weighted kNN on --labelled, else by label-free signals of FOLDER's embeddings."""
-    from ..compare import RESULT_FILE, compare_methods
+    weighted kNN on --labelled, else by label-free signals of FOLDER's embeddings. Each finished
+    method is recorded in --out; --resume continues an interrupted comparison."""
+    from ..compare import RESULT_FILE, ComparisonInterrupted, compare_methods
 
     if preset is not None:
         presets.get_preset(preset)
@@ -151,9 +155,24 @@ def compare_methods_command(
         raise FilterkitError("--methods is empty: list methods separated by commas, e.g. moco-v3,simclr")
     out = out if out is not None else Path(f"compare-{folder.resolve().name or 'root'}")
     say = (lambda line: None) if quiet else echo_err
-    comparison = compare_methods(folder, out, minutes, asked, labelled, exemplars, preset, depth, batch_size, seed,
-                                 device, workers, data_in_memory, max_images, progress=not quiet, say=say,
-                                 max_steps=max_steps)
+    try:
+        comparison = compare_methods(folder, out, minutes, asked, labelled, exemplars, preset, depth, batch_size,
+                                     seed, device, workers, data_in_memory, max_images, progress=not quiet, say=say,
+                                     max_steps=max_steps, resume=resume, overwrite=overwrite)
+    except ComparisonInterrupted as e:
+        given = [("--minutes", f"{minutes:g}"), ("--out", out), ("--methods", methods_), ("--labelled", labelled),
+                 ("--exemplars", exemplars), ("--preset", preset), ("--depth", depth), ("--batch-size", batch_size),
+                 ("--seed", seed if seed != 0 else None), ("--max-images", max_images if max_images != 1000 else None),
+                 ("--max-steps", max_steps), ("--device", device if device != "auto" else None),
+                 ("--workers", workers)]
+        words = ["filterkit", "compare-methods", str(folder)]
+        for flag, value in given:
+            if value is not None:
+                words += [flag, str(value)]
+        words += [*(["--data-in-memory"] if data_in_memory else []), *(["-q"] if quiet else []),
+                  *(["--json"] if as_json else []), "--resume"]
+        echo_err(f"interrupted: {e}; continue with `{shlex.join(words)}`")
+        raise typer.Exit(130) from None
     doc = comparison.to_dict()
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -194,6 +213,9 @@ def _print_comparison(doc: dict, path: Path) -> None:
     for r in doc["runs"]:
         if r["error"]:
             typer.echo(f"{r['method']} failed: {r['error']}")
+        elif r.get("resumed_at_step") is not None:
+            typer.echo(f"{r['method']}: interrupted, then continued from its checkpoint of step {r['resumed_at_step']} "
+                       f"({r['wall_seconds']:g} s of training in all)")
     typer.echo("▼ ranks the methods. kNN: weighted kNN top-1 on --labelled; AUROC: the exemplars' leave-one-out "
                "keep-like AUROC; RankMe: effective rank of the embeddings (all three: higher is better); align, "
                f"unif: alignment of two views and uniformity (lower is better). Written to {path}")

@@ -27,6 +27,7 @@ from .checkpoints import (
     _scrubbed_data,
     _scrubbed_stage,
     _scrubbed_training,
+    checkpoint_step,
     load_checkpoint,
 )
 from .data import (
@@ -92,6 +93,7 @@ __all__ = [
     "_scrubbed_training",
     "_truncate_log",
     "available_memory",
+    "checkpoint_step",
     "discover_images",
     "folder_labels",
     "gather_keys",

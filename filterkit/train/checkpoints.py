@@ -71,6 +71,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at, without reading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # unpickling refusals and corrupt files alike
+        raise FilterkitError(f"cannot load training checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return int(state["step"])
+
+
 def _export(out_dir: Path, method: Method, cfg: ModelConfig, options: TrainOptions, step: int,
             total: int, data_dir: Path, n_images: int, compute: dict[str, Any],
             init: dict[str, Any] | None = None, stopped_by: str | None = None) -> None:
