@@ -6,10 +6,15 @@ import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+def _env(rank: int, world: int, port: int) -> None:
+    """This process as rank ``rank`` of ``world`` (torchrun's variables), on one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def run(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    _env(rank, world, port)
     from filterkit.moco import contrastive_loss, gather_keys
     from filterkit.train import TrainOptions, pretrain
 
@@ -42,9 +47,7 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
     """
     from datetime import timedelta
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _env(rank, world, port)
     import filterkit.moco as moco
     import filterkit.train as train
 
@@ -98,9 +101,7 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
 def run_simclr(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
     """SimCLR under gloo DDP: NT-Xent on fixed tensors split across the ranks (loss and
     gradients), then a short pretraining run; writes dump/simclr<rank>.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _env(rank, world, port)
     from filterkit.methods.simclr import nt_xent
     from filterkit.train import TrainOptions, pretrain
 
@@ -126,9 +127,7 @@ def run_global_batch(rank: int, world: int, port: int, data: str, out: str, dump
     """Barlow Twins and SupCon under gloo DDP: each loss on fixed tensors split across the ranks
     (loss and gradients; SupCon with its labels), SwAV's Sinkhorn codes of split scores, then a
     short SupCon pretraining run whose labels come from the folder; writes dump/global<rank>.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _env(rank, world, port)
     from filterkit.methods.barlow_twins import barlow_loss
     from filterkit.methods.supcon import supcon_loss
     from filterkit.methods.swav import sinkhorn
@@ -163,9 +162,7 @@ def run_global_batch(rank: int, world: int, port: int, data: str, out: str, dump
 def run_moco_queue(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
     """MoCo v3 with --queue under gloo DDP: ctr with a queue on fixed tensors split across the
     ranks, then a short pretraining run; writes dump/queue<rank>.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _env(rank, world, port)
     from filterkit.moco import contrastive_loss
     from filterkit.train import TrainOptions, pretrain
 
