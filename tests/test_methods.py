@@ -502,6 +502,9 @@ def test_labels_follow_the_image_actually_returned_and_the_in_memory_rows(tmp_pa
         def __call__(self, images, g):
             return images, images
 
+        def local(self, images, g):
+            return []
+
     store = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     got = list(_memory_batches(store, torch.tensor([1, 0, 1]), Views(), [(2, 0), (0, 1), (1, 2), (0, 3)], 2,
                                torch.device("cpu"), torch.tensor([7, 8, 9])))
