@@ -9,7 +9,6 @@ final-norm CLS token); ``modeldir`` reads and writes the directory it is stored 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -36,15 +35,15 @@ def sincos_pos_embed(cfg: ModelConfig) -> torch.Tensor:
     return grid_pos_embed(cfg.img_size // cfg.token_stride, cfg.embed_dim)
 
 
-@functools.lru_cache(maxsize=16)
-def grid_pos_embed(grid: int, dim: int) -> torch.Tensor:
+def grid_pos_embed(grid: int, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The sin-cos embedding [1, 1 + grid², dim] of a grid × grid token grid, class row zero.
     A fixed function of the grid, so a smaller input (a multi-crop local view) gets its own
-    grid's embedding exactly, not an interpolation of the full one."""
+    grid's embedding exactly, not an interpolation of the full one. Not cached: it is a few
+    small ops, and a cache would keep whatever device (meta included) its first caller had."""
     from timm.layers import build_sincos2d_pos_embed
 
-    patches = build_sincos2d_pos_embed([grid, grid], dim=dim)
-    return torch.cat([torch.zeros(1, dim), patches], dim=0).unsqueeze(0)
+    patches = build_sincos2d_pos_embed([grid, grid], dim=dim, device=device)
+    return torch.cat([torch.zeros(1, dim, device=patches.device), patches], dim=0).unsqueeze(0)
 
 
 def forward_any_side(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +65,7 @@ def forward_any_side(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     grid = math.isqrt(length)
     if grid * grid != length:
         raise FilterkitError(f"a {x.shape[-2]}x{x.shape[-1]} input gives {length} tokens, not a square grid")
-    pos = grid_pos_embed(grid, dim).to(tokens.device, tokens.dtype)
+    pos = grid_pos_embed(grid, dim, tokens.device).to(tokens.dtype)
     h = torch.cat([backbone.cls_token.expand(n, -1, -1), tokens], dim=1) + pos
     h = backbone.norm_pre(backbone.patch_drop(backbone.pos_drop(h)))
     return backbone.forward_head(backbone.norm(backbone.blocks(h)))

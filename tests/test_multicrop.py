@@ -62,6 +62,9 @@ def test_the_local_grid_embedding_is_timms_sincos_table_for_that_grid():
         torch.testing.assert_close(got[0, 1:], build_sincos2d_pos_embed([grid, grid], dim=dim), rtol=0, atol=0)
     cfg = ModelConfig.from_preset("vit-mini-8-32")
     assert torch.equal(sincos_pos_embed(cfg), grid_pos_embed(4, cfg.embed_dim))
+    with torch.device("meta"):  # as Encoder.load's shape check builds it: later tables stay real
+        assert grid_pos_embed(4, cfg.embed_dim).is_meta
+    assert not grid_pos_embed(4, cfg.embed_dim).is_meta
 
 
 @pytest.mark.parametrize("preset", ["vit-mini-8-32", "vit-mini-conv-8-32"])  # patch embedding; conv stem

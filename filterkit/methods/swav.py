@@ -70,13 +70,11 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = EPSILON, iterations: int = S
 def swapped_prediction(s1: torch.Tensor, s2: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor,
                        temperature: float) -> torch.Tensor:
     """L above from the scores S (with gradient) and codes q (without) of both views."""
-    def ell(s, q):
-        return -(q * F.log_softmax(s.float() / temperature, dim=1)).sum(dim=1).mean()
-
-    return (ell(s1, q2) + ell(s2, q1)) / 2
+    return (_ell(s1, q2, temperature) + _ell(s2, q1, temperature)) / 2
 
 
 def _ell(s: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """mean_i ℓ(z_t_i, q_s_i) from the scores s of view t and the codes q of view s."""
     return -(q * F.log_softmax(s.float() / temperature, dim=1)).sum(dim=1).mean()
 
 
