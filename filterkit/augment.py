@@ -30,9 +30,9 @@ def eval_transform(
 
 
 def _view(img_size: int, blur_p: float, solarize_p: float, min_scale: float,
-          mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+          mean: Sequence[float], std: Sequence[float], max_scale: float = 1.0) -> v2.Compose:
     steps = [
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),
+        v2.RandomResizedCrop(img_size, scale=(min_scale, max_scale), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
@@ -50,6 +50,18 @@ def _view(img_size: int, blur_p: float, solarize_p: float, min_scale: float,
     return v2.Compose(steps)
 
 
+# Multi-crop's local views (Caron et al. 2020, section 3.2) are cropped from this fraction of
+# the image area up to the global views' min_crop_scale (SwAV and DINO: 0.05-0.14 local,
+# 0.14-1 global), and blurred with p = 0.5 (DINO's local recipe; no solarize).
+LOCAL_MIN_SCALE = 0.05
+LOCAL_BLUR_P = 0.5
+
+
+def default_local_crop_size(img_size: int, token_stride: int) -> int:
+    """3/7 of the input side (SwAV's 96 px at 224), rounded to a multiple of the token stride."""
+    return max(token_stride, round(img_size * 3 / 7 / token_stride) * token_stride)
+
+
 class TwoViews:
     """The BYOL augmentations MoCo v3 uses (Grill et al. 2020, table 6): two asymmetric views.
 
@@ -57,18 +69,30 @@ class TwoViews:
             blur p=1.0, flip;
     view 2: the same with blur p=0.1 and solarize p=0.2.
     Images of 64 px or less get no blur (it erases them).
+    ``local_crops`` > 0 adds multi-crop's local views (``local``): ``local_size`` px, crop
+    scale LOCAL_MIN_SCALE to ``min_scale``, view 1's recipe with blur p = LOCAL_BLUR_P.
 
         >>> x1, x2 = TwoViews(224)(pil_image)
+        >>> views = TwoViews(224, 0.14, local_crops=6, local_size=96); locals_ = views.local(pil_image)
     """
 
     def __init__(self, img_size: int, min_scale: float = 0.08,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 local_crops: int = 0, local_size: int | None = None) -> None:
         small = img_size <= 64
         self.view1 = _view(img_size, 0.0 if small else 1.0, 0.0, min_scale, mean, std)
         self.view2 = _view(img_size, 0.0 if small else 0.1, 0.2, min_scale, mean, std)
+        self.local_crops = local_crops
+        if local_crops:
+            self.local_view = _view(local_size, 0.0 if small else LOCAL_BLUR_P, 0.0, LOCAL_MIN_SCALE, mean, std,
+                                    max_scale=min_scale)
 
     def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view1(image), self.view2(image)
+
+    def local(self, image) -> list[torch.Tensor]:
+        """The ``local_crops`` local views of ``image`` (none without multi-crop)."""
+        return [self.local_view(image) for _ in range(self.local_crops)]
 
 
 # -- batched views, for images already in memory (decoded once, augmented on the device) -------
@@ -99,10 +123,10 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def _crop_boxes(n: int, height: int, width: int, min_scale: float, g: torch.Generator, device,
-                tries: int = 10) -> torch.Tensor:
-    """RandomResizedCrop's boxes (area fraction U(min_scale, 1), log-uniform aspect 3/4-4/3,
-    first of ``tries`` draws that fits, else the whole image) as [n, 4] x0, y0, x1, y1."""
-    area = _uniform(n * tries, min_scale, 1.0, g, device).view(n, tries) * height * width
+                tries: int = 10, max_scale: float = 1.0) -> torch.Tensor:
+    """RandomResizedCrop's boxes (area fraction U(min_scale, max_scale), log-uniform aspect
+    3/4-4/3, first of ``tries`` draws that fits, else the whole image) as [n, 4] x0, y0, x1, y1."""
+    area = _uniform(n * tries, min_scale, max_scale, g, device).view(n, tries) * height * width
     log_ratio = _uniform(n * tries, math.log(3 / 4), math.log(4 / 3), g, device).view(n, tries)
     w = (area * log_ratio.exp()).sqrt()
     h = (area / log_ratio.exp()).sqrt()
@@ -178,11 +202,12 @@ def _resample(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Ten
 
 def batch_view(images: torch.Tensor, img_size: int, min_scale: float, g: torch.Generator,
                jitter_p: float = 0.8, grey_p: float = 0.2, blur_p: float = 0.0, solarize_p: float = 0.0,
-               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+               max_scale: float = 1.0) -> torch.Tensor:
     """One random view of each image of a uint8 batch [B, 3, H, W]: normalised float [B, 3, S, S]."""
     n, _, height, width = images.shape
     dev = images.device
-    x = _resample(images, _crop_boxes(n, height, width, min_scale, g, dev), img_size)
+    x = _resample(images, _crop_boxes(n, height, width, min_scale, g, dev, max_scale=max_scale), img_size)
     x = _jitter(x, _chance(n, jitter_p, g, dev), g)
     x = torch.where(_chance(n, grey_p, g, dev).view(n, 1, 1, 1), _grey(x).expand_as(x), x)
     if blur_p > 0:
@@ -196,17 +221,26 @@ def batch_view(images: torch.Tensor, img_size: int, min_scale: float, g: torch.G
 
 
 class BatchTwoViews:
-    """TwoViews' asymmetric recipe for uint8 batches on any device (see ``batch_view``)."""
+    """TwoViews' asymmetric recipe for uint8 batches on any device (see ``batch_view``), and
+    its local views (``local``)."""
 
     def __init__(self, img_size: int, min_scale: float = 0.08,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 local_crops: int = 0, local_size: int | None = None) -> None:
         small = img_size <= 64
         common = dict(img_size=img_size, min_scale=min_scale, mean=mean, std=std)
         self.view1 = dict(common, blur_p=0.0 if small else 1.0, solarize_p=0.0)
         self.view2 = dict(common, blur_p=0.0 if small else 0.1, solarize_p=0.2)
+        self.local_crops = local_crops
+        self.local_view = dict(common, img_size=local_size, min_scale=LOCAL_MIN_SCALE, max_scale=min_scale,
+                               blur_p=0.0 if small else LOCAL_BLUR_P, solarize_p=0.0)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_view(images, g=g, **self.view1), batch_view(images, g=g, **self.view2)
+
+    def local(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """The ``local_crops`` local views of each image, drawn after the global ones from ``g``."""
+        return [batch_view(images, g=g, **self.local_view) for _ in range(self.local_crops)]
 
 
 def store_size(img_size: int) -> int:

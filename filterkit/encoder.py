@@ -10,6 +10,7 @@ final-norm CLS token); ``modeldir`` reads and writes the directory it is stored 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,43 @@ from .presets import RANDOM_INIT_PRESET
 def sincos_pos_embed(cfg: ModelConfig) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding [1, 1 + N, D]; the class token's row is zero
     (as in MoCo v3)."""
+    return grid_pos_embed(cfg.img_size // cfg.token_stride, cfg.embed_dim)
+
+
+def grid_pos_embed(grid: int, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sin-cos embedding [1, 1 + grid², dim] of a grid × grid token grid, class row zero.
+    A fixed function of the grid, so a smaller input (a multi-crop local view) gets its own
+    grid's embedding exactly, not an interpolation of the full one. Not cached: it is a few
+    small ops, and a cache would keep whatever device (meta included) its first caller had."""
     from timm.layers import build_sincos2d_pos_embed
 
-    grid = cfg.img_size // cfg.token_stride
-    patches = build_sincos2d_pos_embed([grid, grid], dim=cfg.embed_dim)
-    return torch.cat([torch.zeros(1, cfg.embed_dim), patches], dim=0).unsqueeze(0)
+    patches = build_sincos2d_pos_embed([grid, grid], dim=dim, device=device)
+    return torch.cat([torch.zeros(1, dim, device=patches.device), patches], dim=0).unsqueeze(0)
+
+
+def forward_any_side(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``backbone(x)`` (the final-norm CLS token [B, D]) for square inputs whose side is any
+    multiple of the token stride, the positions being ``grid_pos_embed`` of their own grid.
+
+    Training only (multi-crop's local views): the backbone and its saved weights stay those of
+    the full input side; this replays timm's VisionTransformer.forward with another position
+    table. A plain PatchEmbed asserts its configured side, so its projection is applied
+    directly (the hybrid's stem embedding has no such check)."""
+    from timm.layers import PatchEmbed
+
+    embed = backbone.patch_embed
+    if isinstance(embed, PatchEmbed) and embed.strict_img_size:
+        tokens = embed.norm(embed.proj(x).flatten(2).transpose(1, 2))
+    else:
+        tokens = embed(x)
+    n, length, dim = tokens.shape
+    grid = math.isqrt(length)
+    if grid * grid != length:
+        raise FilterkitError(f"a {x.shape[-2]}x{x.shape[-1]} input gives {length} tokens, not a square grid")
+    pos = grid_pos_embed(grid, dim, tokens.device).to(tokens.dtype)
+    h = torch.cat([backbone.cls_token.expand(n, -1, -1), tokens], dim=1) + pos
+    h = backbone.norm_pre(backbone.patch_drop(backbone.pos_drop(h)))
+    return backbone.forward_head(backbone.norm(backbone.blocks(h)))
 
 
 def build_backbone(cfg: ModelConfig) -> torch.nn.Module:

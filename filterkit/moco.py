@@ -24,6 +24,16 @@ every rank's keys (N is then the global batch, labels offset by rank), and every
 gathered global batch, so the ranks' queues stay equal. The queue lives in the module's buffers
 (``methods.base.EmbeddingQueue``): checkpoints and ``--resume`` carry it.
 
+With multi-crop (``local_views``, ``--local-crops N``): queries q_3 … q_{N+2} of the N local
+views too (base encoder, their own grid's positions), keys of the two global views only, each
+query against every global key but its own view's (``base.cross_view_pairs``), scaled so that
+N = 0 is the loss above:
+
+    loss = 2/(2 + 2N) · [ ctr(q1, k2) + ctr(q2, k1) + Σ_{v=3}^{N+2} (ctr(q_v, k1) + ctr(q_v, k2)) ]
+
+With both, every ctr term takes the queue's rows as further negatives; only the global views'
+keys are pushed.
+
     >>> model = MoCo(backbone, embed_dim=192)
     >>> loss, features = model(x1, x2)
     >>> loss.backward(); optimizer.step(); model.momentum_update(momentum_at(step, total))
@@ -42,7 +52,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import EmbeddingQueue, Method, gather_no_grad
+from .encoder import forward_any_side
+from .methods.base import EmbeddingQueue, Method, cross_view_pairs, gather_no_grad
 
 
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -72,6 +83,13 @@ class Branch(nn.Module):
         features = self.backbone(torch.cat([x1, x2]))
         f1, f2 = features.chunk(2)
         return self.projector(f1), self.projector(f2), features
+
+    def local(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Projections of multi-crop's local views (each [B, 3, s, s], one side s): one backbone
+        call at their own grid's positions (``encoder.forward_any_side``), the projector's batch
+        norm one view at a time, as for the global views."""
+        features = forward_any_side(self.backbone, torch.cat(views))
+        return [self.projector(f) for f in features.chunk(len(views))]
 
 
 def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -110,7 +128,7 @@ def momentum_at(step: int, total_steps: int, base: float = 0.99) -> float:
 class MoCo(Method):
     """The base encoder (backbone + projector + predictor) and its momentum copy."""
 
-    name, title, uses_momentum = "moco-v3", "MoCo v3", True
+    name, title, uses_momentum, supports_local_crops = "moco-v3", "MoCo v3", True, True
 
     def __init__(
         self,
@@ -137,22 +155,27 @@ class MoCo(Method):
         return cls(backbone, embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden,
                    options.temperature, options.predictor, options.queue or 0)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss, detached backbone features of both views, for monitoring)."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
+                local_views: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, detached backbone features of both global views, for monitoring)."""
         z1, z2, features = self.base(x1, x2)
         q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             k1, k2, _ = self.momentum(x1, x2)
-        if self.queue is None:
-            loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
-            return loss, features.detach()
         # A copy: the push below writes the ring in place, and backward still needs these rows.
-        queued = self.queue.contents().clone()
-        loss = (contrastive_loss(q1, k2, self.temperature, queued)
-                + contrastive_loss(q2, k1, self.temperature, queued))
-        with torch.no_grad():
-            keys = torch.cat([F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)])
-            self.queue.push(gather_no_grad(keys))
+        queued = None if self.queue is None else self.queue.contents().clone()
+        if not local_views:
+            loss = (contrastive_loss(q1, k2, self.temperature, queued)
+                    + contrastive_loss(q2, k1, self.temperature, queued))
+        else:
+            queries = [q1, q2, *(self.predictor(z) for z in self.base.local(local_views))]
+            pairs = cross_view_pairs(len(queries))
+            loss = sum(contrastive_loss(queries[t], (k1, k2)[s], self.temperature, queued) for t, s in pairs)
+            loss = loss * (2 / len(pairs))
+        if self.queue is not None:
+            with torch.no_grad():
+                keys = torch.cat([F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)])
+                self.queue.push(gather_no_grad(keys))
         return loss, features.detach()
 
     @torch.no_grad()

@@ -119,7 +119,8 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(weight_decay=0.1, temperature=0.2, momentu
                                       freeze_patch_embed=False, seed=0, checkpoint_every=500, data_in_memory=False,
                                       min_crop_scale=0.08,  # the BYOL recipe's crop
                                       method="moco-v3",  # filterkit.methods.METHODS
-                                      queue=0)  # moco-v3's queue of negatives: none
+                                      queue=0,  # moco-v3's queue of negatives: none
+                                      local_crops=0)  # multi-crop off: the two global views only
 
 # `Encoder.random` and `filterkit model init` without --preset: the ViT-Ti/16 of timm at 224 px.
 RANDOM_INIT_PRESET = "vit-tiny-16-224"

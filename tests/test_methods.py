@@ -494,13 +494,16 @@ def test_labels_follow_the_image_actually_returned_and_the_in_memory_rows(tmp_pa
     good.parent.mkdir()
     sample_photo("astronaut").resize((40, 40)).save(good)
     dataset = _TwoViewDataset([bad, good], TwoViews(32, 0.08, (0.5,) * 3, (0.5,) * 3), 32, labels=[0, 1])
-    _, _, failures, label = dataset[(0, 5)]  # bad.png fails: good.png and its label stand in
+    _, _, failures, label, _ = dataset[(0, 5)]  # bad.png fails: good.png and its label stand in
     assert label == 1 and failures[0][0] == 0
     assert _TwoViewDataset([good], dataset.views, 32)[(0, 5)][3] is None
 
     class Views:
         def __call__(self, images, g):
             return images, images
+
+        def local(self, images, g):
+            return []
 
     store = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     got = list(_memory_batches(store, torch.tensor([1, 0, 1]), Views(), [(2, 0), (0, 1), (1, 2), (0, 3)], 2,

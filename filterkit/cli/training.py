@@ -33,6 +33,8 @@ def pretrain(
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear LR warmup before the half-cosine.", show_default="the preset's recipe")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, help="Number of blocks.", show_default=presets.depth_help())] = None,
     min_crop_scale: Annotated[Optional[float], typer.Option("--min-crop-scale", min=0.01, max=1.0, help="Smallest random-crop area.", show_default=f"the preset's recipe, else {presets.TRAIN_DEFAULTS['min_crop_scale']}")] = None,
+    local_crops: Annotated[Optional[int], typer.Option("--local-crops", min=0, help="Multi-crop (SwAV): N more views of each image at --local-crop-size, cropped from 0.05 to --min-crop-scale of its area, predicting the two global views' targets (moco-v3, swav, byol, simsiam).", show_default="0, the two global views only")] = None,
+    local_crop_size: Annotated[Optional[int], typer.Option("--local-crop-size", min=1, help="Side of the local views in px: a multiple of the model's pixels per token, below its input side.", show_default="3/7 of the input side, rounded to the token stride (96 at 224 with 16-px tokens, 16 at 32 with 8-px tokens)")] = None,
     no_predictor: Annotated[bool, typer.Option("--no-predictor", help="Drop the prediction MLP.")] = False,
     freeze_patch_embed: Annotated[bool, typer.Option("--freeze-patch-embed", help="Keep the random patch projection fixed.")] = False,
     data_in_memory: Annotated[bool, typer.Option("--data-in-memory", help="Decode every image once into memory (uint8, 2x the model's side up to 64 px, 8/7 above) and augment whole batches on the training device: for GPUs, where per-image CPU decoding is the bottleneck.")] = False,
@@ -67,7 +69,8 @@ def pretrain(
                            queue=queue, momentum=momentum, warmup_epochs=warmup_epochs, depth=depth,
                            min_crop_scale=min_crop_scale, seed=seed, checkpoint_every=checkpoint_every, minutes=minutes,
                            predictor=False if no_predictor else None, freeze_patch_embed=freeze_patch_embed or None,
-                           data_in_memory=data_in_memory or None)
+                           data_in_memory=data_in_memory or None, local_crops=local_crops,
+                           local_crop_size=local_crop_size)
     try:
         result = run_pretrain(folder, out, options, resume=resume, device=device, precision=precision,
                               workers=workers, knn_train=knn_train, knn_test=knn_test,

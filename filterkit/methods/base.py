@@ -5,6 +5,9 @@ The loop only ever calls, on any method:
     loss, features = method(x1, x2)    # loss: a scalar with a gradient; features: the backbone's
                                        # detached features of both views, [2N, D] (health checks)
     loss, features = method(x1, x2, labels=y)  # instead, for a method whose needs_labels is set
+    loss, features = method(x1, x2, local_views=[l1, …, lN])  # multi-crop (--local-crops N), only
+                                       # for a method whose supports_local_crops is set: N more
+                                       # views [B, 3, s, s] of the same images at a smaller side s
     method.momentum_update(m)          # after each optimiser step; a no-op without an EMA target
     method.backbone                    # what is exported to the model directory and kNN-monitored
     method.load_backbone(state)        # --init-from a model without this method's heads
@@ -30,6 +33,7 @@ class Method(nn.Module):
     uses_momentum: ClassVar[bool] = False  # keeps an EMA target that momentum_update moves
     needs_predictor: ClassVar[bool] = False  # --no-predictor cannot train it
     needs_labels: ClassVar[bool] = False  # supervised: forward takes labels= (sub-folder classes)
+    supports_local_crops: ClassVar[bool] = False  # multi-crop: forward takes local_views= (cross_view_pairs)
 
     @classmethod
     def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> Method:
@@ -49,6 +53,14 @@ class Method(nn.Module):
     def load_backbone(self, state: dict[str, torch.Tensor]) -> None:
         """Start the online backbone (and any EMA copy of it: override) from ``state``."""
         self.backbone.load_state_dict(state)
+
+
+def cross_view_pairs(views: int) -> list[tuple[int, int]]:
+    """Multi-crop's (prediction view t, target view s) pairs over ``views`` views, the first two
+    global, the rest local: every view against each *global* view but itself (Caron et al.
+    2020, section 3.2: codes and targets come from the global views only). 2 + 2N pairs for N
+    local views; with none, (1, 0) and (0, 1), the two-view methods' swapped pairs."""
+    return [(t, s) for s in (0, 1) for t in range(views) if t != s]
 
 
 def ema_update(target: nn.Module, online: nn.Module, m: float) -> None:

@@ -7,6 +7,10 @@ Learning"), section 3.1:
     loss = mean_i ℓ(p1_i, sg(z'2_i)) + mean_i ℓ(p2_i, sg(z'1_i))    (symmetrised: L + L̃)
     after the optimiser step: ξ ← m·ξ + (1 − m)·θ   (backbone + projector, never the predictor)
 
+    multi-crop (``local_views``, ``--local-crops N``): online predictions p_3 … p_{N+2} of the
+    local views too, targets of the two global views only (``base.cross_view_pairs``):
+    loss = 2/(2 + 2N) · [ ℓ(p1, z'2) + ℓ(p2, z'1) + Σ_v (ℓ(p_v, z'1) + ℓ(p_v, z'2)) ]   (N = 0: above)
+
 m follows ``momentum_at``, which is BYOL's own schedule, 1 − (1 − m0)(cos(πk/K) + 1)/2. The
 heads are the paper's: Linear, BatchNorm, ReLU, Linear (hidden ``proj_hidden`` / ``pred_hidden``,
 output ``out_dim``). The loss is per image, so DDP needs no gathering.
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moco import Branch
-from .base import Method, ema_update
+from .base import Method, cross_view_pairs, ema_update
 
 
 def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -40,6 +44,7 @@ class BYOL(Method):
     """The online network (backbone + projector + predictor) and its EMA target."""
 
     name, title, uses_momentum, needs_predictor = "byol", "BYOL", True, True
+    supports_local_crops = True
 
     def __init__(self, backbone: nn.Module, embed_dim: int, out_dim: int = 256, proj_hidden: int = 4096,
                  pred_hidden: int = 4096) -> None:
@@ -53,13 +58,19 @@ class BYOL(Method):
     def from_options(cls, backbone: nn.Module, embed_dim: int, options: Any) -> BYOL:
         return cls(backbone, embed_dim, options.out_dim, options.proj_hidden, options.pred_hidden)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (loss, detached backbone features of both views, for monitoring)."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
+                local_views: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, detached backbone features of both global views, for monitoring)."""
         z1, z2, features = self.base(x1, x2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             t1, t2, _ = self.target(x1, x2)
-        return regression_loss(p1, t2) + regression_loss(p2, t1), features.detach()
+        if not local_views:
+            return regression_loss(p1, t2) + regression_loss(p2, t1), features.detach()
+        predictions = [p1, p2, *(self.predictor(z) for z in self.base.local(local_views))]
+        pairs = cross_view_pairs(len(predictions))
+        loss = sum(regression_loss(predictions[t], (t1, t2)[s]) for t, s in pairs)
+        return loss * (2 / len(pairs)), features.detach()
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:

@@ -45,6 +45,7 @@ class MeanShift(BYOL):
     """BYOL's online network, EMA target and updates, with the bank of target embeddings."""
 
     name, title, uses_momentum, needs_predictor = "meanshift", "Mean Shift (MSF)", True, True
+    supports_local_crops = False  # BYOL's multi-crop is not this loss's (no local views into the bank)
 
     def __init__(self, backbone: nn.Module, embed_dim: int, out_dim: int = 256, proj_hidden: int = 4096,
                  pred_hidden: int = 4096, bank_size: int = BANK, k: int = TOPK) -> None:

@@ -2,7 +2,7 @@
 method of ``filterkit.methods`` (``TrainOptions(method=...)``, ``pretrain --method``).
 
     options.py      TrainOptions (recipe, then DEFAULTS), TrainResult, how a run stops
-    data.py         the two-view dataset, the in-memory store, the epoch sampler, folder labels
+    data.py         the views dataset (two global, any local), the in-memory store, the epoch sampler, folder labels
     checkpoints.py  save, load, resume merge, export with provenance, --init-from
     monitor.py      NaN and collapse checks, the JSON log, rate, the kNN monitor
     budget.py       --minutes: the steps a measured step time fits in the budget, the plan's options

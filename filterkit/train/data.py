@@ -21,7 +21,9 @@ class _TwoViewDataset(Dataset):
     """Items are (index, seed): the seed fixes the sample's augmentations, so a resumed run or
     any number of workers sees exactly the same views. A file that fails to decode is
     replaced by the next one and reported. With ``labels`` (one class index per path) each
-    item carries the label of the image it really returns; without, None."""
+    item carries the label of the image it really returns; without, None. Items end with the
+    image's multi-crop local views (``TwoViews.local``; an empty list without), drawn after
+    the two global views so that a run without them draws exactly what it always did."""
 
     def __init__(self, paths: list[Path], views: TwoViews, draft_size: int, labels: list[int] | None = None) -> None:
         self.paths, self.views, self.draft_size, self.labels = paths, views, draft_size, labels
@@ -42,7 +44,8 @@ class _TwoViewDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x1, x2 = self.views(image)
-            return x1, x2, failures, None if self.labels is None else self.labels[i]
+                local = self.views.local(image)
+            return x1, x2, failures, None if self.labels is None else self.labels[i], local
         raise FilterkitError("no training image could be decoded")
 
 
@@ -114,21 +117,24 @@ def _memory_batches(store: torch.Tensor, rows: torch.Tensor, views: BatchTwoView
                     per_rank: int, device: torch.device, labels: torch.Tensor | None = None):
     """This rank's batches of the in-memory store, in the sampler's order, augmented on
     ``device``. The generator is seeded by the batch's first sample seed, so a resumed run sees
-    the same views (a run on another number of processes draws them differently)."""
+    the same views (a run on another number of processes draws them differently). The local
+    views (``BatchTwoViews.local``) are drawn from the same generator after the global ones."""
     items = iter(sampler)
     while len(chunk := list(itertools.islice(items, per_rank))) == per_rank:
         picked = torch.tensor([i for i, _ in chunk])
         index = rows[picked]
         g = torch.Generator().manual_seed(chunk[0][1] % 2**63)  # parameters are drawn on the CPU
-        x1, x2 = views(store[index].to(device, non_blocking=True), g)
-        yield x1, x2, [], None if labels is None else labels[picked]
+        images = store[index].to(device, non_blocking=True)
+        x1, x2 = views(images, g)
+        yield x1, x2, [], None if labels is None else labels[picked], views.local(images, g)
 
 
 def _collate(items):
     x1 = torch.stack([it[0] for it in items])
     x2 = torch.stack([it[1] for it in items])
     labels = None if items[0][3] is None else torch.tensor([it[3] for it in items], dtype=torch.long)
-    return x1, x2, [f for it in items for f in it[2]], labels
+    local = [torch.stack([it[4][v] for it in items]) for v in range(len(items[0][4]))]
+    return x1, x2, [f for it in items for f in it[2]], labels, local
 
 
 class _EpochSampler(Sampler):
@@ -210,19 +216,22 @@ def folder_labels(data_dir: Path, paths: list[Path], method: str) -> tuple[list[
 
 
 class Batches:
-    """This rank's (x1, x2, failures, labels) batches of an epoch's sampler: decoded per step by
-    ``workers`` processes, or cut from the in-memory store and augmented on ``device``. Labels
-    (a class index per image, ``folder_labels``) only when given; otherwise None."""
+    """This rank's (x1, x2, failures, labels, local) batches of an epoch's sampler: decoded per
+    step by ``workers`` processes, or cut from the in-memory store and augmented on ``device``.
+    Labels (a class index per image, ``folder_labels``) only when given; otherwise None.
+    ``local``: ``local_crops`` batches [B, 3, local_size, local_size] (multi-crop), else []."""
 
     def __init__(self, paths: list[Path], store: torch.Tensor | None, rows: torch.Tensor | None, img_size: int,
                  min_crop_scale: float, mean, std, per_rank: int, workers: int, device: torch.device,
-                 labels: list[int] | None = None) -> None:
+                 labels: list[int] | None = None, local_crops: int = 0, local_size: int | None = None) -> None:
         self.store, self.rows, self.per_rank, self.workers, self.device = store, rows, per_rank, workers, device
         self.labels = labels
+        crops = dict(local_crops=local_crops, local_size=local_size)
         if store is None:
-            self.dataset = _TwoViewDataset(paths, TwoViews(img_size, min_crop_scale, mean, std), img_size, labels)
+            self.dataset = _TwoViewDataset(paths, TwoViews(img_size, min_crop_scale, mean, std, **crops), img_size,
+                                           labels)
         else:
-            self.views = BatchTwoViews(img_size, min_crop_scale, mean, std)
+            self.views = BatchTwoViews(img_size, min_crop_scale, mean, std, **crops)
 
     def __call__(self, sampler: Sampler, prefetch: int = 4):
         """``prefetch``: batches each worker decodes ahead (the --minutes probe takes 1, so its

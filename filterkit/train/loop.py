@@ -13,6 +13,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..augment import LOCAL_MIN_SCALE, default_local_crop_size
 from ..devices import autocast, autocast_dtype, pick_device
 from ..encoder import build_backbone
 from ..errors import FilterkitError
 from ..images import Skip
 from ..loader import default_workers
-from ..methods import build_method, method_class
+from ..methods import METHODS, build_method, method_class
 from ..methods.base import Method
 from ..moco import momentum_at
 from ..modeldir import ModelConfig
@@ -57,10 +59,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 
 def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer, scaler,
                x1: torch.Tensor, x2: torch.Tensor, lr: float, m: float,
-               amp_dtype: torch.dtype | None, labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+               amp_dtype: torch.dtype | None, labels: torch.Tensor | None = None,
+               local_views: Sequence[torch.Tensor] = ()) -> tuple[float, torch.Tensor]:
     """One step of any method: loss on both views, backward, AdamW, then the momentum update
     (a no-op for a method without an EMA target). ``labels`` go to a method that
-    ``needs_labels`` (SupCon), as ``labels=``; the others are called with the views only.
+    ``needs_labels`` (SupCon), as ``labels=``; ``local_views`` (multi-crop) to a method that
+    ``supports_local_crops``, as ``local_views=``, only when there are any; otherwise the
+    method is called with the two views only.
 
     ``model`` is ``method`` or its DDP wrapper. Returns (loss, detached backbone features); a
     non-finite loss returns before the weights are touched. Under DDP a non-finite loss on any
@@ -68,8 +73,11 @@ def train_step(model: torch.nn.Module, method: Method, optimizer: torch.optim.Op
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    extra: dict[str, Any] = {} if labels is None else {"labels": labels}
+    if local_views:
+        extra["local_views"] = list(local_views)
     with autocast(x1.device, amp_dtype):
-        loss, features = model(x1, x2) if labels is None else model(x1, x2, labels=labels)
+        loss, features = model(x1, x2, **extra)
     loss_value = float(loss.detach())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # The ranks must all return here or all go on: a rank that returned while the others
@@ -176,6 +184,7 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
                              f"{options.method} does not take it (leave out --queue)")
     if method_class(options.method).needs_predictor and not options.predictor:
         raise FilterkitError(f"--method {options.method} trains through its predictor: leave out --no-predictor")
+    _check_local_crops(options)
     if options.batch_size % world:
         raise FilterkitError(f"--batch-size {options.batch_size} does not divide by {world} processes")
     if options.batch_size < 2 * world:  # each process's projector batch-normalises its share
@@ -183,6 +192,36 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
         raise FilterkitError(f"--batch-size {options.batch_size} is too small: pretraining needs at least "
                              f"{2 * world}{per}")
     return options, checkpoint, init, lr_given
+
+
+def _check_local_crops(options: TrainOptions) -> None:
+    """Refuse multi-crop where it cannot run, before any work (the size: ``_local_crop_size``)."""
+    if options.local_crops < 0:
+        raise FilterkitError(f"--local-crops must be 0 or more, got {options.local_crops}")
+    if not options.local_crops:
+        if options.local_crop_size is not None:
+            raise FilterkitError("--local-crop-size sets the side of the local views: give --local-crops N too")
+        return
+    if not method_class(options.method).supports_local_crops:
+        supported = ", ".join(name for name in METHODS if method_class(name).supports_local_crops)
+        raise FilterkitError(f"--local-crops is not supported by {options.method} (it is by {supported})")
+    if options.min_crop_scale <= LOCAL_MIN_SCALE:
+        raise FilterkitError(f"--local-crops crops its local views from {LOCAL_MIN_SCALE} of the image area up to "
+                             f"--min-crop-scale, which is {options.min_crop_scale:g}: raise --min-crop-scale above "
+                             f"{LOCAL_MIN_SCALE} (SwAV uses 0.14)")
+
+
+def _local_crop_size(options: TrainOptions, cfg: ModelConfig) -> TrainOptions:
+    """Fill in and check the local views' side for the backbone ``cfg`` (multi-crop only)."""
+    if not options.local_crops:
+        return options
+    stride = cfg.token_stride
+    size = options.local_crop_size or default_local_crop_size(cfg.img_size, stride)
+    if size % stride or not stride <= size < cfg.img_size:
+        raise FilterkitError(f"--local-crop-size {size} does not fit the {cfg.img_size} px model: a local view's "
+                             f"side must be a multiple of its {stride} px per token and smaller than {cfg.img_size} "
+                             f"(e.g. {default_local_crop_size(cfg.img_size, stride)})")
+    return replace(options, local_crop_size=size)
 
 
 def _schedule(options: TrainOptions, data_dir: Path, images: int, world: int, lr_given: bool,
@@ -254,6 +293,7 @@ def _prepare(data_dir: Path, out_dir: Path, options: TrainOptions, resume: bool,
         cfg = init.config  # the architecture is the init model's, whatever its origin
     else:
         cfg = ModelConfig.from_preset(options.preset, **({"depth": options.depth} if options.depth else {}))
+    options = _local_crop_size(options, cfg)
     paths, refused, store, store_rows = load_images(data_dir, follow_symlinks, options.data_in_memory,
                                                     cfg.img_size, workers, progress and rank == 0, world)
     classes = labels = None
@@ -272,7 +312,8 @@ def _prepare(data_dir: Path, out_dir: Path, options: TrainOptions, resume: bool,
                total, warmup_steps, method, model, optimizer, scaler, amp_dtype, start, init_info, prior_seconds,
                classes)
     batches = Batches(paths, store, store_rows, cfg.img_size, options.min_crop_scale, cfg.mean, cfg.std,
-                      global_batch // world, default_workers() if workers is None else workers, dev, labels)
+                      global_batch // world, default_workers() if workers is None else workers, dev, labels,
+                      options.local_crops, options.local_crop_size)
     return run, batches
 
 
@@ -331,9 +372,9 @@ def _probe(run: _Run, batches: Batches) -> tuple[float, float, float]:
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, 0, o.seed, 0, run.rank,
                                 run.world)
         times, last = [], start
-        for x1, x2, _, labels in batches(sampler, prefetch=1):
+        for x1, x2, _, labels, local in batches(sampler, prefetch=1):
             train_step(method, method, optimizer, scaler, x1.to(dev), x2.to(dev), 0.0, o.momentum, run.amp_dtype,
-                       None if labels is None else labels.to(dev))
+                       None if labels is None else labels.to(dev), [v.to(dev) for v in local])
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             now = time.perf_counter()
@@ -387,13 +428,14 @@ def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: in
                                 run.step - epoch * run.steps_per_epoch, run.rank, run.world)
         loader = batches(sampler)
         monitor.start_epoch()
-        for x1, x2, failures, labels in loader:
+        for x1, x2, failures, labels, local in loader:
             monitor.skipped.update(failures)
             lr = lr_at(run.step, run.total, run.warmup_steps, o.lr)
             m = momentum_at(run.step, run.total, o.momentum)
             loss, feats = train_step(run.model, run.method, run.optimizer, run.scaler,
                                      x1.to(dev, non_blocking=True), x2.to(dev, non_blocking=True), lr, m,
-                                     run.amp_dtype, None if labels is None else labels.to(dev, non_blocking=True))
+                                     run.amp_dtype, None if labels is None else labels.to(dev, non_blocking=True),
+                                     [v.to(dev, non_blocking=True) for v in local])
             monitor.check_loss(loss, run.step)
             run.step += 1
             monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,

@@ -45,6 +45,8 @@ class TrainOptions:
     checkpoint_every: int | None = None  # steps
     init_from: str | None = None  # a model directory (or "default") to start from instead of random
     data_in_memory: bool | None = None  # decode once to uint8, augment whole batches on the device
+    local_crops: int | None = None  # multi-crop's local views per image; DEFAULTS: 0 (two global views only)
+    local_crop_size: int | None = None  # their side in px; None: augment.default_local_crop_size
     # A wall-clock budget (train/budget.py): the schedules' horizon is planned to fit it, and the
     # run stops when it is spent. Not a schedule key: the plan is fixed once made (planned_steps),
     # and --minutes given again on --resume only sets a new limit on the total training time.
@@ -71,7 +73,7 @@ class TrainOptions:
 _SCHEDULE_KEYS = ("preset", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "temperature",
                   "queue", "momentum", "warmup_epochs", "out_dim", "proj_hidden", "pred_hidden", "predictor",
                   "freeze_patch_embed", "min_crop_scale", "depth", "seed", "data_in_memory", "method",
-                  "planned_steps")
+                  "planned_steps", "local_crops", "local_crop_size")
 
 
 @dataclass
