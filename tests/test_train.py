@@ -495,3 +495,28 @@ def test_ddp_a_budget_run_stops_every_rank_on_rank_0s_clock(tmp_path, train_dir)
 def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_path, train_dir):
     outcomes = _ddp_outcomes("slow-monitor", 2, train_dir, tmp_path)
     assert outcomes == ["ok", "ok"], outcomes
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_the_run_resumes(tmp_path, train_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m"
+    cli = [sys.executable, "-m", "filterkit", "pretrain", str(train_dir), "--out", str(out), "--preset",
+           "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--epochs", "10", "--workers", "0", "-q"]
+    proc = subprocess.Popen([*cli, "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = out / "training" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = load_checkpoint(out / CHECKPOINT)["step"]
+    assert step >= 2 and f"checkpoint saved at step {step}" in err and "Traceback" not in err
+    subprocess.run([*cli, "--max-steps", "100000", "--resume", "--stop-at-step", str(step + 1)], check=True,
+                   capture_output=True)
+    assert load_checkpoint(out / CHECKPOINT)["step"] == step + 1

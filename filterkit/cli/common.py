@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,9 +13,15 @@ import typer
 
 from ..errors import FilterkitError
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 class _App(typer.Typer):
     """A Typer whose commands turn Ctrl-C into one line and exit status 130 themselves: typer 0.29
-    exits 130 silently, older typers let click print "Aborted!" and exit 1."""
+    exits 130 silently, older typers let click print "Aborted!" and exit 1. SIGTERM, what a
+    scheduler or ``kill`` sends before SIGKILL, is taken as Ctrl-C while a command runs, so
+    ``pretrain`` saves its checkpoint and ``compare-methods`` its record then too."""
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)
@@ -21,11 +29,16 @@ class _App(typer.Typer):
         def decorator(f):
             @functools.wraps(f)
             def interruptible(*a, **kw):
+                main = threading.current_thread() is threading.main_thread()  # signals reach only it
+                previous = signal.signal(signal.SIGTERM, _terminated) if main else None
                 try:
                     return f(*a, **kw)
                 except KeyboardInterrupt:
                     echo_err("interrupted")
                     raise typer.Exit(130) from None
+                finally:
+                    if main:
+                        signal.signal(signal.SIGTERM, previous)
             register(interruptible)
             return f
         return decorator
