@@ -56,7 +56,7 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
     kwargs = {}
     if case == "nan-on-rank1" and rank == 1:
         real_loss = moco.contrastive_loss
-        moco.contrastive_loss = lambda q, k, t: real_loss(q, k, t) * float("nan")
+        moco.contrastive_loss = lambda q, k, t, queue=None: real_loss(q, k, t, queue) * float("nan")
     elif case == "collapse-on-rank1":
         options.warmup_epochs, kwargs["collapse_patience"] = 0, 2
         if rank == 1:

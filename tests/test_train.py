@@ -85,7 +85,7 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path, train_dir, monkeypatch,
     import filterkit.moco as moco
 
     real = moco.contrastive_loss
-    monkeypatch.setattr(moco, "contrastive_loss", lambda q, k, t: real(q, k, t) * float("nan"))
+    monkeypatch.setattr(moco, "contrastive_loss", lambda q, k, t, queue=None: real(q, k, t, queue) * float("nan"))
     with pytest.raises(TrainingStopped, match="loss became nan at step 0"):
         pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=3, epochs=10, **TINY),
                  device="cpu", workers=0, progress=False)
