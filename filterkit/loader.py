@@ -8,6 +8,7 @@ file never stops a run.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import ImageError, ImageReadError
 from .images import load_image
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C and the first SIGTERM are the main process's to act on.
+    A signal to the whole process group (a terminal's Ctrl-C, a scheduler's stop) would otherwise
+    kill the workers mid-batch, and the main process's clean stop (a checkpoint, one line) would
+    turn into a "worker killed" error. A second SIGTERM (``terminate()`` as the main process shuts
+    them down or exits) ends a worker; torch's watchdog ends them if the main process dies."""
+    def first_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, first_sigterm)
 
 
 def default_workers() -> int:
@@ -122,6 +136,7 @@ def iter_batches(
         workers = 0 if len(paths) <= batch_size else default_workers()
     loader = DataLoader(
         _DecodeDataset(list(paths), transform, draft_size),
+        worker_init_fn=ignore_stop_signals,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -520,3 +520,27 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_the_run_resumes(tmp_path, tr
     subprocess.run([*cli, "--max-steps", "100000", "--resume", "--stop-at-step", str(step + 1)], check=True,
                    capture_output=True)
     assert load_checkpoint(out / CHECKPOINT)["step"] == step + 1
+
+
+def test_sigterm_to_the_whole_process_group_with_decode_workers_still_saves_a_checkpoint(tmp_path, train_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m"
+    # its own process group, as a scheduler's job: the signal reaches the decode workers too
+    proc = subprocess.Popen([sys.executable, "-m", "filterkit", "pretrain", str(train_dir), "--out", str(out),
+                             "--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--epochs", "10",
+                             "--workers", "2", "-q", "--max-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "training" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = load_checkpoint(out / CHECKPOINT)["step"]
+    assert step >= 2 and f"checkpoint saved at step {step}" in err and "Traceback" not in err

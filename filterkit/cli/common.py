@@ -37,7 +37,7 @@ class _App(typer.Typer):
                     echo_err("interrupted")
                     raise typer.Exit(130) from None
                 finally:
-                    if main:
+                    if main and previous is not None:  # None: set outside Python, cannot be put back
                         signal.signal(signal.SIGTERM, previous)
             register(interruptible)
             return f

@@ -9,9 +9,13 @@ on 2 processes sees the same data as a run on 1.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -414,43 +418,90 @@ def _out_of_time(run: _Run, monitor: Monitor) -> bool:
     return spent
 
 
+@contextlib.contextmanager
+def _stop_between_steps():
+    """Ctrl-C and SIGTERM during the loop ask it to stop before the next step (the list it
+    yields gets the signal), so the checkpoint saved then never holds a half-applied step; a
+    second signal interrupts at once."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("stopping after this step (again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, h)
+
+
+def _stop_requested(run: _Run, requested: list[int]) -> bool:
+    """Whether a stop was asked for on any rank (every rank agrees, so none steps on alone)."""
+    asked = bool(requested)
+    if run.world > 1:
+        flag = torch.tensor([float(asked)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        asked = bool(flag.item())
+    return asked
+
+
 def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int) -> None:
     """Train from ``run.step`` to ``stop``, epoch by epoch, checkpointing on the way, until
-    then or until the --minutes budget is spent (``run.stopped_by``)."""
-    o, dev = run.options, run.device
+    then or until the --minutes budget is spent (``run.stopped_by``), or until Ctrl-C or SIGTERM
+    (``_stop_between_steps``) raises KeyboardInterrupt between two steps."""
     epochs = math.ceil(run.total / run.steps_per_epoch)
     if run.step < stop and _out_of_time(run, monitor):  # a resume of a run whose budget is spent
         run.stopped_by = "minutes"
         return
+    with _stop_between_steps() as requested:
+        _epochs(run, batches, monitor, stop, workers, epochs, requested)
+    if run.step >= run.total:
+        run.stopped_by = "steps"
+
+
+def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int, epochs: int,
+            requested: list[int]) -> None:
+    o, dev = run.options, run.device
     while run.step < stop:
         epoch = run.step // run.steps_per_epoch
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, epoch, o.seed,
                                 run.step - epoch * run.steps_per_epoch, run.rank, run.world)
-        loader = batches(sampler)
+        batch_iter = iter(batches(sampler))
         monitor.start_epoch()
-        for x1, x2, failures, labels, local in loader:
-            monitor.skipped.update(failures)
-            lr = lr_at(run.step, run.total, run.warmup_steps, o.lr)
-            m = momentum_at(run.step, run.total, o.momentum)
-            loss, feats = train_step(run.model, run.method, run.optimizer, run.scaler,
-                                     x1.to(dev, non_blocking=True), x2.to(dev, non_blocking=True), lr, m,
-                                     run.amp_dtype, None if labels is None else labels.to(dev, non_blocking=True),
-                                     [v.to(dev, non_blocking=True) for v in local])
-            monitor.check_loss(loss, run.step)
-            run.step += 1
-            monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
-                               feats, f"epoch {epoch + 1}/{epochs}")
-            if run.step % o.checkpoint_every == 0 and run.step < run.total:
-                _save(run, monitor)
-            if run.step % run.steps_per_epoch == 0:
-                monitor.end_of_epoch(run.step // run.steps_per_epoch, run.step, run.method, run.cfg, workers)
-            if run.step >= stop:
-                break
-            if _out_of_time(run, monitor):
-                run.stopped_by = "minutes"
-                return
-    if run.step >= run.total:
-        run.stopped_by = "steps"
+        try:
+            for x1, x2, failures, labels, local in batch_iter:
+                if _stop_requested(run, requested):
+                    raise KeyboardInterrupt  # between steps: pretrain saves this step's checkpoint
+                monitor.skipped.update(failures)
+                lr = lr_at(run.step, run.total, run.warmup_steps, o.lr)
+                m = momentum_at(run.step, run.total, o.momentum)
+                loss, feats = train_step(run.model, run.method, run.optimizer, run.scaler,
+                                         x1.to(dev, non_blocking=True), x2.to(dev, non_blocking=True), lr, m,
+                                         run.amp_dtype, None if labels is None else labels.to(dev, non_blocking=True),
+                                         [v.to(dev, non_blocking=True) for v in local])
+                monitor.check_loss(loss, run.step)
+                run.step += 1
+                monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
+                                   feats, f"epoch {epoch + 1}/{epochs}")
+                if run.step % o.checkpoint_every == 0 and run.step < run.total:
+                    _save(run, monitor)
+                if run.step % run.steps_per_epoch == 0:
+                    monitor.end_of_epoch(run.step // run.steps_per_epoch, run.step, run.method, run.cfg, workers)
+                if run.step >= stop:
+                    break
+                if _out_of_time(run, monitor):
+                    run.stopped_by = "minutes"
+                    return
+        finally:
+            del batch_iter  # shuts its decode workers down now, not when an interrupt's traceback goes
 
 
 def pretrain(
