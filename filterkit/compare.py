@@ -499,6 +499,9 @@ def _run_method(name: str, folder: Path, out: Path, sets: EvaluationSets, option
 
     model_dir = out / name
     run = MethodRun(name, name, method_table.method_class(name).needs_labels)
+    if model_dir.is_symlink():  # a run is written (and resumed) inside the comparison's folder only
+        raise FilterkitError(f"{model_dir} is a symbolic link: the comparison writes each method's run inside "
+                             f"{out}; remove the link or pass another --out")
     if (model_dir / CHECKPOINT).is_file():
         # The trainer's --resume: the same planned schedule, data order and RNG, and the budget
         # counts the training time already spent, so the run ends as an uninterrupted one would.

@@ -65,7 +65,7 @@ def forward_any_side(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     grid = math.isqrt(length)
     if grid * grid != length:
         raise FilterkitError(f"a {x.shape[-2]}x{x.shape[-1]} input gives {length} tokens, not a square grid")
-    pos = grid_pos_embed(grid, dim, tokens.device).to(tokens.dtype)
+    pos = grid_pos_embed(grid, dim, tokens.device)  # fp32, as the global views' pos_embed is added
     h = torch.cat([backbone.cls_token.expand(n, -1, -1), tokens], dim=1) + pos
     h = backbone.norm_pre(backbone.patch_drop(backbone.pos_drop(h)))
     return backbone.forward_head(backbone.norm(backbone.blocks(h)))

@@ -219,6 +219,29 @@ def test_a_crash_mid_method_reruns_that_method_from_scratch(tmp_path, train_dir,
     assert {r.method: r.resumed_at_step for r in result.runs} == {"moco-v3": None, "simclr": None}
 
 
+def test_a_method_folder_replaced_by_a_symbolic_link_is_refused_not_written_through(tmp_path, train_dir,
+                                                                                    monkeypatch):
+    import shutil
+
+    from filterkit.compare import compare_methods
+
+    out, elsewhere = tmp_path / "cmp", tmp_path / "elsewhere"
+    kw = {"methods": ["moco-v3", "simclr"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
+    _Trainer(monkeypatch, "simclr", RuntimeError("the machine fell over"))
+    with pytest.raises(RuntimeError, match="fell over"):
+        compare_methods(train_dir, out, 1, **kw)
+    shutil.rmtree(out / "simclr", ignore_errors=True)
+    (elsewhere / "training").mkdir(parents=True)
+    (elsewhere / "training" / "checkpoint.pt").write_bytes(b"someone else's run")  # would be resumed into
+    (out / "simclr").symlink_to(elsewhere, target_is_directory=True)
+    monkeypatch.undo()
+    with pytest.raises(FilterkitError, match="is a symbolic link"):
+        compare_methods(train_dir, out, 1, resume=True, **kw)
+    assert [p.name for p in elsewhere.rglob("*")] == ["training", "checkpoint.pt"]
+    assert (elsewhere / "training" / "checkpoint.pt").read_bytes() == b"someone else's run"
+
+
 def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_path, train_dir, photos_dir,
                                                                            capsys):
     out = tmp_path / "cmp"

@@ -127,7 +127,12 @@ def test_moco_v3_local_queries_with_a_queue_take_its_rows_as_negatives_and_push_
     terms = reference_terms(lambda a, b: reference_ctr_with_queue(a, b, queued.numpy(), 0.2), q,
                             [k1.numpy(), k2.numpy()])
     assert float(loss.detach()) == pytest.approx(2 / len(terms) * sum(terms), rel=1e-5)
-    # the global views' keys only (2 x 4 rows) were pushed after the loss: 6 + 8 fill the 10 rows
+    # after the loss, the global views' keys only were pushed (k̄1 then k̄2, wrapping the ring of 10
+    # after the 6 queued rows), not the local views' queries
+    unit = torch.nn.functional.normalize
+    torch.testing.assert_close(model.queue.rows[6:10], unit(k1, dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.queue.rows[0:4], unit(k2, dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.queue.rows[4:6], queued[4:6], rtol=0, atol=0)
     assert int(model.queue.filled) == 10
 
 

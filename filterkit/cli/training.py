@@ -163,7 +163,8 @@ def compare_methods_command(
                                      seed, device, workers, data_in_memory, max_images, progress=not quiet, say=say,
                                      max_steps=max_steps, resume=resume, overwrite=overwrite)
     except ComparisonInterrupted as e:
-        given = [("--minutes", f"{minutes:g}"), ("--out", out), ("--methods", methods_), ("--labelled", labelled),
+        given = [("--minutes", repr(minutes)),  # exactly as recorded: :g rounds to 6 digits
+                 ("--out", out), ("--methods", methods_), ("--labelled", labelled),
                  ("--exemplars", exemplars), ("--preset", preset), ("--depth", depth), ("--batch-size", batch_size),
                  ("--seed", seed if seed != 0 else None), ("--max-images", max_images if max_images != 1000 else None),
                  ("--max-steps", max_steps), ("--device", device if device != "auto" else None),
