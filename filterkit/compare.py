@@ -473,7 +473,11 @@ def _recorded_run(out: Path, record, name: str, say: Callable[[str], None]) -> M
     saved = record.runs.get(name)
     if saved is None:
         return None
-    run = MethodRun.from_record(saved)
+    try:
+        run = MethodRun.from_record(saved)
+    except (TypeError, AttributeError) as e:  # an edited or foreign record: say so, no traceback
+        raise FilterkitError(f"{out / RECORD_FILE}: the run of {name} cannot be read ({e}): move the record "
+                             "away (or pass --overwrite), or choose another --out") from None
     if run.signals is None:
         return run  # stopped on a health check: a finished run, with its message
     model_dir = relative_model(out, run.model)

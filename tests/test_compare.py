@@ -242,6 +242,22 @@ def test_a_method_folder_replaced_by_a_symbolic_link_is_refused_not_written_thro
     assert (elsewhere / "training" / "checkpoint.pt").read_bytes() == b"someone else's run"
 
 
+def test_a_recorded_run_that_cannot_be_read_is_a_clear_error(tmp_path, train_dir, monkeypatch):
+    from filterkit.compare import compare_methods
+
+    out = tmp_path / "cmp"
+    kw = {"methods": ["moco-v3", "simclr"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+          "progress": False, "max_steps": 2, "device": "cpu"}
+    _Trainer(monkeypatch, "simclr", RuntimeError("the machine fell over"))
+    with pytest.raises(RuntimeError, match="fell over"):
+        compare_methods(train_dir, out, 1, **kw)
+    record = json.loads((out / "compare-record.json").read_text())
+    record["runs"]["moco-v3"]["signals"]["rank_me"] = record["runs"]["moco-v3"]["signals"].pop("rankme")
+    (out / "compare-record.json").write_text(json.dumps(record))
+    with pytest.raises(FilterkitError, match="the run of moco-v3 cannot be read"):
+        compare_methods(train_dir, out, 1, resume=True, **kw)
+
+
 def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_path, train_dir, photos_dir,
                                                                            capsys):
     out = tmp_path / "cmp"
