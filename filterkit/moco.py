@@ -101,17 +101,23 @@ def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank() * k.shape[0]
 
 
+def normalised_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``gather_keys`` of the L2-normalised fp32 keys: what ``contrastive_loss`` contrasts with."""
+    return gather_keys(F.normalize(k.float(), dim=1))
+
+
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float,
-                     queue: torch.Tensor | None = None) -> torch.Tensor:
+                     queue: torch.Tensor | None = None,
+                     gathered: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """ctr(q, k) = CrossEntropy(q·kᵀ/τ, positives on the diagonal) · 2τ, in fp32.
 
     Under DDP the keys of every rank are the negatives and the labels shift by rank·N.
     ``queue`` (L2-normalised rows, no gradient) adds its rows as further negatives: the
-    logits gain the columns q·Qᵀ/τ after the batch's.
+    logits gain the columns q·Qᵀ/τ after the batch's. ``gathered``: ``normalised_keys(k)``, when
+    several queries share k (multi-crop: one gather per key instead of one per term).
     """
     q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.float(), dim=1)
-    k_all, offset = gather_keys(k)
+    k_all, offset = gathered if gathered is not None else normalised_keys(k)
     logits = q @ k_all.T / temperature
     if queue is not None and queue.shape[0]:
         logits = torch.cat([logits, q @ queue.detach().float().T / temperature], dim=1)
@@ -170,7 +176,9 @@ class MoCo(Method):
         else:
             queries = [q1, q2, *(self.predictor(z) for z in self.base.local(local_views))]
             pairs = cross_view_pairs(len(queries))
-            loss = sum(contrastive_loss(queries[t], (k1, k2)[s], self.temperature, queued) for t, s in pairs)
+            keys = (k1, k2)
+            shared = [normalised_keys(k) for k in keys]
+            loss = sum(contrastive_loss(queries[t], keys[s], self.temperature, queued, shared[s]) for t, s in pairs)
             loss = loss * (2 / len(pairs))
         if self.queue is not None:
             with torch.no_grad():
