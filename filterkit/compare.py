@@ -389,7 +389,7 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
     from .compare_record import RECORD_FILE, folder_fingerprint, open_record
     from .devices import pick_device
     from .encoder import Encoder, build_backbone
-    from .train import TrainingInterrupted, TrainOptions
+    from .train import TrainingInterrupted, TrainOptions, check_options
 
     folder, out = Path(folder), Path(out)
     labelled = Path(labelled) if labelled is not None else None
@@ -405,6 +405,9 @@ def compare_methods(folder: str | os.PathLike, out: str | os.PathLike, minutes: 
                 "device": pick_device(device).type, "data_in_memory": bool(data_in_memory),
                 "labelled": folder_fingerprint(labelled), "exemplars": folder_fingerprint(exemplars),
                 "max_images": max_images}
+    for name in chosen:  # a bad option is refused before --overwrite deletes anything
+        check_options(TrainOptions(method=name, preset=preset, depth=depth, batch_size=batch_size, seed=seed,
+                                   minutes=minutes, max_steps=max_steps), 1, settings["device"])
     record = open_record(out, settings, resume, overwrite, say)
     comparison = Comparison(folder.resolve().name or "root", minutes, preset or "default", seed,
                             ranking_signal(labelled, exemplars))

@@ -278,6 +278,16 @@ def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_
     assert "--depth (recorded 1, now not given)" in capsys.readouterr().err
     assert main(["compare-methods", str(train_dir), *one, "--resume", "--overwrite"]) == 1
     assert "give one or the other" in capsys.readouterr().err
+    # An option that cannot run is refused before overwrite deletes anything (the API has no CLI checks).
+    from filterkit.compare import compare_methods
+
+    for bad, message in (({"preset": "vit-nope"}, "unknown preset 'vit-nope'"),
+                         ({"batch_size": 1}, "--batch-size 1 is too small")):
+        kw = {"methods": ["simsiam"], "preset": "vit-mini-8-32", "depth": 1, "batch_size": 8, "workers": 0,
+              "progress": False, "max_steps": 1, "device": "cpu", **bad}
+        with pytest.raises(FilterkitError, match=message):
+            compare_methods(train_dir, out, 1, seed=1, overwrite=True, **kw)
+        assert (out / "compare-record.json").is_file()
     # Nothing was touched by the refusals; --overwrite replaces the comparison.
     assert json.loads((out / "simsiam" / "config.json").read_text())["model_id"] == model_id
     assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 0

@@ -40,7 +40,7 @@ from .data import (
     available_memory,
     folder_labels,
 )
-from .loop import _dist_setup, lr_at, make_optimizer, pretrain, train_step
+from .loop import _dist_setup, check_options, lr_at, make_optimizer, pretrain, train_step
 from .monitor import (
     COLLAPSE_STD,
     LOG,
@@ -93,6 +93,7 @@ __all__ = [
     "_scrubbed_training",
     "_truncate_log",
     "available_memory",
+    "check_options",
     "checkpoint_step",
     "discover_images",
     "folder_labels",

@@ -180,6 +180,14 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
     if options.minutes is not None and not (options.minutes > 0 and math.isfinite(options.minutes)):
         raise FilterkitError(f"--minutes must be a positive number of minutes, got {options.minutes:g}")
     lr_given = options.lr is not None
+    options = check_options(options, world, device_kind)
+    return options, checkpoint, init, lr_given
+
+
+def check_options(options: TrainOptions, world: int, device_kind: str) -> TrainOptions:
+    """``options`` resolved for ``device_kind``, refusing what cannot run with ``world``
+    processes whatever the data and output folder (``compare-methods`` asks before it touches
+    its --out)."""
     options = options.resolved(device_kind)
     if not isinstance(options.queue, int) or options.queue < 0:
         raise FilterkitError(f"--queue must be 0 (no queue) or a positive number of keys, got {options.queue}")
@@ -195,7 +203,7 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
         per = "" if world == 1 else f" for {world} processes (2 per process)"
         raise FilterkitError(f"--batch-size {options.batch_size} is too small: pretraining needs at least "
                              f"{2 * world}{per}")
-    return options, checkpoint, init, lr_given
+    return options
 
 
 def _check_local_crops(options: TrainOptions) -> None:
