@@ -87,24 +87,27 @@ def test_default_local_size_is_3_7_of_the_side_rounded_to_the_token_stride():
 
 def _local_inputs(model, cfg, x1, x2, local):
     """The projections z of the global and local views, the local ones through plain timm."""
-    plain = _plain_at(model.base.backbone, cfg, local[0].shape[-1])
     with torch.no_grad():
         z1, z2, _ = model.base(x1, x2)
+        if not local:
+            return [z1, z2]
+        plain = _plain_at(model.base.backbone, cfg, local[0].shape[-1])
         return [z1, z2] + [model.base.projector(plain(v)) for v in local]
 
 
-def test_moco_v3_local_queries_against_both_global_keys_equal_the_formula():
+@pytest.mark.parametrize("n_local", [0, 3])  # 0: MoCo v3's symmetric ctr(q1, k2) + ctr(q2, k1)
+def test_moco_v3_local_queries_against_both_global_keys_equal_the_formula(n_local):
     backbone, cfg = _tiny()
     model = MoCo(backbone, cfg.embed_dim, pred_hidden=32, **HEADS)
     x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
-    local = [torch.randn(6, 3, 16, 16) for _ in range(3)]
+    local = [torch.randn(6, 3, 16, 16) for _ in range(n_local)]
     loss, features = model(x1, x2, local_views=local)
     zs = _local_inputs(model, cfg, x1, x2, local)
     with torch.no_grad():
         q = [model.predictor(z).numpy() for z in zs]
         k1, k2, _ = model.momentum(x1, x2)
     terms = reference_terms(lambda a, b: reference_ctr(a, b, 0.2), q, [k1.numpy(), k2.numpy()])
-    assert len(terms) == 2 + 2 * 3
+    assert len(terms) == 2 + 2 * n_local
     assert float(loss.detach()) == pytest.approx(2 / len(terms) * sum(terms), rel=1e-5)
     assert features.shape == (12, cfg.embed_dim)  # the global views' features only
     loss.backward()
@@ -136,9 +139,10 @@ def test_moco_v3_local_queries_with_a_queue_take_its_rows_as_negatives_and_push_
     assert int(model.queue.filled) == 10
 
 
-def test_byol_and_simsiam_local_predictions_against_the_global_targets_equal_the_formulas():
+@pytest.mark.parametrize("n_local", [0, 2])  # 0: the papers' symmetric two-view losses
+def test_byol_and_simsiam_local_predictions_against_the_global_targets_equal_the_formulas(n_local):
     x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
-    local = [torch.randn(6, 3, 16, 16) for _ in range(2)]
+    local = [torch.randn(6, 3, 16, 16) for _ in range(n_local)]
 
     def sq(p, z):  # BYOL's ‖p̄ − z̄‖², per image, averaged
         return float(np.mean(np.sum((_unit(p) - _unit(z)) ** 2, axis=1)))
@@ -192,7 +196,8 @@ def test_swav_multicrop_loss_equals_the_papers_loop_and_codes_come_from_the_glob
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
 
 
-def test_without_local_views_every_method_computes_what_it_did():
+def test_no_local_views_given_and_an_empty_list_compute_the_same():
+    """(Against the formulas: the n_local = 0 cases of the tests above and the methods' own tests.)"""
     assert cross_view_pairs(2) == [(1, 0), (0, 1)] and len(cross_view_pairs(6)) == 10
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     for build in (lambda b, d: MoCo(b, d, pred_hidden=32, **HEADS), lambda b, d: BYOL(b, d, pred_hidden=32, **HEADS),
