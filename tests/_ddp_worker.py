@@ -180,3 +180,29 @@ def run_moco_queue(rank: int, world: int, port: int, data: str, out: str, dump: 
     torch.save({"q_all": q_all, "k_all": k_all, "queue": queue, "mean_loss": loss / world,
                 "state": result.model.state_dict(), "loss": result.final_loss}, f"{dump}/queue{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_multicrop(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """Multi-crop under gloo DDP: moco-v3's ctr with keys gathered once and shared by several
+    queries, on fixed tensors split across the ranks; then short moco-v3 (with a queue) and swav
+    runs with two local views each; writes dump/multicrop<rank>.pt."""
+    _env(rank, world, port)
+    from filterkit.moco import contrastive_loss, normalised_keys
+    from filterkit.train import TrainOptions, pretrain
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(9)
+    queries_all, k_all = [torch.randn(world * 3, 8) for _ in range(3)], torch.randn(world * 3, 8)
+    mine = slice(rank * 3, (rank + 1) * 3)
+    shared = normalised_keys(k_all[mine])  # gathered once, then used by every query
+    loss = sum(contrastive_loss(q[mine], k_all[mine], 0.2, gathered=shared) for q in queries_all)
+    dist.all_reduce(loss)
+    saved = {"queries_all": queries_all, "k_all": k_all, "mean_loss": loss / world}
+    for method, extra in (("moco-v3", {"queue": 8}), ("swav", {})):
+        options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=2, epochs=10, method=method,
+                               local_crops=2, min_crop_scale=0.2, proj_hidden=32, pred_hidden=32, out_dim=16,
+                               checkpoint_every=100, **extra)
+        result = pretrain(data, f"{out}/{method}", options, device="cpu", workers=0, progress=False)
+        saved[method] = {"state": result.model.state_dict(), "loss": result.final_loss}
+    torch.save(saved, f"{dump}/multicrop{rank}.pt")
+    dist.destroy_process_group()

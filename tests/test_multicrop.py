@@ -303,3 +303,26 @@ def test_cli_local_crops_run_and_refusal(tmp_path, train_dir, capsys):
     assert main(args + ["--out", str(tmp_path / "n"), "--method", "nnclr"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--local-crops is not supported by nnclr" in err[0]
+
+
+def test_ddp_multicrop_shares_the_gathered_keys_and_keeps_the_ranks_identical(tmp_path, train_dir):
+    import _ddp_worker
+    import torch.multiprocessing as mp
+    from test_train import _free_port
+
+    from filterkit.moco import contrastive_loss
+
+    mp.start_processes(_ddp_worker.run_multicrop, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
+                                                        str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"multicrop{r}.pt", weights_only=True) for r in (0, 1))
+    # One process over the global batch: several queries against the same keys, each its own ctr.
+    single = sum(contrastive_loss(q, r0["k_all"], 0.2) for q in r0["queries_all"])
+    torch.testing.assert_close(r0["mean_loss"], single, rtol=1e-5, atol=1e-6)
+    for method in ("moco-v3", "swav"):  # real runs with 2 local views: both ranks step the same weights
+        s0, s1 = r0[method]["state"], r1[method]["state"]
+        assert math.isfinite(r0[method]["loss"]) and math.isfinite(r1[method]["loss"])
+        for key in (k for k in params(s0) if "running_" not in k):
+            torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0, msg=f"{method} {key}")
+        options = load_checkpoint(tmp_path / "m" / method / CHECKPOINT)["options"]
+        assert options["local_crops"] == 2
+    assert torch.equal(r0["moco-v3"]["state"]["queue.rows"], r1["moco-v3"]["state"]["queue.rows"])
