@@ -206,3 +206,22 @@ def run_multicrop(rank: int, world: int, port: int, data: str, out: str, dump: s
         saved[method] = {"state": result.model.state_dict(), "loss": result.final_loss}
     torch.save(saved, f"{dump}/multicrop{rank}.pt")
     dist.destroy_process_group()
+
+
+def run_cli(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """`filterkit pretrain` as torchrun would start it on each rank; writes what each rank
+    printed to dump/cli<rank>.txt."""
+    import contextlib
+    import io
+
+    _env(rank, world, port)
+    from filterkit.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = main(["pretrain", data, "--out", out, "--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8",
+                     "--max-steps", "2", "--workers", "0", "--device", "cpu", "-q"])
+    with open(f"{dump}/cli{rank}.txt", "w", encoding="utf-8") as f:
+        f.write(f"exit {code}\n{printed.getvalue()}")
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -465,6 +465,17 @@ def _ddp_outcomes(case, world, data, tmp_path, timeout=120):
     return [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(world)]
 
 
+def test_ddp_cli_reports_once_from_rank_0(tmp_path, train_dir):
+    import _ddp_worker
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker.run_cli, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    rank0, rank1 = ((tmp_path / f"cli{r}.txt").read_text() for r in (0, 1))
+    assert rank0.startswith("exit 0\n") and "trained 2 steps" in rank0 and f"model written to {tmp_path / 'm'}" in rank0
+    assert rank1 == "exit 0\n"
+
+
 def test_ddp_with_fewer_images_than_processes_is_a_clear_error(tmp_path, train_dir):
     data = tmp_path / "two"
     data.mkdir()

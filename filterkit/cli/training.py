@@ -81,6 +81,8 @@ def pretrain(
         echo_err(f"interrupted: checkpoint saved at step {e.step}; continue with "
                  f"`filterkit pretrain {folder} --out {out} --resume`")
         raise typer.Exit(130) from None
+    if result.rank != 0:  # under torchrun: rank 0 reports for every process
+        return
     print_skips(result.skipped, quiet)
     knn = f", online kNN {result.knn_top1[-1][1]:.3f}" if result.knn_top1 else ""
     loss = f"final loss {result.final_loss:.4f}" if math.isfinite(result.final_loss) else "no step run in this call"

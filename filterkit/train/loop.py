@@ -561,4 +561,4 @@ def pretrain(
     _save(run, monitor)
     skipped = run.refused + [Skip(run.paths[i], r) for i, r in sorted(monitor.skipped.items())]
     return TrainResult(out_dir, run.step, monitor.loss, monitor.images_per_s(), monitor.knn_history, skipped,
-                       run.method, run.total, run.stopped_by)
+                       run.method, run.total, run.stopped_by, run.rank)

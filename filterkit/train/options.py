@@ -89,6 +89,7 @@ class TrainResult:
     # "steps": the schedule ran to its end; "minutes": the --minutes budget ran out first;
     # None: stopped by --stop-at-step (a checkpoint to resume from).
     stopped_by: str | None = None
+    rank: int = 0  # this process's rank under torchrun: the others wrote nothing and report nothing
 
 
 class TrainingStopped(FilterkitError):
