@@ -78,8 +78,9 @@ def pretrain(
                               follow_symlinks=follow_symlinks, stop_at_step=stop_at_step,
                               progress=not quiet)
     except TrainingInterrupted as e:  # a plain KeyboardInterrupt came before any checkpoint was saved
-        echo_err(f"interrupted: checkpoint saved at step {e.step}; continue with "
-                 f"`filterkit pretrain {folder} --out {out} --resume`")
+        if e.rank == 0:  # under torchrun: said once
+            echo_err(f"interrupted: checkpoint saved at step {e.step}; continue with "
+                     f"`filterkit pretrain {folder} --out {out} --resume`")
         raise typer.Exit(130) from None
     if result.rank != 0:  # under torchrun: rank 0 reports for every process
         return

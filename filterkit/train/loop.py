@@ -555,7 +555,7 @@ def pretrain(
             _steps(run, batches, monitor, stop, batches.workers)
     except KeyboardInterrupt:
         _save(run, monitor)
-        raise TrainingInterrupted(run.step, out_dir / CHECKPOINT) from None
+        raise TrainingInterrupted(run.step, out_dir / CHECKPOINT, run.rank) from None
     finally:
         monitor.close()
     _save(run, monitor)

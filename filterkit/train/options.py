@@ -101,6 +101,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     An interrupt before the loop (discovery, decoding) stays a plain KeyboardInterrupt: then
     this call saved nothing."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
+    def __init__(self, step: int, checkpoint: Path, rank: int = 0) -> None:
         super().__init__(f"interrupted at step {step}: checkpoint saved to {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.rank = step, checkpoint, rank
