@@ -23,12 +23,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
+from _encoders import compared_encoders, embed_paths  # benchmarks/_encoders.py
 
 from filterkit.cluster import cluster_vectors
 from filterkit.evaluate import labelled_images
 from filterkit.normalize import Normalizer
-from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
-from _encoders import compared_encoders, embed_paths  # benchmarks/_encoders.py
 
 K = 10
 

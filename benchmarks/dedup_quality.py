@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 from PIL import Image
 
 from filterkit import Encoder
 from filterkit.dedup import find_duplicates, model_threshold, synthetic_copy
 from filterkit.images import discover_images, load_image
 from filterkit.index import range_pairs
-from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def phash_bits(images) -> np.ndarray:

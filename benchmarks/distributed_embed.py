@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 from filterkit.images import discover_images
-from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 FK = [sys.executable, "-m", "filterkit"]
 
@@ -70,7 +70,7 @@ def main() -> None:
         ref = vectors(tmp / "single.sqlite")
         print(f"{len(ref)} photos from {args.images}")
         print(f"  single process      {single:7.1f} s  ({len(ref) / single:.1f} img/s)")
-        for name, cache, seconds in (("ray (local, %d actors)" % args.actors, "ray.sqlite", ray_s),
+        for name, cache, seconds in ((f"ray (local, {args.actors} actors)", "ray.sqlite", ray_s),
                                      (f"{args.shards} shards + merge", "merged.sqlite", shard_s + merge_s)):
             other = vectors(tmp / cache)
             same_keys = other.keys() == ref.keys()

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 from PIL import Image
 
 from filterkit import EmbeddingCache, Encoder
 from filterkit.images import discover_images, load_image
 from filterkit.loader import default_workers
 from filterkit.pipeline import embed_paths
-from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def pick(paths: list[Path], n: int) -> list[Path]:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 
 from filterkit import Encoder
 from filterkit.augment import eval_transform
 from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
 from filterkit.filtering import DEFAULT_PROTOTYPES, filter_vectors
-from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -50,7 +50,7 @@ def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scori
     table = {(s, n, sc): [] for s in settings for n in normalizations for sc in scorings
              if s == "with negatives" or not sc.startswith("linear")}  # a classifier needs both sets
     classes = {key: [] for key in table}  # per draw: [classes, 6] stated / true recall, precision, prevalence
-    for draw, drawn in enumerate(draws):
+    for drawn in draws:
         per_class = {key: [] for key in table}
         for c, (ex, neg) in enumerate(drawn):
             truth = labels[incoming] == c

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
+from dedup_quality import build, recall_at_precision  # benchmarks/dedup_quality.py
 
 from filterkit import Encoder
 from filterkit.images import discover_images
 from filterkit.leakage import find_cross_duplicates
-from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
-from dedup_quality import build, recall_at_precision  # benchmarks/dedup_quality.py
 
 
 def evaluate(paths, labels, encoder, seed: int, args) -> dict:

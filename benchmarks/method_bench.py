@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _data import add_data_argument, cifar10, data_root, imagenette_train, splits  # benchmarks/_data.py
 
 from filterkit import Encoder
 from filterkit.augment import eval_transform
@@ -52,7 +53,6 @@ from filterkit.filtering import DEFAULT_NORMALIZE, exemplar_scores
 from filterkit.fsutil import atomic_write_text
 from filterkit.methods import METHODS, method_class
 from filterkit.normalize import Normalizer
-from _data import add_data_argument, cifar10, data_root, imagenette_train, splits  # benchmarks/_data.py
 
 EXEMPLARS = 16
 # The arguments a (set, seed) result depends on: a --resume with other values is refused.

@@ -23,12 +23,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
+from _encoders import compared_encoders, embed_paths
 from sklearn.metrics import roc_auc_score
 
 from filterkit.images import discover_images
 from filterkit.outliers import outlier_scores, rank_outliers
-from _data import add_data_argument, cifar10, data_root, imagenette_train  # benchmarks/_data.py
-from _encoders import compared_encoders, embed_paths
 
 
 def draw(paths: list[Path], labels: list[str], seed: int, base: int, planted: int):

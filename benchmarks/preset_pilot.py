@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from _data import add_data_argument, cifar10, data_root, splits  # benchmarks/_data.py
 
 from filterkit.encoder import Encoder, build_backbone
-from filterkit.modeldir import ModelConfig
 from filterkit.evaluate import evaluate
 from filterkit.moco import MoCo
+from filterkit.modeldir import ModelConfig
 from filterkit.train import TrainOptions, pretrain
-from _data import add_data_argument, cifar10, data_root, splits  # benchmarks/_data.py
 
 
 def train_speed(preset: str, batch: int, hidden: int) -> float:

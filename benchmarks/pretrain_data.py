@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
+
 from filterkit.images import discover_images
 from filterkit.train import TrainOptions, pretrain
-from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_data.py
 
 
 def main() -> None:

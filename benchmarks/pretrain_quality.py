@@ -19,10 +19,11 @@ import json
 import time
 from pathlib import Path
 
+from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
+
 from filterkit import Encoder
 from filterkit.evaluate import evaluate
 from filterkit.train import TrainOptions, pretrain
-from _data import add_data_argument, cifar10, data_root  # benchmarks/_data.py
 
 
 def main() -> None:

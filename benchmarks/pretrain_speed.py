@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from filterkit.devices import autocast_dtype, pick_device
 from filterkit.encoder import build_backbone
-from filterkit.modeldir import ModelConfig
 from filterkit.moco import MoCo, mlp
+from filterkit.modeldir import ModelConfig
 from filterkit.presets import get_preset
 from filterkit.train import make_optimizer, train_step
 

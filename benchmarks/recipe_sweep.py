@@ -117,8 +117,8 @@ def run_one(name: str, cifar: Path, runs: Path, device: str, precision: str, sca
 
 
 def baselines(cifar: Path, device: str, archs: set[tuple[str, int]]) -> dict:
-    from filterkit.modeldir import ModelConfig
     from filterkit.evaluate import baseline_knn_top1, labelled_images
+    from filterkit.modeldir import ModelConfig
 
     train, test = labelled_images(cifar / "train"), labelled_images(cifar / "test")
     kw = dict(workers=min(4, os.cpu_count() or 1), k=20, temperature=0.07, batch_size=128, progress=False)

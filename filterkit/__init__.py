@@ -66,14 +66,14 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .evaluate import evaluate as evaluate_encoder
     from .filtering import Decision, FilterResult, ImageFilter
     from .images import discover_images, load_image
-    from .leakage import CrossDedupResult, find_cross_duplicates
-    from .outliers import OutlierResult, find_outliers
     from .index import build_index, search
+    from .leakage import CrossDedupResult, find_cross_duplicates
     from .moco import MoCo
     from .modeldir import ModelConfig
+    from .neighbours import Neighbours, search_folder, search_index
+    from .outliers import OutlierResult, find_outliers
     from .pipeline import EmbeddedFolder, embed_folder
     from .presets import PRESETS
-    from .neighbours import Neighbours, search_folder, search_index
     from .train import TrainOptions, pretrain
 
 

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ class Record:
 
     def _write(self, out: Path, runs: dict[str, Any], baselines: dict[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"format": FORMAT, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        doc = {"format": FORMAT, "updated": datetime.now(UTC).isoformat(timespec="seconds"),
                "settings": self.settings, "runs": runs, "baselines": baselines}
         atomic_write_text(out / RECORD_FILE, json.dumps(doc, indent=2) + "\n")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .encoder import Encoder, build_backbone
+from .errors import FilterkitError
 from .modeldir import ModelConfig
 from .presets import ARCHS
-from .errors import FilterkitError
 
 MOCO_PREFIX = "module.base_encoder."
 MOCO_HEADS = {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12}

@@ -24,8 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .dedup import (LIST_TARGET_PRECISION, NEIGHBOURS, SAMPLE, CollectionCalibration, _Proposer, _Views,
-                    canonical_rows, check_options, frame_thumbnails, score_pairs)
+from .dedup import (
+    LIST_TARGET_PRECISION,
+    NEIGHBOURS,
+    SAMPLE,
+    CollectionCalibration,
+    _Proposer,
+    _Views,
+    canonical_rows,
+    check_options,
+    frame_thumbnails,
+    score_pairs,
+)
 from .errors import FilterkitError
 from .images import Skip
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +306,7 @@ def write_model_dir(path: str | os.PathLike, cfg: ModelConfig, weights: bytes, m
         "embedding_dim": cfg.embed_dim,
         "timm": {"model_name": cfg.timm_name, "kwargs": cfg.timm_kwargs},
         "weights_sha256": weights_sha256,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "training": meta.get("training"),
         "thresholds": meta.get("thresholds") or {},
         "data": meta.get("data"),

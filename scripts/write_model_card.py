@@ -20,8 +20,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from filterkit.encoder import Encoder
-from filterkit.modeldir import CARD_FILE, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, update_model_config
 from filterkit.fsutil import atomic_write_text
+from filterkit.modeldir import CARD_FILE, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, update_model_config
 
 
 def recipe(training: dict) -> str:

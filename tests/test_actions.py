@@ -9,7 +9,6 @@ import pytest
 from filterkit import FilterkitError
 from filterkit.actions import JOURNAL, apply_actions, finish_interrupted_moves, plan_actions
 from filterkit.cli import main
-
 from test_filtering import _photo_folders
 
 

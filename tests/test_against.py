@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import sample_photo
 from filterkit import Encoder, FilterkitError, find_cross_duplicates, verify
 from filterkit.cli import main
-
-from conftest import sample_photo
 
 SHIPPED = "models/filterkit-vit-mini"
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import sample_photo
 from filterkit.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTwoViews, batch_view, store_size
 from filterkit.modeldir import CONFIG_FILE
 from filterkit.train import TrainOptions, pretrain
-
-from conftest import sample_photo
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -154,9 +153,8 @@ def test_training_from_memory_runs_resumes_exactly_and_stores_links_once(tmp_pat
 
 
 def test_memory_estimate_refuses_what_cannot_fit(tmp_path, linked_dir, monkeypatch):
-    from filterkit import FilterkitError
-
     import filterkit.train.data as train  # where the store is decoded
+    from filterkit import FilterkitError
 
     monkeypatch.setattr(train, "available_memory", lambda: 4096)
     with pytest.raises(FilterkitError, match="--data-in-memory needs"):

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filterkit import EmbeddingCache, FilterkitError, embed_folder
-
 from conftest import sample_photo
+from filterkit import EmbeddingCache, FilterkitError, embed_folder
 
 
 def _make_images(folder, start, count):

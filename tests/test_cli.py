@@ -4,14 +4,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 
-from filterkit.cli import main
-
 from conftest import sample_photo
+from filterkit.cli import main
 
 
 def run_cli(capsys, *args):

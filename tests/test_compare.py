@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_no_machine_path
 from filterkit import Encoder, FilterkitError
 from filterkit.cli import main
 from filterkit.compare import alignment, choose_methods, exemplar_auroc, rankme, uniformity
-
-from conftest import assert_no_machine_path
 
 TINY_CLI = ["--preset", "vit-mini-8-32", "--depth", "1", "--batch-size", "8", "--workers", "0", "-q"]
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import PHOTO_NAMES
 from filterkit import FilterkitError
 from filterkit.cli import main
 from filterkit.cluster import cluster_vectors, select_fraction
 from filterkit.dedup import duplicate_groups, group_indices, keeper_order
-
-from conftest import PHOTO_NAMES
 
 
 def test_union_find_groups_connected_pairs():

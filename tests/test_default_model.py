@@ -10,15 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import assert_no_machine_path
 from filterkit import Encoder
 from filterkit.cli import main
 from filterkit.errors import FilterkitError
 from filterkit.modeldir import DEFAULT_MODEL, default_model_path
-
-from conftest import assert_no_machine_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / DEFAULT_MODEL

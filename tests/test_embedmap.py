@@ -10,7 +10,6 @@ from PIL import Image
 from filterkit.cli import main
 from filterkit.embedmap import coordinates, map_html, write_map_png
 from filterkit.errors import FilterkitError
-
 from test_filtering import _photo_folders
 
 

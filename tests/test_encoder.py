@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from filterkit import Encoder, FilterkitError, ModelConfig, PRESETS
+from filterkit import PRESETS, Encoder, FilterkitError, ModelConfig
 from filterkit.encoder import build_backbone
 from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE
 

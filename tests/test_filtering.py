@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import sample_photo
 from filterkit import FilterkitError
 from filterkit.cli import main
-from filterkit.filtering import (auto_threshold, exemplar_scores, filter_vectors, leave_one_out_scores,
-                                 spherical_kmeans)
-
-from conftest import sample_photo
+from filterkit.filtering import auto_threshold, exemplar_scores, filter_vectors, leave_one_out_scores, spherical_kmeans
 
 
 def unit(*rows):

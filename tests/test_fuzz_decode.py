@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-
-from filterkit.errors import ImageError
-from filterkit.images import load_image
 
 from conftest import sample_photo
+from filterkit.errors import ImageError
+from filterkit.images import load_image
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "tif": "TIFF", "webp": "WEBP"}
 

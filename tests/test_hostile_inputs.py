@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filterkit.cli import main
-
 from conftest import sample_photo
+from filterkit.cli import main
 from test_images import _jpeg_bytes, _png_bytes, _png_with_declared_size
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -40,7 +39,7 @@ def _gif(photo: Image.Image) -> bytes:
 
 def _tiff16(photo: Image.Image) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(buf, format="TIFF")
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(buf, format="TIFF")
     return buf.getvalue()
 
 

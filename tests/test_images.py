@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import sample_photo
 from filterkit import EmbeddingCache, FilterkitError, ImageError, discover_images, embed_folder, load_image
 from filterkit.errors import ImageReadError
 from filterkit.images import to_rgb
-
-from conftest import sample_photo
 
 
 def _png_with_declared_size(width: int, height: int) -> bytes:

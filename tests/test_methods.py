@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import sample_photo
-from test_train import TINY, _free_port, params
 
+from conftest import sample_photo
 from filterkit import FilterkitError
 from filterkit.cli import main
 from filterkit.encoder import build_backbone
@@ -32,6 +31,7 @@ from filterkit.train import (
     load_checkpoint,
     pretrain,
 )
+from test_train import TINY, _free_port, params
 
 
 def reference_nt_xent(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
@@ -415,8 +415,9 @@ def test_cli_method_errors_are_one_line(tmp_path, train_dir, capsys):
 
 
 def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir):
-    import _ddp_worker
     import torch.multiprocessing as mp
+
+    import _ddp_worker
 
     mp.start_processes(_ddp_worker.run_simclr, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
                                                      str(tmp_path)), nprocs=2, join=True, start_method="spawn")
@@ -437,8 +438,9 @@ def test_ddp_simclr_gathers_embeddings_with_their_gradients(tmp_path, train_dir)
 
 
 def test_ddp_barlow_twins_supcon_and_swav_compute_over_the_global_batch(tmp_path, train_dir):
-    import _ddp_worker
     import torch.multiprocessing as mp
+
+    import _ddp_worker
 
     mp.start_processes(_ddp_worker.run_global_batch, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
                                                            str(tmp_path)), nprocs=2, join=True, start_method="spawn")
@@ -643,9 +645,9 @@ def test_init_from_with_another_queue_size_keeps_the_trained_heads_and_starts_th
 
 
 def test_ddp_moco_queue_is_the_global_batchs_and_equal_on_every_rank(tmp_path, train_dir):
-    import _ddp_worker
     import torch.multiprocessing as mp
 
+    import _ddp_worker
     from filterkit.moco import contrastive_loss
 
     mp.start_processes(_ddp_worker.run_moco_queue, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),

@@ -6,8 +6,8 @@ import torch
 
 from filterkit.augment import TwoViews
 from filterkit.encoder import build_backbone
-from filterkit.modeldir import ModelConfig
 from filterkit.moco import MoCo, contrastive_loss, mlp, momentum_at
+from filterkit.modeldir import ModelConfig
 from filterkit.train import lr_at
 
 

@@ -10,8 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_moco import reference_ctr, reference_ctr_with_queue
-from test_train import TINY, params
 
 from filterkit import FilterkitError
 from filterkit.augment import BatchTwoViews, TwoViews, _crop_boxes, default_local_crop_size
@@ -21,9 +19,11 @@ from filterkit.methods.base import cross_view_pairs
 from filterkit.methods.byol import BYOL
 from filterkit.methods.simsiam import SimSiam
 from filterkit.methods.swav import SwAV, multicrop_swapped_prediction, sinkhorn
-from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.moco import MoCo
+from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainOptions, load_checkpoint, pretrain
+from test_moco import reference_ctr, reference_ctr_with_queue
+from test_train import TINY, params
 
 HEADS = dict(out_dim=16, proj_hidden=32)
 
@@ -306,11 +306,11 @@ def test_cli_local_crops_run_and_refusal(tmp_path, train_dir, capsys):
 
 
 def test_ddp_multicrop_shares_the_gathered_keys_and_keeps_the_ranks_identical(tmp_path, train_dir):
-    import _ddp_worker
     import torch.multiprocessing as mp
-    from test_train import _free_port
 
+    import _ddp_worker
     from filterkit.moco import contrastive_loss
+    from test_train import _free_port
 
     mp.start_processes(_ddp_worker.run_multicrop, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
                                                         str(tmp_path)), nprocs=2, join=True, start_method="spawn")

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import sample_photo
 from filterkit import Encoder, FilterkitError, find_outliers
 from filterkit.cli import main
 from filterkit.outliers import outlier_scores, rank_outliers
-
-from conftest import sample_photo
 
 SHIPPED = "models/filterkit-vit-mini"
 PLANTED = ("coffee", "rocket", "hubble_deep_field")

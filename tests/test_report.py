@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from filterkit.cli import main
-
 from test_filtering import _photo_folders
 
 

@@ -19,7 +19,6 @@ from PIL import Image
 from filterkit.cli import main
 from filterkit.errors import FilterkitError
 from filterkit.review import labels_path, make_server, open_session
-
 from test_filtering import _photo_folders
 
 

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filterkit import EmbeddingCache, Encoder, FilterkitError, build_index, embed_folder, search
-
 from conftest import PHOTO_NAMES
+from filterkit import EmbeddingCache, Encoder, FilterkitError, build_index, embed_folder, search
 
 
 @pytest.mark.parametrize("preset", ["vit-tiny-16-224", "vit-tiny-8-64"])

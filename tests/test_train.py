@@ -5,13 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_no_machine_path
 from filterkit import FilterkitError
 from filterkit.cli import main
 from filterkit.encoder import build_backbone
 from filterkit.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from filterkit.train import CHECKPOINT, TrainingStopped, TrainOptions, load_checkpoint, pretrain
-
-from conftest import assert_no_machine_path
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
@@ -466,8 +465,9 @@ def _ddp_outcomes(case, world, data, tmp_path, timeout=120):
 
 
 def test_ddp_cli_reports_once_from_rank_0(tmp_path, train_dir):
-    import _ddp_worker
     import torch.multiprocessing as mp
+
+    import _ddp_worker
 
     mp.start_processes(_ddp_worker.run_cli, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"), str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import sample_photo
 from filterkit import Encoder, verify
 from filterkit.cli import main
 from filterkit.dedup import _Proposer, _spanning_groups, choose_threshold, estimate, find_duplicates
-
-from conftest import sample_photo
 
 SHIPPED = "models/filterkit-vit-mini"
 

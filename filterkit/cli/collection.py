@@ -10,9 +10,26 @@ import numpy as np
 import typer
 
 from ..errors import FilterkitError
-from .common import (BatchOpt, CacheOpt, DeviceOpt, DryRunOpt, FollowOpt, JsonOpt, MapOpt, ModelOpt, QuietOpt,
-                     ReportOpt, WorkersOpt, app, load_encoder, print_actions, print_report, print_skips, review_band_arg,
-                     threshold_arg)
+from .common import (
+    BatchOpt,
+    CacheOpt,
+    DeviceOpt,
+    DryRunOpt,
+    FollowOpt,
+    JsonOpt,
+    MapOpt,
+    ModelOpt,
+    QuietOpt,
+    ReportOpt,
+    WorkersOpt,
+    app,
+    load_encoder,
+    print_actions,
+    print_report,
+    print_skips,
+    review_band_arg,
+    threshold_arg,
+)
 
 
 @app.command()

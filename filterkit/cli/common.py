@@ -13,6 +13,7 @@ import typer
 
 from ..errors import FilterkitError
 
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 

@@ -12,7 +12,19 @@ import typer
 
 from .. import methods, presets
 from ..errors import FilterkitError
-from .common import BatchOpt, DeviceOpt, FollowOpt, JsonOpt, ModelOpt, QuietOpt, WorkersOpt, app, echo_err, load_encoder, print_skips
+from .common import (
+    BatchOpt,
+    DeviceOpt,
+    FollowOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    WorkersOpt,
+    app,
+    echo_err,
+    load_encoder,
+    print_skips,
+)
 
 
 @app.command()

@@ -36,6 +36,7 @@ from ..methods.base import Method
 from ..moco import momentum_at
 from ..modeldir import ModelConfig
 from ..progress import progress_bar
+from .budget import PROBE_SHARE, PROBE_STEPS, epoch_start_seconds, plan_options, planned_steps, step_seconds
 from .checkpoints import (
     CHECKPOINT,
     _apply_init,
@@ -47,7 +48,6 @@ from .checkpoints import (
     _save_checkpoint,
     load_checkpoint,
 )
-from .budget import PROBE_SHARE, PROBE_STEPS, epoch_start_seconds, plan_options, planned_steps, step_seconds
 from .data import Batches, _EpochSampler, folder_labels, load_images
 from .monitor import LOG, Monitor, _truncate_log
 from .options import TrainingInterrupted, TrainOptions, TrainResult
