@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -93,9 +94,19 @@ def discover_images(root: str | os.PathLike, follow_symlinks: bool = False) -> l
             seen_dirs.add((st.st_dev, st.st_ino))
         for name in filenames:
             path = Path(dirpath) / name
-            if is_image_path(path):
+            if is_image_path(path) and not _special_file(path):
                 found.append(path)
     return sorted(found)
+
+
+def _special_file(path: Path) -> bool:
+    """A pipe, socket or device named like an image: opening a FIFO blocks until someone
+    writes to it, so such a file is never listed (it holds no image). A dangling or looping
+    link is listed, and reading it reports why it failed."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 OUTSIDE_LINK = "symlink to a file outside the folder: not read (pass --follow-symlinks to read it)"

@@ -166,3 +166,23 @@ def test_pretrain_survives_the_corpus(hostile, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "trained 2 steps" in captured.out
+
+
+def test_a_fifo_named_like_an_image_is_not_listed_and_does_not_block(tmp_path):
+    import os
+
+    from filterkit.images import discover_images
+
+    (tmp_path / "a.png").write_bytes(b"not really")
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would block until a writer comes
+    assert discover_images(tmp_path) == [tmp_path / "a.png"]
+
+
+def test_pretrain_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from filterkit.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "out").write_text("mine")
+    assert main(["pretrain", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--max-steps", "1", "-q"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'out'} exists and is not a folder"
+    assert (tmp_path / "out").read_text() == "mine"

@@ -162,6 +162,8 @@ def _resolve_options(options: TrainOptions, out_dir: Path, resume: bool, world: 
     """(resolved options, checkpoint to resume, model to start from, whether --lr was given),
     refusing what cannot run before any work is done."""
     checkpoint = None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FilterkitError(f"--out {out_dir} exists and is not a folder")
     if resume and options.init_from:
         raise FilterkitError("--init-from starts a new run and --resume continues OUT's own checkpoint: "
                              "give one or the other")
