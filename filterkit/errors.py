@@ -12,3 +12,7 @@ class ImageError(FilterkitError):
 class ImageReadError(ImageError):
     """The file's bytes could not be read (missing, no permission): unlike a decode failure,
     this says nothing about the content, so it is not remembered against it."""
+
+
+class WorkerDied(FilterkitError):
+    """A decode worker process died under a running command (killed: most often for memory)."""

@@ -7,32 +7,90 @@ file never stops a run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ImageError, ImageReadError
+from .errors import ImageError, ImageReadError, WorkerDied
 from .images import load_image
+
+T = TypeVar("T")
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C and the first SIGTERM are the main process's to act on.
+    """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM are the main process's to act on.
     A signal to the whole process group (a terminal's Ctrl-C, a scheduler's stop) would otherwise
     kill the workers mid-batch, and the main process's clean stop (a checkpoint, one line) would
-    turn into a "worker killed" error. A second SIGTERM (``terminate()`` as the main process shuts
-    them down or exits) ends a worker; torch's watchdog ends them if the main process dies."""
-    def first_sigterm(signum, frame):
+    turn into a "worker killed" error. Only a SIGTERM from the main process itself (torch's, or
+    multiprocessing's at exit, ``terminate()``) ends a worker; torch's watchdog ends them if the
+    main process dies. The signals :func:`start_workers` held back while the worker started are
+    taken here, once these rules are in place.
+
+    Where the sender of a signal can be read (``sigwaitinfo``: Linux, BSDs), SIGTERM stays blocked
+    in the worker's threads and one thread takes each: an "ignore the first, die on the second"
+    rule could not tell the main process's ``terminate()`` from the group's signal, and a worker
+    that had not seen the group's signal swallowed it, so the main process waited on it forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                         name="filterkit-sigterm").start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return
+
+    def first_sigterm(signum, frame):  # elsewhere: the main process's terminate() is the second
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, first_sigterm)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # as torch's own worker handler does for its main process's SIGTERM
+
+
+def start_workers(batches: Iterable[T]) -> Iterator[T]:
+    """``iter(batches)``, with Ctrl-C and SIGTERM held back in the workers it starts until
+    :func:`ignore_stop_signals` runs in them. Between a worker's fork and its ``worker_init_fn``,
+    torch's own SIGTERM handler is in place, and a signal to the process group then killed the
+    worker (the main process saw "worker killed by signal" instead of stopping cleanly). The
+    mask is inherited across fork (and exec); the main process's own is restored at once, so it
+    takes a signal that came meanwhile as soon as the workers are started."""
+    if not getattr(batches, "num_workers", 0) or not hasattr(signal, "pthread_sigmask"):
+        return iter(batches)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(batches)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
+def worker_deaths_as_errors() -> Iterator[None]:
+    """A decode worker that dies (torch: "DataLoader worker (pid ...) exited unexpectedly" or
+    "... is killed by signal") becomes :class:`WorkerDied`, one line that says what to try."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        raise WorkerDied(f"a decode worker process died ({str(e).strip().rstrip('.')}); most often the system killed it for memory: "
+                         "fewer --workers (0 decodes in this process) or a smaller --batch-size need less") from None
 
 
 def default_workers() -> int:
@@ -144,7 +202,8 @@ def iter_batches(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    yield from loader
+    with worker_deaths_as_errors():
+        yield from start_workers(loader)
 
 
 def decode_all(

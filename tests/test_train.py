@@ -508,6 +508,30 @@ def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_
     assert outcomes == ["ok", "ok"], outcomes
 
 
+def test_a_decode_worker_killed_mid_run_is_one_line_and_leaves_a_checkpoint_to_resume(tmp_path, train_dir,
+                                                                                       monkeypatch):
+    import os
+    import signal
+
+    import filterkit.train.data as data
+
+    decoded, load_image = [], data.load_image
+
+    def dies_on_its_twelfth_image(*args, **kwargs):  # in the decode worker, as the kernel's OOM killer would
+        if torch.utils.data.get_worker_info() is not None:
+            decoded.append(1)
+            if len(decoded) == 12:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return load_image(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_image", dies_on_its_twelfth_image)
+    with pytest.raises(FilterkitError, match="decode worker process died") as e:
+        pretrain(train_dir, tmp_path / "m", TrainOptions(epochs=4, data_in_memory=False, **TINY), device="cpu",
+                 workers=1, progress=False)
+    step = load_checkpoint(tmp_path / "m" / CHECKPOINT)["step"]
+    assert f"Checkpoint saved at step {step}; continue with --resume" in str(e.value) and "for memory" in str(e.value)
+
+
 def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_the_run_resumes(tmp_path, train_dir):
     import signal
     import subprocess

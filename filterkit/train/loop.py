@@ -28,9 +28,9 @@ import torch.distributed as dist
 from ..augment import LOCAL_MIN_SCALE, default_local_crop_size
 from ..devices import autocast, autocast_dtype, pick_device
 from ..encoder import build_backbone
-from ..errors import FilterkitError
+from ..errors import FilterkitError, WorkerDied
 from ..images import Skip
-from ..loader import default_workers
+from ..loader import default_workers, start_workers, worker_deaths_as_errors
 from ..methods import METHODS, build_method, method_class
 from ..methods.base import Method
 from ..moco import momentum_at
@@ -386,7 +386,7 @@ def _probe(run: _Run, batches: Batches) -> tuple[float, float, float]:
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, 0, o.seed, 0, run.rank,
                                 run.world)
         times, last = [], start
-        for x1, x2, _, labels, local in batches(sampler, prefetch=1):
+        for x1, x2, _, labels, local in start_workers(batches(sampler, prefetch=1)):
             train_step(method, method, optimizer, scaler, x1.to(dev), x2.to(dev), 0.0, o.momentum, run.amp_dtype,
                        None if labels is None else labels.to(dev), [v.to(dev) for v in local])
             if dev.type == "cuda":
@@ -484,7 +484,7 @@ def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: i
         epoch = run.step // run.steps_per_epoch
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, epoch, o.seed,
                                 run.step - epoch * run.steps_per_epoch, run.rank, run.world)
-        batch_iter = iter(batches(sampler))
+        batch_iter = start_workers(batches(sampler))
         monitor.start_epoch()
         try:
             for x1, x2, failures, labels, local in batch_iter:
@@ -554,10 +554,14 @@ def pretrain(
     try:
         with progress_bar("pretrain", (run.total - run.step) * run.global_batch, progress and run.is_main) as advance:
             monitor.advance = advance
-            _steps(run, batches, monitor, stop, batches.workers)
+            with worker_deaths_as_errors():
+                _steps(run, batches, monitor, stop, batches.workers)
     except KeyboardInterrupt:
         _save(run, monitor)
         raise TrainingInterrupted(run.step, out_dir / CHECKPOINT, run.rank) from None
+    except WorkerDied as e:  # the model is intact: keep its last whole step
+        _save(run, monitor)
+        raise WorkerDied(f"{e}. Checkpoint saved at step {run.step}; continue with --resume") from None
     finally:
         monitor.close()
     _save(run, monitor)
