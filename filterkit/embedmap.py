@@ -181,12 +181,35 @@ f.addEventListener('mouseout',function(e){if(e.target.getAttribute&&e.target.get
 t.hidden=true;});})();"""
 
 
-def write_map_png(xy: np.ndarray, labels: list[str], path: str | os.PathLike, title: str = "Map of the collection",
-                  size: tuple[float, float] = (8.0, 6.0), dpi: int = 100) -> Path:
-    """A scatter plot of the map, coloured by label with a legend, written atomically as PNG."""
+MAP_SOFTWARE = "filterkit map"  # the PNG's Software text: what marks a map as one filterkit may rewrite
+
+
+def check_map_path(path: str | os.PathLike) -> Path:
+    """``path`` as a map's PNG: a rerun rewrites an earlier map; any other file there (an image of
+    the collection, say) is refused, never overwritten."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise FilterkitError(f"--map {path}: name a .png file")
+    if path.is_dir():
+        raise FilterkitError(f"--map {path}: is a folder")
+    if path.exists() or path.is_symlink():
+        try:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                ours = not path.is_symlink() and image.format == "PNG" and image.info.get("Software") == MAP_SOFTWARE
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise FilterkitError(f"--map {path}: already exists and is not a filterkit map; name another file, "
+                                 "or move that one away")
+    return path
+
+
+def write_map_png(xy: np.ndarray, labels: list[str], path: str | os.PathLike, title: str = "Map of the collection",
+                  size: tuple[float, float] = (8.0, 6.0), dpi: int = 100) -> Path:
+    """A scatter plot of the map, coloured by label with a legend, written atomically as PNG."""
+    path = check_map_path(path)
     if len(xy) != len(labels):
         raise FilterkitError("write_map_png: coordinates and labels differ in length")
     import matplotlib
@@ -212,7 +235,7 @@ def write_map_png(xy: np.ndarray, labels: list[str], path: str | os.PathLike, ti
         ax.legend(loc="best", fontsize=8, markerscale=0.8, framealpha=0.8)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={"Software": MAP_SOFTWARE})
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -64,10 +64,41 @@ def _thumbnail(path: Path | None, budget: list[int]) -> str:
     return f'<img alt="{html.escape(path.name)}" src="{uri}">'
 
 
-def _html_path(path: str | os.PathLike) -> Path:
+REPORT_FORMAT = "filterkit-report/1"  # the JSON's "format": what marks a report as one filterkit may rewrite
+
+
+def check_report_path(path: str | os.PathLike) -> Path:
+    """``path`` as a report's HTML file: its .csv and .json go beside it. A rerun rewrites an earlier
+    report's three files; any other file in their place is refused, never overwritten."""
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise FilterkitError(f"--report {path}: name the HTML file (.html); the .csv and .json go beside it")
+    files = [path, path.with_suffix(".csv"), path.with_suffix(".json")]
+    for f in files:
+        if f.is_dir():
+            raise FilterkitError(f"--report {path}: {f} is a folder")
+    taken = [f for f in files if f.exists() or f.is_symlink()]
+    if taken and not _is_report_json(files[2]):
+        raise FilterkitError(f"--report {path}: {taken[0]} already exists and is not part of a filterkit report; "
+                             "name another report, or move that file away")
+    return path
+
+
+def _is_report_json(path: Path) -> bool:
+    """Whether ``path`` is a report's JSON that filterkit wrote (reports before the "format" key
+    are known by their "summary" object)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and (doc.get("format") == REPORT_FORMAT
+                                      or ("format" not in doc and isinstance(doc.get("summary"), dict)))
+
+
+def _html_path(path: str | os.PathLike) -> Path:
+    path = check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -85,7 +116,7 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(base.with_suffix(".csv"), buffer.getvalue())
-    atomic_write_text(base.with_suffix(".json"), json.dumps(document, indent=2) + "\n")
+    atomic_write_text(base.with_suffix(".json"), json.dumps({"format": REPORT_FORMAT, **document}, indent=2) + "\n")
 
 
 def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter",

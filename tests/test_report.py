@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from filterkit.cli import main
 from test_filtering import _photo_folders
@@ -78,3 +79,29 @@ def test_report_is_written_before_a_move_and_must_be_html(tmp_path, capsys, smal
     assert main(base + ["--report", str(report), "--action", "move", "--out", str(tmp_path / "sorted")]) == 0
     assert [p.name for p in (tmp_path / "incoming").iterdir()] == ["broken.jpg"]  # the rest moved
     assert report.read_text().count("data:image/jpeg;base64,") >= 5  # previews made before the move
+
+
+def test_a_report_or_map_replaces_only_filterkit_s_own_earlier_files(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    base = ["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
+            "--model", str(small_model_dir), "-q", "--workers", "0"]
+    report, picture = tmp_path / "r.html", tmp_path / "map.png"
+    assert main(base + ["--report", str(report), "--map", str(picture)]) == 0
+    assert json.loads(report.with_suffix(".json").read_text())["format"] == "filterkit-report/1"
+    capsys.readouterr()
+    assert main(base + ["--report", str(report), "--map", str(picture)]) == 0  # a rerun rewrites them
+
+    # someone's own table where the report's would go: refused before any work, left as it was
+    mine = tmp_path / "mine.csv"
+    mine.write_text("name,grade\nada,A\n")
+    assert main(base + ["--report", str(tmp_path / "mine.html")]) == 1
+    err = capsys.readouterr().err
+    assert f"{mine} already exists and is not part of a filterkit report" in err and "Traceback" not in err
+    assert mine.read_text() == "name,grade\nada,A\n" and not (tmp_path / "mine.html").exists()
+
+    # --map naming an image of the collection (same extension, not a map): refused, the image kept
+    photo = tmp_path / "incoming" / "photo.png"
+    Image.open(tmp_path / "incoming" / "coffee.jpg").save(photo)
+    before = photo.read_bytes()
+    assert main(base + ["--map", str(photo)]) == 1
+    assert "is not a filterkit map" in capsys.readouterr().err and photo.read_bytes() == before

@@ -23,6 +23,7 @@ from .common import (
     ReportOpt,
     WorkersOpt,
     app,
+    check_outputs,
     load_encoder,
     print_actions,
     print_report,
@@ -155,6 +156,7 @@ def filter_command(
     from ..modeldir import default_model_path
 
     check_action(action, out)
+    check_outputs(report, map_png)
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
@@ -252,6 +254,7 @@ def dedup(
     from ..dedup import check_move, find_duplicates
 
     check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"))
+    check_outputs(report, map_png)
     if target_precision is None:
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 
@@ -360,6 +363,7 @@ def cluster(
     from ..cluster import cluster_folder
 
     check_action(action, out)
+    check_outputs(report, map_png)
     if action != "report" and keep_fraction is None:
         raise FilterkitError("--action needs --keep-fraction (which images are selected)")
     encoder = load_encoder(model, device)
@@ -421,6 +425,7 @@ def outliers(
     from ..outliers import find_outliers
 
     check_action(action, out)
+    check_outputs(report, map_png)
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = find_outliers(folder, encoder, top, k, normalize, store, batch_size, workers, not quiet,

@@ -98,6 +98,18 @@ def print_skips(skipped, quiet: bool) -> None:
         echo_err(f"  ... and {len(skipped) - 20} more (use --json for all)")
 
 
+def check_outputs(report: Optional[Path], map_png: Optional[Path]) -> None:
+    """Before any work: --report and --map may only replace filterkit's own earlier outputs."""
+    if report is not None:
+        from ..report import check_report_path
+
+        check_report_path(report)
+    if map_png is not None:
+        from ..embedmap import check_map_path
+
+        check_map_path(map_png)
+
+
 def print_report(report: Optional[Path]) -> None:
     if report is not None:
         typer.echo(f"report: {report} (+ {report.with_suffix('.csv').name}, {report.with_suffix('.json').name})")
