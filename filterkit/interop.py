@@ -18,7 +18,7 @@ import torch
 
 from .encoder import Encoder, build_backbone
 from .errors import FilterkitError
-from .modeldir import ModelConfig
+from .modeldir import ModelConfig, check_model_dir_target, check_no_training_run
 from .presets import ARCHS
 
 MOCO_PREFIX = "module.base_encoder."
@@ -88,6 +88,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None) -> Model
 def import_checkpoint(path: str | os.PathLike, out: str | os.PathLike, num_heads: int | None = None,
                       overwrite: bool = False) -> Encoder:
     """Convert an official MoCo v3 checkpoint or a plain timm ViT state dict into a model directory."""
+    check_model_dir_target(out, overwrite)
+    check_no_training_run(out)
     state, extra = read_state(path)
     backbone_tensors, layout = backbone_state(state)
     if num_heads is None and layout == "moco-v3":

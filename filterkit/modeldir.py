@@ -33,6 +33,7 @@ CARD_FILE = "MODEL_CARD.md"
 # Top-level config.json fields that describe the weights; the rest is metadata.
 _STRUCTURE = ("format", "architecture", "timm", "weights_sha256", "model_id", "embedding_dim")
 METADATA = ("training", "thresholds", "data", "quality")
+TRAINING_DIR = "training"  # pretrain's checkpoint and log, inside the model directory it writes
 
 
 @dataclass(frozen=True)
@@ -286,17 +287,37 @@ def read_model_dir(path: str | os.PathLike | None = None) -> ModelFiles:
     return ModelFiles(path, cfg, meta, blob, weights_sha256)
 
 
+def check_model_dir_target(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Whether a model directory may be written at ``path``: a new or empty folder, or (with
+    ``overwrite``) a model directory. Any other folder is refused: files of the user's would end
+    up mixed with a model's."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FilterkitError(f"{path} exists and is not a folder")
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if names:
+        is_model = (path / CONFIG_FILE).is_file()
+        if not is_model and names - {TRAINING_DIR}:  # a training run's own folder before its first export is fine
+            raise FilterkitError(f"{path} is not empty and is not a model directory; choose an empty or new folder")
+        if not overwrite:
+            raise FilterkitError(f"{path} is not empty; pass --force to replace it")
+
+
+def check_no_training_run(path: str | os.PathLike) -> None:
+    """For a command that puts new weights into ``path``: a training run there (``pretrain --out``)
+    would outlive them, and ``pretrain --resume`` would carry on the old run over them."""
+    training = Path(path) / TRAINING_DIR
+    if training.exists():
+        raise FilterkitError(f"{path} holds a training run ({training}); new weights there would leave its "
+                             f"checkpoint behind: choose another folder, or remove {training} first")
+
+
 def write_model_dir(path: str | os.PathLike, cfg: ModelConfig, weights: bytes, meta: dict[str, Any],
                     overwrite: bool = False, card: str | None = None) -> str:
     """Write a model directory from safetensors bytes; each file is replaced atomically,
     weights first. Returns the model id."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FilterkitError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        is_model = (path / CONFIG_FILE).is_file()
-        hint = "pass --force to replace it" if is_model else "choose an empty or new folder"
-        raise FilterkitError(f"{path} is not empty; {hint}")
+    check_model_dir_target(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     weights_sha256 = hashlib.sha256(weights).hexdigest()
     doc = {

@@ -29,6 +29,28 @@ def test_model_init_and_info(tmp_path, capsys):
     assert info["timm"]["model_name"] == "vit_tiny_patch16_224"
 
 
+def test_model_init_force_replaces_a_model_but_never_mixes_into_other_folders(tmp_path, capsys):
+    init = ("model", "init", "--preset", "vit-tiny-4-32", "--out")
+    model = tmp_path / "m"
+    assert run_cli(capsys, *init, model)[0] == 0
+    code, _, err = run_cli(capsys, *init, model)
+    assert code == 1 and "pass --force" in err
+    assert run_cli(capsys, *init, model, "--seed", "1", "--force")[0] == 0  # a model directory: replaced
+
+    photos = tmp_path / "holiday"
+    photos.mkdir()
+    (photos / "beach.jpg").write_bytes(b"mine")
+    code, _, err = run_cli(capsys, *init, photos, "--force")
+    assert code == 1 and "is not a model directory" in err and sorted(p.name for p in photos.iterdir()) == ["beach.jpg"]
+
+    # a pretrain output: its checkpoint would outlive the new weights, and --resume carry on the old run
+    (model / "training").mkdir()
+    (model / "training" / "checkpoint.pt").write_bytes(b"hours of training")
+    weights = (model / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, *init, model, "--force")
+    assert code == 1 and "holds a training run" in err and (model / "model.safetensors").read_bytes() == weights
+
+
 def test_embed_then_search_json(tmp_path, capsys, photos_dir, small_model_dir):
     code, out, _ = run_cli(capsys, "embed", photos_dir, "--model", small_model_dir, "--json", "-q")
     summary = json.loads(out)

@@ -21,7 +21,10 @@ def model_init(
 ) -> None:
     """Write a randomly initialised model directory (a baseline, and handy in tests)."""
     from ..encoder import Encoder
+    from ..modeldir import check_model_dir_target, check_no_training_run
 
+    check_model_dir_target(out, force)
+    check_no_training_run(out)
     Encoder.random(preset, seed=seed).save(out, overwrite=force)
     typer.echo(f"wrote randomly initialised {preset} to {out}")
 

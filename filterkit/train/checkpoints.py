@@ -18,11 +18,11 @@ from ..encoder import Encoder
 from ..errors import FilterkitError
 from ..fsutil import atomic_write_bytes
 from ..methods.base import Method
-from ..modeldir import ModelConfig
+from ..modeldir import TRAINING_DIR, ModelConfig
 from ..presets import preset_for_arch
 from .options import _SCHEDULE_KEYS, DEFAULTS, TrainOptions
 
-CHECKPOINT = Path("training") / "checkpoint.pt"
+CHECKPOINT = Path(TRAINING_DIR) / "checkpoint.pt"
 # The checkpoint options that shape a method's state: --init-from loads that state only when
 # the new run's match. A checkpoint from before --method existed is a MoCo v3 one, and one from
 # before --queue has none.

@@ -18,10 +18,10 @@ from ..encoder import Encoder
 from ..fsutil import atomic_write_bytes
 from ..methods.base import Method
 from ..moco import gather_keys
-from ..modeldir import ModelConfig
+from ..modeldir import TRAINING_DIR, ModelConfig
 from .options import TrainingStopped
 
-LOG = Path("training") / "log.jsonl"
+LOG = Path(TRAINING_DIR) / "log.jsonl"
 # Collapse floor for the feature std, in units of the healthy 1/sqrt(D). The conv-stem ViT's ReLU
 # stem gives every image a large shared component: 0.19 at init and 0.078-0.082 at the end of its
 # best CPU run (kNN 0.559), which a floor of 0.1 stopped. A collapsed run falls towards 0.
