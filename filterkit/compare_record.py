@@ -121,14 +121,39 @@ class Record:
                                  "another --out") from None
 
 
+def _pretrain_files() -> set[Path]:
+    """What ``pretrain`` writes in its --out: the model directory and its training run."""
+    from .modeldir import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+    from .train import CHECKPOINT, LOG
+
+    return {Path(CONFIG_FILE), Path(WEIGHTS_FILE), Path(CARD_FILE), Path(CHECKPOINT), Path(LOG)}
+
+
+def _written_by_pretrain(relative: Path, known: set[Path]) -> bool:
+    # also the temporary file of an atomic write cut off mid-way (fsutil: ".NAME.XXXX.tmp")
+    return relative in known or any(relative.parent == k.parent and relative.name.startswith(f".{k.name}.")
+                                    and relative.name.endswith(".tmp") for k in known)
+
+
 def _remove(out: Path, record: Record) -> None:
     """Delete the files of the comparison ``record`` describes: its method folders, its
-    compare.json and the record itself. Only names of known methods, inside ``out``."""
+    compare.json and the record itself. Only names of known methods, inside ``out``, and only
+    folders that hold nothing but what pretrain wrote: anything else there is the user's, and
+    the whole deletion is refused before it starts."""
     from .methods import METHODS
 
-    for name in record.settings.get("methods") or []:
-        if name in METHODS and (out / name).is_dir() and not (out / name).is_symlink():
-            shutil.rmtree(out / name)
+    known = _pretrain_files()
+    folders = [out / name for name in record.settings.get("methods") or []
+               if name in METHODS and (out / name).is_dir() and not (out / name).is_symlink()]
+    for folder in folders:
+        foreign = [p for p in sorted(folder.rglob("*"))
+                   if not p.is_dir() and not _written_by_pretrain(p.relative_to(folder), known)]
+        if foreign:
+            raise FilterkitError(f"--overwrite would delete {foreign[0]}"
+                                 f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}, which the "
+                                 f"comparison did not write: move it out of {folder} first")
+    for folder in folders:
+        shutil.rmtree(folder)
     (out / RESULT_FILE).unlink(missing_ok=True)
     (out / RECORD_FILE).unlink()
 

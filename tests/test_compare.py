@@ -287,9 +287,19 @@ def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_
         with pytest.raises(FilterkitError, match=message):
             compare_methods(train_dir, out, 1, seed=1, overwrite=True, **kw)
         assert (out / "compare-record.json").is_file()
-    # Nothing was touched by the refusals; --overwrite replaces the comparison.
+    # Nothing was touched by the refusals; a file of the user's in a method's folder is not deleted:
+    # --overwrite is refused, whole, until it is moved away; then it replaces the comparison.
     assert json.loads((out / "simsiam" / "config.json").read_text())["model_id"] == model_id
+    (out / "simsiam" / "notes.txt").write_text("what I saw")
+    (out / "simsiam" / "training" / ".checkpoint.pt.k3j9.tmp").write_bytes(b"cut off")  # an atomic write's
+    capsys.readouterr()
+    assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"--overwrite would delete {out / 'simsiam' / 'notes.txt'}, which the comparison did not write" in err
+    assert (out / "simsiam" / "notes.txt").read_text() == "what I saw" and (out / "compare-record.json").is_file()
+    (out / "simsiam" / "notes.txt").unlink()
     assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 0
+    assert not (out / "simsiam" / "training" / ".checkpoint.pt.k3j9.tmp").exists()
     assert json.loads((out / "compare-record.json").read_text())["settings"]["seed"] == 1
     assert json.loads((out / "compare.json").read_text())["seed"] == 1
     again = [*one, "--seed", "1", "--resume"]
