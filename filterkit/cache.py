@@ -264,18 +264,7 @@ class EmbeddingCache:
         this one, in one transaction. Rows already here win (nothing is overwritten).
         Returns the number of rows added per table."""
         other = Path(other)
-        if not other.is_file():
-            raise FilterkitError(f"cache not found: {other}")
-        if other.resolve() == self.path.resolve():
-            raise FilterkitError(f"cannot merge {other} into itself")
-        try:  # validate without writing to the source (it may be read-only, or not ours)
-            with contextlib.closing(sqlite3.connect(f"file:{quote(str(other.resolve()))}?mode=ro", uri=True)) as source:
-                row = source.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                tables = {r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as e:
-            raise FilterkitError(f"cannot merge {other}: not a filterkit cache ({e})") from None
-        if row is None or row[0] != SCHEMA_VERSION or not {"embeddings", "files", "failures"} <= tables:
-            raise FilterkitError(f"cannot merge {other}: not a filterkit cache of schema {SCHEMA_VERSION}")
+        check_mergeable(other, self.path)
         self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
         try:
             added = {}
@@ -290,3 +279,21 @@ class EmbeddingCache:
 
     def integrity_check(self) -> str:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def check_mergeable(other: str | os.PathLike, into: str | os.PathLike) -> None:
+    """That the file ``other`` is a filterkit cache of this schema that can be merged into
+    ``into``; read-only (the source may be read-only, or not ours)."""
+    other = Path(other)
+    if not other.is_file():
+        raise FilterkitError(f"cache not found: {other}")
+    if other.resolve() == Path(into).resolve():
+        raise FilterkitError(f"cannot merge {other} into itself")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(other.resolve()))}?mode=ro", uri=True)) as source:
+            row = source.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            tables = {r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise FilterkitError(f"cannot merge {other}: not a filterkit cache ({e})") from None
+    if row is None or row[0] != SCHEMA_VERSION or not {"embeddings", "files", "failures"} <= tables:
+        raise FilterkitError(f"cannot merge {other}: not a filterkit cache of schema {SCHEMA_VERSION}")

@@ -60,3 +60,10 @@ def test_shard_and_merge_errors(tmp_path, capsys):
     (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
     assert main(["cache", "merge", str(tmp_path / "junk.sqlite"), "--out", str(tmp_path / "c.sqlite")]) == 1
     assert "cannot merge" in capsys.readouterr().err
+    assert not (tmp_path / "c.sqlite").exists()  # a refused merge leaves no empty cache behind
+    # a bad source after a good one: refused before --out is touched, not half merged
+    good = tmp_path / "good.sqlite"
+    with EmbeddingCache(good) as cache:
+        cache.put("m", ["a" * 64], np.ones((1, 4), np.float32))
+    assert main(["cache", "merge", str(good), str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "c.sqlite")]) == 1
+    assert "cache not found" in capsys.readouterr().err and not (tmp_path / "c.sqlite").exists()

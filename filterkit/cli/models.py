@@ -55,8 +55,10 @@ def cache_merge(
     out: Annotated[Path, typer.Option("--out", help="Cache file to merge into (created if missing).")],
 ) -> None:
     """Merge embedding caches: every vector, path hash and decode failure; nothing is overwritten."""
-    from ..cache import EmbeddingCache
+    from ..cache import EmbeddingCache, check_mergeable
 
+    for source in sources:  # every source checked before --out is created or changed
+        check_mergeable(source, out)
     with EmbeddingCache(out) as target:
         for source in sources:
             added = target.merge_from(source)
