@@ -699,6 +699,10 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
     elif prototypes:
         raise FilterkitError(f"prototypes=K goes with scoring 'prototypes' or 'topm', not {scoring!r}")
     scoring = base + ("+knn" if smooth else "")
+    if threshold != "auto" and base != "linear" and abs(float(threshold)) > 1:
+        # cosine scores: such a threshold would keep every image, or none, without saying so
+        raise FilterkitError(f"threshold {threshold} is outside [-1, 1], the range of {scoring!r} scores "
+                             "(cosine similarities): give one inside it, or 'auto'")
     has_neg = reject_vectors is not None and len(reject_vectors) > 0
     if base == "linear" and not has_neg:
         raise FilterkitError("scoring 'linear' needs reject-like exemplars: a classifier "

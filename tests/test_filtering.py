@@ -296,6 +296,18 @@ def _line(scores):
     return unit(*[[s, np.sqrt(1 - s * s)] for s in scores])
 
 
+def test_a_threshold_outside_the_cosine_range_is_refused_but_not_for_a_classifier_s_scores():
+    paths = [Path("a.jpg"), Path("b.jpg")]
+    incoming = _line([0.9, 0.1])
+    with pytest.raises(FilterkitError, match=r"threshold 1.5 is outside \[-1, 1\]"):
+        filter_vectors(paths, incoming, [Path("ex.jpg")], unit([1, 0]), threshold=1.5, m=1, normalize="none")
+    keep, reject = _line([0.9, 0.95]), _line([0.05, 0.1])
+    result = filter_vectors(paths, incoming, [Path("k1.jpg"), Path("k2.jpg")], keep, threshold=1.5,
+                            reject_paths=[Path("r1.jpg"), Path("r2.jpg")], reject_vectors=reject, scoring="linear",
+                            normalize="none", review_band=0)
+    assert [d.decision for d in result.decisions] == ["keep" if d.score >= 1.5 else "reject" for d in result.decisions]
+
+
 def test_review_goes_to_scores_within_the_band_of_the_threshold():
     paths = [Path("far_above.jpg"), Path("at.jpg"), Path("just_below.jpg"), Path("far_below.jpg")]
     incoming = _line([0.95, 0.5, 0.47, 0.1])

@@ -340,7 +340,7 @@ def cluster(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     k: Annotated[int, typer.Option("--k", min=1, help="Number of clusters.")],
     keep_fraction: Annotated[Optional[float], typer.Option("--keep-fraction", help="Select this fraction of the images by prototype distance.")] = None,
-    keep: Annotated[str, typer.Option("--keep", help="hard (far from their prototype) | easy (near it).")] = "hard",
+    keep: Annotated[Optional[str], typer.Option("--keep", help="With --keep-fraction: hard (far from their prototype) | easy (near it).", show_default="hard")] = None,
     action: Annotated[str, typer.Option("--action", help="report | copy | link | move, into --out/selected and --out/pruned.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
     dry_run: DryRunOpt = False,
@@ -366,6 +366,9 @@ def cluster(
     check_outputs(report, map_png)
     if action != "report" and keep_fraction is None:
         raise FilterkitError("--action needs --keep-fraction (which images are selected)")
+    if keep is not None and keep_fraction is None:
+        raise FilterkitError(f"--keep {keep} goes with --keep-fraction (the share of images to select)")
+    keep = keep or "hard"
     encoder = load_encoder(model, device)
     with EmbeddingCache(cache) as store:
         result = cluster_folder(folder, encoder, k, keep_fraction, keep, seed, store, batch_size, workers,
