@@ -32,10 +32,10 @@ class _RateColumn(ProgressColumn):
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None, enabled: bool = True,
                  unit: str = "img") -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, description=None)``; shows description, bar, done/total, rate,
-    elapsed, ETA."""
+    """Yield ``advance(n=1, description=None, total=None)`` (``total``: a new total, for work
+    whose size changed); shows description, bar, done/total, rate, elapsed, ETA."""
     if not enabled:
-        yield lambda n=1, description=None: None
+        yield lambda n=1, description=None, total=None: None
         return
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -44,10 +44,11 @@ def progress_bar(description: str, total: int | None, enabled: bool = True,
     ) as bar:
         task = bar.add_task(description, total=total)
 
-        def advance(n: int = 1, description: str | None = None) -> None:
-            if description is None:
+        def advance(n: int = 1, description: str | None = None, total: int | None = None) -> None:
+            if description is None and total is None:
                 bar.advance(task, n)
             else:
-                bar.update(task, advance=n, description=description)
+                bar.update(task, advance=n, **({} if description is None else {"description": description}),
+                           **({} if total is None else {"total": total}))
 
         yield advance

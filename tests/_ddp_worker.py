@@ -43,7 +43,9 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
     slow-monitor       rank 0's epoch-end kNN monitor takes 10 s; the process group times out
                        after 4 s, so the other rank must not wait for it in a collective
     budget             --minutes 0.03 with a plan far too long, and rank 1's clock never runs out:
-                       rank 0's clock must stop both ranks (outcome "ok <steps> <stopped_by>")
+                       rank 0's clock must stop both ranks (outcome "ok <steps> <stopped_by>");
+                       no re-plan from the run's pace
+    replan             the same with the re-plans: rank 0's clock must re-plan both ranks alike
     """
     from datetime import timedelta
 
@@ -80,16 +82,18 @@ def run_case(rank: int, world: int, port: int, data: str, out: str, dump: str, c
             from filterkit.train import monitor
 
             monitor._knn_monitor = lambda *args: (time.sleep(10), 0.5)[1]
-    elif case == "budget":
+    elif case in ("budget", "replan"):
         import filterkit.train.loop as loop
 
-        options.max_steps, options.epochs, options.minutes = None, None, 0.03
+        options.max_steps, options.epochs, options.minutes = None, None, 0.03 if case == "budget" else 0.1
         loop.planned_steps = lambda *args: 100_000
+        if case == "budget":
+            loop.REPLAN_AT = ()
         if rank == 1:
             train.Monitor.wall_seconds = lambda self: 0.0
     try:
         result = train.pretrain(data, out, options, device="cpu", workers=0, progress=False, **kwargs)
-        outcome = "ok" if case != "budget" else f"ok {result.steps} {result.stopped_by}"
+        outcome = f"ok {result.steps} {result.total_steps} {result.stopped_by}" if case in ("budget", "replan") else "ok"
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
     with open(f"{dump}/rank{rank}.txt", "w") as f:

@@ -11,7 +11,14 @@ from filterkit import Encoder, FilterkitError
 from filterkit.cli import main
 from filterkit.modeldir import CONFIG_FILE
 from filterkit.train import TrainOptions, lr_at, pretrain
-from filterkit.train.budget import PLAN_MARGIN, epoch_start_seconds, plan_options, planned_steps, step_seconds
+from filterkit.train.budget import (
+    PLAN_MARGIN,
+    epoch_start_seconds,
+    plan_options,
+    planned_steps,
+    replanned_steps,
+    step_seconds,
+)
 
 TINY = dict(preset="vit-mini-8-32", depth=1, batch_size=8, proj_hidden=32, pred_hidden=32, out_dim=16,
             checkpoint_every=100)
@@ -63,6 +70,7 @@ def _plan_exactly(monkeypatch, steps):
         return steps
 
     monkeypatch.setattr(loop, "planned_steps", fixed)
+    monkeypatch.setattr(loop, "REPLAN_AT", ())  # and kept: no re-plan from the run's own pace
     return seen
 
 
@@ -117,6 +125,37 @@ def test_the_time_limit_stops_a_run_whose_plan_overran(tmp_path, train_dir, monk
     # A resume of a spent budget trains no further step unless --minutes gives it more time.
     again = pretrain(train_dir, tmp_path / "m", TrainOptions(), resume=True, device="cpu", workers=0, progress=False)
     assert again.steps == training["steps"] and again.stopped_by == "minutes"
+
+
+def test_a_re_plan_fits_the_time_left_at_the_run_s_own_pace():
+    # 100 s left of 300 at 0.5 s a step, from step 40: 190 more steps within the margin
+    assert replanned_steps(40, 300.0, 200.0, 0.5, cap=10_000) == 40 + int(100 * PLAN_MARGIN / 0.5)
+    assert replanned_steps(40, 300.0, 200.0, 0.5, cap=100) == 100  # --max-steps / --epochs given still cap it
+    assert replanned_steps(40, 300.0, 310.0, 0.5, cap=10_000) == 41  # spent: the time limit stops it
+
+
+def test_a_probe_that_misjudged_the_pace_is_corrected_by_the_run_s_own(tmp_path, train_dir, monkeypatch):
+    import filterkit.train.loop as loop
+
+    # The probe says a step takes 8x what it does (a busy machine while it measured): the first plan
+    # would end with a fraction of the budget used; the run re-plans, and still ends its schedules.
+    measured = loop.step_seconds
+    monkeypatch.setattr(loop, "step_seconds", lambda times: 8 * measured(times))
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(minutes=0.25, **TINY), device="cpu", workers=0,
+                      progress=False)
+    log = [json.loads(line) for line in (tmp_path / "m" / "training" / "log.jsonl").read_text().splitlines()]
+    plans = [r["replanned"] for r in log if "replanned" in r]
+    assert plans and plans[0]["to_steps"] > plans[0]["from_steps"] and plans[0]["seconds_per_step"] > 0
+    assert all(a["to_steps"] == b["from_steps"] for a, b in zip(plans, plans[1:]))
+    training = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["training"]
+    assert training["planned_steps"] == training["total_steps"] == result.total_steps == plans[-1]["to_steps"]
+    assert training["epochs"] * 3 >= training["total_steps"]  # 3 steps an epoch: --resume gets the same horizon
+    assert result.stopped_by == "steps" or result.steps >= 0.8 * result.total_steps
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, result.steps + 1))
+    if result.stopped_by == "steps":  # the cosine schedule ran to its end
+        assert steps[-1]["lr"] == pytest.approx(lr_at(result.steps - 1, result.total_steps,
+                                                      int(round(training["warmup_epochs"] * 3)), training["lr"]))
 
 
 def test_a_real_tiny_budget_plans_from_the_measured_step(tmp_path, train_dir, capsys):

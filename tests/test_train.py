@@ -503,6 +503,15 @@ def test_ddp_a_budget_run_stops_every_rank_on_rank_0s_clock(tmp_path, train_dir)
     assert int(outcomes[0].split()[1]) >= 1
 
 
+def test_ddp_a_budget_run_re_plans_every_rank_alike_on_rank_0s_clock(tmp_path, train_dir):
+    # The plan is far too long and rank 1's clock says no time has passed: rank 0's re-plan must
+    # reach both, or the ranks would step to different horizons and hang in a collective.
+    outcomes = _ddp_outcomes("replan", 2, train_dir, tmp_path)
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("ok "), outcomes
+    _, steps, total, _ = outcomes[0].split()
+    assert 1 <= int(steps) <= int(total) < 100_000
+
+
 def test_ddp_a_long_knn_monitor_on_rank_0_does_not_time_the_other_ranks_out(tmp_path, train_dir):
     outcomes = _ddp_outcomes("slow-monitor", 2, train_dir, tmp_path)
     assert outcomes == ["ok", "ok"], outcomes

@@ -18,6 +18,12 @@ PROBE_SHARE = 0.1  # a single process's probe stops early once it has used this 
 # Share of the time left after the probe that the plan fills: epoch starts, checkpoints and the
 # final export also take time, and a plan that overran would be cut before its schedules end.
 PLAN_MARGIN = 0.95
+# A fresh run re-plans from its own pace after these shares of its planned steps: a probe of a few
+# steps misjudges the pace on a busy machine (measured: runs that used 60 % of their budget, and
+# runs cut at 77 % of their schedule), which makes "equal wall-clock" comparisons unequal.
+REPLAN_AT = (0.1, 0.25, 0.5)
+REPLAN_MIN_STEPS = 3  # timed steps a pace needs (the session's first step, with its start-up, is not timed)
+REPLAN_TOLERANCE = 0.05  # a horizon this close to the current one is kept: no schedule change for noise
 
 
 def step_seconds(times: list[float]) -> float:
@@ -72,3 +78,12 @@ def plan_options(resolved: TrainOptions, given: TrainOptions, steps_per_epoch: i
         warmup_epochs = share * horizon / steps_per_epoch
     options = replace(resolved, epochs=epochs, warmup_epochs=warmup_epochs, planned_steps=planned)
     return options, horizon, int(round(warmup_epochs * steps_per_epoch))
+
+
+def replanned_steps(step: int, budget_s: float, spent_s: float, pace_s: float, cap: int) -> int:
+    """The horizon that ends with the budget at ``pace_s`` seconds a step, as measured on the run
+    itself (epoch starts and checkpoints included): the time left within PLAN_MARGIN, as the first
+    plan; at least one more step (the time limit stops a run whose budget is spent), at most
+    ``cap`` (the caller's --max-steps / --epochs)."""
+    left = max(0.0, (budget_s - spent_s) * PLAN_MARGIN)
+    return max(step + 1, min(cap, step + int(left / pace_s)))

@@ -36,7 +36,18 @@ from ..methods.base import Method
 from ..moco import momentum_at
 from ..modeldir import ModelConfig
 from ..progress import progress_bar
-from .budget import PROBE_SHARE, PROBE_STEPS, epoch_start_seconds, plan_options, planned_steps, step_seconds
+from .budget import (
+    PROBE_SHARE,
+    PROBE_STEPS,
+    REPLAN_AT,
+    REPLAN_MIN_STEPS,
+    REPLAN_TOLERANCE,
+    epoch_start_seconds,
+    plan_options,
+    planned_steps,
+    replanned_steps,
+    step_seconds,
+)
 from .checkpoints import (
     CHECKPOINT,
     _apply_init,
@@ -125,6 +136,16 @@ def _dist_setup(device_name: str) -> tuple[int, int, torch.device]:
 
 
 @dataclass
+class _Replan:
+    """A fresh --minutes run's re-planning state (``_replan``)."""
+
+    cap: int  # the horizon the caller's --max-steps / --epochs allow
+    warmup_given: bool  # --warmup-epochs given: kept as given
+    marks: list[float]  # the shares of REPLAN_AT not reached yet
+    start: tuple[int, float] | None = None  # (step, training seconds) once the session's first step is done
+
+
+@dataclass
 class _Run:
     """Everything ``_prepare`` settled for one call of ``pretrain``."""
 
@@ -151,6 +172,7 @@ class _Run:
     prior_seconds: float  # training time of the runs this one resumes
     classes: list[str] | None = None  # a supervised method's classes (sub-folder names), label order
     stopped_by: str | None = None  # TrainResult.stopped_by, once the loop has ended
+    replan: _Replan | None = None  # a fresh --minutes run's: the plan follows the run's own pace
 
     @property
     def is_main(self) -> bool:
@@ -411,9 +433,54 @@ def _plan(run: _Run, batches: Batches, given: TrainOptions) -> float:
     returns the seconds the probe took."""
     step_s, epoch_s, probe_s = _probe(run, batches)
     planned = planned_steps(run.options.minutes, step_s, probe_s, epoch_s, run.steps_per_epoch)
+    cap = run.total if given.epochs is not None else (given.max_steps or sys.maxsize)
     run.options, run.total, run.warmup_steps = plan_options(run.options, given, run.steps_per_epoch, planned,
                                                             run.total)
+    run.replan = _Replan(cap, given.warmup_epochs is not None, list(REPLAN_AT))
     return probe_s
+
+
+def _replan(run: _Run, monitor: Monitor) -> None:
+    """After each step of a fresh --minutes run: at the REPLAN_AT shares of its plan done (of its
+    steps, or of its time if that comes first), fit the horizon (and a warmup not over yet, in
+    proportion) to the budget at the pace measured so far.
+    The options saved with each checkpoint hold the new plan, so --resume keeps it. Rank 0's
+    clock decides for every rank."""
+    r = run.replan
+    wall = monitor.wall_seconds()
+    if r.start is None:
+        r.start = (run.step, wall)
+        return
+    timed, budget_s = run.step - r.start[0], run.options.minutes * 60.0
+    if not r.marks or timed < REPLAN_MIN_STEPS:
+        return
+    # the share of the plan done: by steps, or by time where the plan is far too long for it
+    done = max(run.step / run.total, wall / budget_s)
+    if run.world > 1:  # the time share by rank 0's clock
+        share = torch.tensor([done], dtype=torch.float64, device=run.device)
+        dist.broadcast(share, 0)
+        done = share.item()
+    if done < r.marks[0]:
+        return
+    while r.marks and done >= r.marks[0]:
+        r.marks.pop(0)
+    elapsed = wall - r.start[1]
+    if run.world > 1:
+        clock = torch.tensor([elapsed, wall], dtype=torch.float64, device=run.device)
+        dist.broadcast(clock, 0)
+        elapsed, wall = clock.tolist()
+    pace = elapsed / timed
+    new = replanned_steps(run.step, budget_s, wall, pace, r.cap)
+    old = run.total
+    if abs(new - old) <= REPLAN_TOLERANCE * old:
+        return
+    if run.step < run.warmup_steps and not r.warmup_given:  # the warmup keeps its share of the new horizon
+        run.warmup_steps = max(run.step, int(round(run.warmup_steps * new / old)))
+        monitor.warmup_steps = run.warmup_steps
+    run.total = new
+    run.options = replace(run.options, planned_steps=new, warmup_epochs=run.warmup_steps / run.steps_per_epoch,
+                          epochs=max(run.options.epochs, math.ceil(new / run.steps_per_epoch)))
+    monitor.replanned(run.step, old, new, pace, (new - r.start[0] + 1) * run.global_batch)
 
 
 def _out_of_time(run: _Run, monitor: Monitor) -> bool:
@@ -463,24 +530,30 @@ def _stop_requested(run: _Run, requested: list[int]) -> bool:
     return asked
 
 
-def _steps(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int) -> None:
-    """Train from ``run.step`` to ``stop``, epoch by epoch, checkpointing on the way, until
-    then or until the --minutes budget is spent (``run.stopped_by``), or until Ctrl-C or SIGTERM
-    (``_stop_between_steps``) raises KeyboardInterrupt between two steps."""
-    epochs = math.ceil(run.total / run.steps_per_epoch)
-    if run.step < stop and _out_of_time(run, monitor):  # a resume of a run whose budget is spent
+def _steps(run: _Run, batches: Batches, monitor: Monitor, stop_at: int | None, workers: int) -> None:
+    """Train from ``run.step`` to ``run.total`` (or ``stop_at``, if sooner), epoch by epoch,
+    checkpointing on the way, until then or until the --minutes budget is spent
+    (``run.stopped_by``), or until Ctrl-C or SIGTERM (``_stop_between_steps``) raises
+    KeyboardInterrupt between two steps."""
+    if run.step < _stop(run, stop_at) and _out_of_time(run, monitor):  # a resume of a run whose budget is spent
         run.stopped_by = "minutes"
         return
     with _stop_between_steps() as requested:
-        _epochs(run, batches, monitor, stop, workers, epochs, requested)
+        _epochs(run, batches, monitor, stop_at, workers, requested)
     if run.step >= run.total:
         run.stopped_by = "steps"
 
 
-def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: int, epochs: int,
+def _stop(run: _Run, stop_at: int | None) -> int:
+    """The step to stop at: the horizon (which a re-plan moves), or the caller's stop_at if sooner."""
+    return run.total if stop_at is None else min(run.total, stop_at)
+
+
+def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop_at: int | None, workers: int,
             requested: list[int]) -> None:
-    o, dev = run.options, run.device
-    while run.step < stop:
+    dev = run.device
+    while run.step < _stop(run, stop_at):
+        o = run.options
         epoch = run.step // run.steps_per_epoch
         sampler = _EpochSampler(len(run.paths), run.global_batch, run.steps_per_epoch, epoch, o.seed,
                                 run.step - epoch * run.steps_per_epoch, run.rank, run.world)
@@ -500,12 +573,14 @@ def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop: int, workers: i
                 monitor.check_loss(loss, run.step)
                 run.step += 1
                 monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
-                                   feats, f"epoch {epoch + 1}/{epochs}")
+                                   feats, f"epoch {epoch + 1}/{math.ceil(run.total / run.steps_per_epoch)}")
+                if run.replan is not None:
+                    _replan(run, monitor)
                 if run.step % o.checkpoint_every == 0 and run.step < run.total:
                     _save(run, monitor)
                 if run.step % run.steps_per_epoch == 0:
                     monitor.end_of_epoch(run.step // run.steps_per_epoch, run.step, run.method, run.cfg, workers)
-                if run.step >= stop:
+                if run.step >= _stop(run, stop_at):
                     break
                 if _out_of_time(run, monitor):
                     run.stopped_by = "minutes"
@@ -550,12 +625,12 @@ def pretrain(
     if run.options.minutes is not None and not resume:
         run.prior_seconds += _plan(run, batches, given)  # the probe's time is spent from the budget
     monitor = _open_monitor(run, json_log, knn_train, knn_test, knn_max_per_class, collapse_patience)
-    stop = run.total if stop_at_step is None else min(run.total, stop_at_step)
     try:
-        with progress_bar("pretrain", (run.total - run.step) * run.global_batch, progress and run.is_main) as advance:
+        with progress_bar("pretrain", (_stop(run, stop_at_step) - run.step) * run.global_batch,
+                          progress and run.is_main) as advance:
             monitor.advance = advance
             with worker_deaths_as_errors():
-                _steps(run, batches, monitor, stop, batches.workers)
+                _steps(run, batches, monitor, stop_at_step, batches.workers)
     except KeyboardInterrupt:
         _save(run, monitor)
         raise TrainingInterrupted(run.step, out_dir / CHECKPOINT, run.rank) from None

@@ -55,7 +55,7 @@ class Monitor:
         self.loss = float("nan")
         self.images_done, self.t_start, self.t_last = 0, time.perf_counter(), 0.0
         self.prior_seconds = prior_seconds
-        self.advance = lambda n, description=None: None  # the progress bar's, once it is open
+        self.advance = lambda n, description=None, total=None: None  # the progress bar's, once it is open
 
     def wall_seconds(self) -> float:
         """Training time over resumes too."""
@@ -98,6 +98,12 @@ class Monitor:
         self._write({"step": step, "epoch": epoch, "loss": self.loss, "lr": lr, **momentum, "images_per_s": rate,
                      "feature_std": feature_std, "feature_std_healthy": 1 / math.sqrt(self.dim)})
         self.advance(batch, description=f"{progress_line} loss {self.loss:.3f}")
+
+    def replanned(self, step: int, old: int, new: int, pace_s: float, bar_total: int) -> None:
+        """A --minutes run's new horizon (``loop._replan``): a log line, and the progress bar's total."""
+        self._write({"step": step, "replanned": {"from_steps": old, "to_steps": new,
+                                                 "seconds_per_step": round(pace_s, 4)}})
+        self.advance(0, total=bar_total)
 
     def end_of_epoch(self, epoch: int, step: int, method: Method, cfg: ModelConfig, workers: int) -> None:
         """The kNN monitor of ``method`` after ``epoch`` epochs (rank 0), while the other ranks wait."""
