@@ -1,6 +1,6 @@
 """filterkit: turn an unlabelled image collection into a trustworthy image filter.
 
-    from filterkit import Encoder, ImageFilter, find_duplicates, search_folder, cluster_folder
+    from filterkit import Encoder, ImageFilter, find_cross_duplicates, find_duplicates, find_outliers
     enc = Encoder.load()                                   # the shipped default model
     vecs = enc.embed(["a.jpg", "b.jpg"])                   # float32 [N, D], unit rows
     result = ImageFilter(enc).keep_like("exemplars").run("incoming")

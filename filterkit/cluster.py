@@ -104,7 +104,8 @@ def cluster_folder(folder: str | os.PathLike, encoder, k: int, keep_fraction: fl
 
     found = embed_folder(folder, encoder, cache, batch_size, workers, progress, follow_symlinks=follow_symlinks)
     if len(found.paths) < k:
-        raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded")
+        raise FilterkitError(f"--k {k} is more than the {len(found.paths)} images that could be embedded: "
+                             f"give --k {len(found.paths)} or fewer (a cluster needs an image at least)")
     norm = Normalizer.fit(found.vectors, normalize)
     clustering = cluster_vectors(norm(found.vectors), k, seed=seed)
     selected = select_fraction(clustering.distance, keep_fraction, keep) if keep_fraction is not None else None

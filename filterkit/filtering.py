@@ -703,6 +703,10 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
         # cosine scores: such a threshold would keep every image, or none, without saying so
         raise FilterkitError(f"threshold {threshold} is outside [-1, 1], the range of {scoring!r} scores "
                              "(cosine similarities): give one inside it, or 'auto'")
+    if prototypes and prototypes > len(keep_vectors):  # k-means needs a vector per prototype at least
+        raise FilterkitError(f"--prototypes {prototypes} is more than the {len(keep_vectors)} keep-like exemplars "
+                             f"that could be embedded: give --prototypes {len(keep_vectors)} or fewer, "
+                             "or more keep-like exemplars")
     has_neg = reject_vectors is not None and len(reject_vectors) > 0
     if base == "linear" and not has_neg:
         raise FilterkitError("scoring 'linear' needs reject-like exemplars: a classifier "

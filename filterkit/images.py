@@ -110,20 +110,36 @@ def _special_file(path: Path) -> bool:
 
 
 OUTSIDE_LINK = "symlink to a file outside the folder: not read (pass --follow-symlinks to read it)"
+BROKEN_LINK = "broken symlink: its target does not exist"
 
 
 def split_outside_links(paths: list[Path], root: str | os.PathLike) -> tuple[list[Path], list[Skip]]:
     """(paths to read, skips): symlinks whose target lies outside ``root`` are not read
-    unless the user asks for it, so a link cannot pull in files from elsewhere."""
+    unless the user asks for it, so a link cannot pull in files from elsewhere; a symlink
+    whose target does not exist (wherever it points) is skipped as broken."""
     base = Path(root).resolve()
     inside, refused = [], []
     for p in paths:
+        if _broken_link(p):
+            refused.append(Skip(p, BROKEN_LINK))
+            continue
         try:
             outside = p.is_symlink() and not p.resolve().is_relative_to(base)
         except (RuntimeError, OSError):  # a symlink loop: reading it fails later, with its reason
             outside = False
         (refused.append(Skip(p, OUTSIDE_LINK)) if outside else inside.append(p))
     return inside, refused
+
+
+def _broken_link(path: Path) -> bool:
+    """A symlink whose target does not exist (a loop is not one: reading it says so)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return path.is_symlink()
+    except OSError:
+        return False
+    return False
 
 
 def shard_of(path: Path, root: Path, count: int) -> int:

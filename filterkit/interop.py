@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,7 +42,16 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refusals of pickled code included
-        raise FilterkitError(f"cannot read {path} safely (weights only): {str(e).splitlines()[0]}") from None
+        text = str(e)
+        if "Weights only load failed" in text:  # torch's message goes on to advise unpickling: not repeated
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise FilterkitError(f"cannot read {path} safely: it holds pickled objects{what} besides tensors, and "
+                                 "filterkit never unpickles; where you trust the file, save its state dict as "
+                                 "safetensors (safetensors.torch.save_file(state_dict, 'weights.safetensors')) "
+                                 "and import that") from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise FilterkitError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

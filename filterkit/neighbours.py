@@ -62,6 +62,8 @@ class Neighbours:
 def _embed_queries(queries: Sequence[str | os.PathLike], encoder, batch_size: int) -> tuple[list[Path], np.ndarray]:
     paths = [Path(q) for q in queries]
     for q in paths:
+        if q.is_dir():
+            raise FilterkitError(f"query {q} is a folder: a query must be an image file (search in a folder with --in)")
         if not q.is_file():
             raise FilterkitError(f"query image not found: {q}")
     return paths, encoder.embed(paths, batch_size=batch_size, workers=0)

@@ -46,15 +46,18 @@ LABELS_FORMAT = "filterkit-labels/1"
 THUMB = 160
 MARKS = ("keep", "reject")
 KINDS = "filter, dedup, dedup --against or outliers"  # the reports review opens
+EXPECTED = f"give the .html or .json that --report of {KINDS} wrote"
 
 
 def report_json(path: str | os.PathLike) -> Path:
     """The report's JSON: the path itself, or the .json beside a .html/.csv report."""
     path = Path(path)
+    if path.is_dir():
+        raise FilterkitError(f"{path} is a folder, not a report: {EXPECTED}")
     if path.suffix.lower() in (".html", ".htm", ".csv"):
         path = path.with_suffix(".json")
     if not path.is_file():
-        raise FilterkitError(f"report not found: {path} (give the .json that --report wrote: {KINDS})")
+        raise FilterkitError(f"report not found: {path} ({EXPECTED})")
     return path
 
 
@@ -62,13 +65,16 @@ def labels_path(report: Path) -> Path:
     return report.with_name(report.stem + ".labels.json")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str, hint: str = "") -> dict:
+    hint = f"; {hint}" if hint else ""
     try:
         doc = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FilterkitError(f"cannot read {what} {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise FilterkitError(f"cannot read {what} {path}: not JSON ({e}){hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FilterkitError(f"cannot read {what} {path}: {e}{hint}") from None
     if not isinstance(doc, dict):
-        raise FilterkitError(f"{what} {path} is not a JSON object")
+        raise FilterkitError(f"{what} {path} is not a JSON object{hint}")
     return doc
 
 
@@ -76,7 +82,7 @@ def open_session(report: str | os.PathLike):
     """The session for the report (its .json, or the .html beside it): a FilterSession,
     DedupSession, CrossDedupSession or OutlierSession, told apart by the report's keys."""
     path = report_json(report)
-    doc = _read_json(path, "report")
+    doc = _read_json(path, "report", EXPECTED)
     if isinstance(doc.get("images"), list) and isinstance(doc.get("summary"), dict):
         return FilterSession(path, doc)
     for key, session in (("groups", DedupSession), ("duplicates", CrossDedupSession), ("outliers", OutlierSession)):

@@ -132,3 +132,14 @@ def test_linked_chains_are_split_so_every_duplicate_is_like_its_keeper():
     assert [(g.keep, [d.path for d in g.duplicates]) for g in result.groups] == [(0, [1]), (2, [3]), (4, [5])]
     assert all(d.score >= 0.95 for g in result.groups for d in g.duplicates)
     assert all(g.weakest.score == min(d.score for d in g.duplicates) for g in result.groups)
+
+
+def test_the_results_the_readme_says_have_to_dict_have_it():
+    # README, Python API: "these results have to_dict(); embed_folder's summary()"
+    from filterkit.cluster import FolderClusters
+    from filterkit.compare import Comparison
+
+    for cls in (filterkit.FilterResult, filterkit.DedupResult, filterkit.Neighbours, FolderClusters,
+                filterkit.CrossDedupResult, filterkit.OutlierResult, Comparison):
+        assert callable(getattr(cls, "to_dict", None)), cls
+    assert callable(filterkit.EmbeddedFolder.summary)

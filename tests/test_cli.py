@@ -86,6 +86,8 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
         (["embed", "{tmp}/empty", "--model", "{tmp}/no_model"], "model directory not found"),
         (["embed", "{tmp}/empty", "--model", "{tmp}/empty"], "config.json missing"),
         (["search", "{tmp}/missing.jpg", "--in", "{tmp}/empty", "--model", "{model}"], "query image not found"),
+        (["search", "{tmp}/empty", "--in", "{tmp}/empty", "--model", "{model}"],
+         "is a folder: a query must be an image file"),
         (["model", "init", "--preset", "vit-giant", "--out", "{tmp}/m"], "unknown preset"),
         (["model", "info", "{tmp}/broken"], "malformed"),
         # nan compares false with every score: it would keep every image

@@ -117,7 +117,7 @@ def test_cluster_cli_json_and_selection(tmp_path, capsys, photos_dir, small_mode
     capsys.readouterr()
     assert len(list((tmp_path / "o" / "selected").iterdir())) == 4
     assert main(base[:-3] + ["--k", "99", "-q"]) == 1
-    assert "more than the 8 images" in capsys.readouterr().err
+    assert "--k 99 is more than the 8 images that could be embedded: give --k 8 or fewer" in capsys.readouterr().err
     assert main(base + ["--keep", "easy"]) == 1  # selects nothing without a fraction: said, not ignored
     assert "--keep easy goes with --keep-fraction" in capsys.readouterr().err
 

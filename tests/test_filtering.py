@@ -132,7 +132,8 @@ def test_filter_cli_errors(tmp_path, capsys, small_model_dir):
     assert code == 1 and "not a filterkit model directory" in capsys.readouterr().err
     code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"),
                  "--prototypes", "50", "--model", str(small_model_dir), "-q"])
-    assert code == 1 and "k-means with k=50" in capsys.readouterr().err
+    assert code == 1 and ("--prototypes 50 is more than the 4 keep-like exemplars that could be embedded: "
+                          "give --prototypes 4 or fewer, or more keep-like exemplars") in capsys.readouterr().err
 
 
 def test_scores_are_cosines_after_the_normaliser_fitted_on_exemplars_and_incoming():

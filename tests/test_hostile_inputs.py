@@ -124,6 +124,7 @@ def test_every_command_survives_the_corpus(hostile, tmp_path, capsys, small_mode
     assert all(s["reason"] for s in embedded["skipped"])
     reasons = {Path(s["path"]).name: s["reason"] for s in embedded["skipped"]}
     assert "--follow-symlinks" in reasons["outside_link.jpg"]
+    assert reasons["broken_link.jpg"] == "broken symlink: its target does not exist"
     followed = run("embed", str(root), "--follow-symlinks")
     assert "outside_link.jpg" not in _names(s["path"] for s in followed["skipped"])
     assert embedded["images"] == len(good) + len(bad)

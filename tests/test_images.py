@@ -192,3 +192,33 @@ def test_discovery_is_recursive_case_insensitive_and_sorted(tmp_path):
         discover_images(tmp_path / "nope")
     with pytest.raises(FilterkitError, match="not a folder"):
         discover_images(tmp_path / "b.JPG")
+
+
+def test_a_dangling_symlink_is_a_broken_link_not_one_outside_the_folder(tmp_path, small_encoder):
+    from filterkit.images import BROKEN_LINK, OUTSIDE_LINK, split_outside_links
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere.jpg"
+    root.mkdir()
+    sample_photo("coffee").resize((80, 60)).save(root / "coffee.jpg")
+    sample_photo("rocket").resize((80, 60)).save(elsewhere)
+    (root / "outside.jpg").symlink_to(elsewhere)
+    (root / "gone_outside.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling, to outside the folder
+    (root / "gone_inside.jpg").symlink_to("deleted.jpg")  # dangling, relative, inside it
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")  # not broken: reading it says why it fails
+    paths, refused = split_outside_links(discover_images(root), root)
+    assert [p.name for p in paths] == ["coffee.jpg", "loop.jpg"]
+    assert {s.path.name: s.reason for s in refused} == {
+        "gone_inside.jpg": BROKEN_LINK, "gone_outside.jpg": BROKEN_LINK, "outside.jpg": OUTSIDE_LINK}
+    assert "target does not exist" in BROKEN_LINK and "outside" not in BROKEN_LINK
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        found = embed_folder(root, small_encoder, cache, workers=0)
+    reasons = {s.path.name: s.reason for s in found.skipped}
+    assert reasons["gone_outside.jpg"] == reasons["gone_inside.jpg"] == BROKEN_LINK
+    # pretraining's refusal of a folder too small counts the links outside it, not the broken ones
+    from filterkit.train.data import load_images
+
+    for name in ("outside.jpg", "loop.jpg"):
+        (root / name).unlink()
+    with pytest.raises(FilterkitError) as refused_small:
+        load_images(root, False, False, 64, 0, False, 1)
+    assert "has 1 images; pretraining" in str(refused_small.value) and "outside" not in str(refused_small.value)

@@ -82,3 +82,8 @@ def test_a_malicious_pickle_is_refused(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "cannot read" in captured.err and "this must never run" not in captured.out
     assert not (tmp_path / "m").exists()
+    # one line that says how to convert the file, and never advises unpickling it (torch's own advice)
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot read" in lines[0] and "safely" in lines[0] and "safetensors" in lines[0]
+    assert "weights_only" not in captured.err and "trust the source" not in captured.err
+    assert "\x1b" not in captured.err  # no terminal escapes from torch's message

@@ -60,10 +60,15 @@ def test_cli_index_build_then_search_matches_folder_search(photos_dir, small_enc
                      "--cache", str(tmp_path / f"p{i}.sqlite"), "-q"]) == 0
     # Centred on the 8 photos (auto would leave so few raw): the index stores the normaliser
     # and applies it to the queries, so it ranks and scores as the folder search does.
+    capsys.readouterr()
     assert main(["index", "build", "--cache", str(tmp_path / "p0.sqlite"), "--cache", str(tmp_path / "p1.sqlite"),
                  "--out", str(tmp_path / "idx"), "--nlist", "2", "--model", str(model), "--normalize", "center",
-                 "-q"]) == 0
-    capsys.readouterr()
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    built = json.loads(captured.out)  # --json: meta.json and where it is; the progress goes to stderr
+    assert "training 2 lists" in captured.err
+    assert built == {"index": str(tmp_path / "idx"), **json.loads((tmp_path / "idx" / "meta.json").read_text())}
+    assert built["vectors"] == 8 and built["nlist"] == 2
     query = str(photos_dir / "chelsea.jpg")
     assert main(["search", query, "--index", str(tmp_path / "idx"), "-k", "3", "--model", str(model), "--json", "-q"]) == 0
     indexed = json.loads(capsys.readouterr().out)

@@ -133,8 +133,12 @@ def test_dedup_groups_are_confirmed_or_split(tmp_path, photos_dir, small_model_d
         session.verdict(5, "confirm")
 
 
+EXPECTED = "give the .html or .json that --report of filter, dedup, dedup --against or outliers wrote"
+
+
 @pytest.mark.parametrize("content, message", [
-    (None, "report not found"), ("{", "cannot read report"),
+    (None, f"report not found: {{path}} ({EXPECTED})"), ("{", "cannot read report {path}: not JSON"),
+    ("[1]", f"is not a JSON object; {EXPECTED}"),
     ('{"clusters": [], "images": []}',  # a cluster report
      "not a report filterkit review opens (filter, dedup, dedup --against or outliers)"),
     ('{"duplicates": [{"path": "a.jpg"}]}', "an entry without path and duplicate_of")])
@@ -144,7 +148,16 @@ def test_bad_reports_are_clear_errors(tmp_path, capsys, content, message):
         path.write_text(content)
     assert main(["review", str(path), "--no-browser"]) == 1
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message.format(path=path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["folder", "image"])
+def test_review_of_a_folder_or_a_non_json_file_says_what_it_wants(tmp_path, capsys, photos_dir, what):
+    target = photos_dir if what == "folder" else photos_dir / "rocket.jpg"
+    assert main(["review", str(target), "--no-browser"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(EXPECTED), lines
+    assert ("is a folder, not a report" if what == "folder" else "not JSON") in lines[0]
 
 
 @pytest.fixture

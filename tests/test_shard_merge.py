@@ -29,7 +29,7 @@ def test_shards_partition_the_folder_deterministically(photos_dir, tmp_path):
     assert [shard_of(moved / p.name, moved, 3) for p in paths] == [shard_of(p, photos_dir, 3) for p in paths]
 
 
-def test_sharded_embeds_merged_equal_one_unsharded_run(photos_dir, tmp_path, small_encoder):
+def test_sharded_embeds_merged_equal_one_unsharded_run(photos_dir, tmp_path, small_encoder, capsys):
     model = tmp_path / "model"
     small_encoder.save(model)
     assert main(["embed", str(photos_dir), "--model", str(model), "--cache", str(tmp_path / "all.sqlite"), "-q"]) == 0
@@ -38,8 +38,14 @@ def test_sharded_embeds_merged_equal_one_unsharded_run(photos_dir, tmp_path, sma
                      "--cache", str(tmp_path / f"part{i}.sqlite"), "-q"]) == 0
     parts = [_rows(tmp_path / f"part{i}.sqlite") for i in range(3)]
     assert all(parts) and sum(map(len, parts)) == len(_rows(tmp_path / "all.sqlite"))  # disjoint, non-empty
+    capsys.readouterr()
     assert main(["cache", "merge", *(str(tmp_path / f"part{i}.sqlite") for i in range(3)),
                  "--out", str(tmp_path / "merged.sqlite")]) == 0
+    lines = capsys.readouterr().out.splitlines()  # a line per source, then the total
+    assert len(lines) == 4 and lines[0].startswith(f"{tmp_path / 'part0.sqlite'}: +") and "vectors" in lines[-1]
+    assert main(["cache", "merge", *(str(tmp_path / f"part{i}.sqlite") for i in range(3)),
+                 "--out", str(tmp_path / "quiet.sqlite"), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines() == [lines[-1].replace("merged.sqlite", "quiet.sqlite")]  # -q: the total
     merged, single = _rows(tmp_path / "merged.sqlite"), _rows(tmp_path / "all.sqlite")
     assert merged.keys() == single.keys()
     for key in single:  # batches differ, so allow BLAS-level differences only

@@ -52,11 +52,12 @@ def test_the_plan_compresses_the_recipe_and_keeps_the_callers_caps():
     assert total == 50 and options.planned_steps == 50 and options.epochs == 8  # ceil(50 / 7)
     assert warmup == 10  # the recipe's 20 % of the schedule, not its 2 epochs (14 steps) of 50
     # --max-steps and --epochs given cap the plan; --warmup-epochs given is kept
-    _, total, _ = plan_options(resolved, TrainOptions(max_steps=30), 7, 50, 70)
-    assert total == 30
+    # and planned_steps records the steps the run will make, not the budget's 50
+    options, total, _ = plan_options(resolved, TrainOptions(max_steps=30), 7, 50, 70)
+    assert total == 30 and options.planned_steps == 30
     options, total, warmup = plan_options(TrainOptions(epochs=3, warmup_epochs=1.0), TrainOptions(epochs=3,
                                           warmup_epochs=1.0), 7, 50, 21)
-    assert total == 21 and options.epochs == 3 and warmup == 7
+    assert total == 21 and options.epochs == 3 and warmup == 7 and options.planned_steps == 21
 
 
 def _plan_exactly(monkeypatch, steps):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import presets
-from .common import JsonOpt, ModelOpt, QuietOpt, cache_app, index_app, load_encoder, model_app
+from .common import JsonOpt, ModelOpt, QuietOpt, cache_app, echo_err, index_app, load_encoder, model_app
 
 
 @model_app.command("init")
@@ -38,13 +38,17 @@ def index_build(
     normalize: Annotated[str, typer.Option("--normalize", help="none | center | whiten | auto (centre), fitted on the training sample and stored with the index; searches apply it to their queries.")] = "auto",
     model: ModelOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train an IVF index once and fill it cache by cache into on-disk inverted lists."""
     from ..ondisk import build_index_dir
 
     model_id = load_encoder(model, "cpu").model_id
     meta = build_index_dir(caches, model_id, out, nlist=nlist, target_recall=target_recall,
-                           on_progress=None if quiet else typer.echo, normalize=normalize)
+                           on_progress=None if quiet else echo_err if as_json else typer.echo, normalize=normalize)
+    if as_json:  # what meta.json holds, and where
+        typer.echo(json.dumps({"index": str(out), **meta}, indent=2))
+        return
     typer.echo(f"{out}: {meta['vectors']} vectors, {meta['nlist']} lists, nprobe {meta['nprobe']} "
                f"(recall@10 {meta['recall_at_10']:.3f} on a sample); search it with `filterkit search Q --index {out}`")
 
@@ -53,6 +57,7 @@ def index_build(
 def cache_merge(
     sources: Annotated[list[Path], typer.Argument(help="Cache files to merge (e.g. one per `embed --shard`).")],
     out: Annotated[Path, typer.Option("--out", help="Cache file to merge into (created if missing).")],
+    quiet: QuietOpt = False,
 ) -> None:
     """Merge embedding caches: every vector, path hash and decode failure; nothing is overwritten."""
     from ..cache import EmbeddingCache, check_mergeable
@@ -62,8 +67,9 @@ def cache_merge(
     with EmbeddingCache(out) as target:
         for source in sources:
             added = target.merge_from(source)
-            typer.echo(f"{source}: +{added['embeddings']} vectors, +{added['files']} paths, "
-                       f"+{added['failures']} failures")
+            if not quiet:
+                typer.echo(f"{source}: +{added['embeddings']} vectors, +{added['files']} paths, "
+                           f"+{added['failures']} failures")
         typer.echo(f"{out}: {target.count()} vectors")
 
 

@@ -66,7 +66,8 @@ def plan_options(resolved: TrainOptions, given: TrainOptions, steps_per_epoch: i
     where the caller gave them: the recipe's epochs do not cap a budget. Unless --warmup-epochs
     was given, the warmup keeps the recipe's share of the schedule (warmup epochs / epochs), so a
     short budget is the recipe's schedule compressed, not mostly warmup. The returned options
-    reproduce this horizon on ``--resume`` (``loop._schedule``) without planning again.
+    reproduce this horizon on ``--resume`` (``loop._schedule``) without planning again; their
+    ``planned_steps`` is the horizon, the steps the run will make, not the ``planned`` it was cut from.
     """
     horizon = min(planned, given.max_steps or planned)
     if given.epochs is not None:
@@ -76,7 +77,7 @@ def plan_options(resolved: TrainOptions, given: TrainOptions, steps_per_epoch: i
     if given.warmup_epochs is None:
         share = resolved.warmup_epochs / resolved.epochs if resolved.epochs else 0.0
         warmup_epochs = share * horizon / steps_per_epoch
-    options = replace(resolved, epochs=epochs, warmup_epochs=warmup_epochs, planned_steps=planned)
+    options = replace(resolved, epochs=epochs, warmup_epochs=warmup_epochs, planned_steps=horizon)
     return options, horizon, int(round(warmup_epochs * steps_per_epoch))
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..augment import BatchTwoViews, TwoViews, store_size, store_transform
 from ..errors import FilterkitError, ImageError
-from ..images import Skip, discover_images, load_image, split_outside_links
+from ..images import OUTSIDE_LINK, Skip, discover_images, load_image, split_outside_links
 from ..loader import decode_all, default_workers, ignore_stop_signals
 from ..progress import progress_bar
 
@@ -182,7 +182,8 @@ def load_images(data_dir: Path, follow_symlinks: bool, in_memory: bool, img_size
     if not follow_symlinks:
         paths, refused = split_outside_links(paths, data_dir)
     if len(paths) < 2:
-        note = f" ({len(refused)} symlinks to files outside it were not read: pass --follow-symlinks)" if refused else ""
+        outside = sum(s.reason == OUTSIDE_LINK for s in refused)  # not the broken links
+        note = f" ({outside} symlinks to files outside it were not read: pass --follow-symlinks)" if outside else ""
         raise FilterkitError(f"{data_dir} has {len(paths)} images{note}; pretraining needs at least 2")
     _check_decodable(paths)
     store = store_rows = None
