@@ -183,8 +183,12 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(FilterkitError, match="cannot load training checkpoint"):
+    with pytest.raises(FilterkitError, match="cannot load training checkpoint .* holds pickled objects") as e:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)  # no advice to unpickle it
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FilterkitError, match="cannot load training checkpoint .*cut.pt: "):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_two_process_gloo_ddp_keeps_ranks_identical_and_gathers_the_global_batch(tmp_path, train_dir):

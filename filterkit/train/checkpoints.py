@@ -56,12 +56,21 @@ def _save_checkpoint(out_dir: Path, method: Method, optimizer, scaler, step: int
     atomic_write_bytes(out_dir / CHECKPOINT, buffer.getvalue())
 
 
+def _unreadable(path: Path, e: Exception) -> FilterkitError:
+    # torch's refusal of pickled objects goes on to advise unpickling: not repeated
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        return FilterkitError(f"cannot load training checkpoint {path}: it holds pickled objects besides tensors, "
+                              "so filterkit did not write it, and it never unpickles: move it away")
+    return FilterkitError(f"cannot load training checkpoint {path}: {text.splitlines()[0] if text else type(e).__name__}")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint, loaded without unpickling code (``weights_only=True``)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refusals and corrupt files alike
-        raise FilterkitError(f"cannot load training checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise _unreadable(path, e) from None
     state["options"] = json.loads(state["options"])
     state["model_config"] = json.loads(state["model_config"])
     if "init" in state:
@@ -76,7 +85,7 @@ def checkpoint_step(path: Path) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # unpickling refusals and corrupt files alike
-        raise FilterkitError(f"cannot load training checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise _unreadable(path, e) from None
     return int(state["step"])
 
 
