@@ -146,8 +146,8 @@ def _remove(out: Path, record: Record) -> None:
     folders = [out / name for name in record.settings.get("methods") or []
                if name in METHODS and (out / name).is_dir() and not (out / name).is_symlink()]
     for folder in folders:
-        foreign = [p for p in sorted(folder.rglob("*"))
-                   if not p.is_dir() and not _written_by_pretrain(p.relative_to(folder), known)]
+        foreign = [p for p in sorted(folder.rglob("*"))  # a symlink is never the comparison's
+                   if p.is_symlink() or (not p.is_dir() and not _written_by_pretrain(p.relative_to(folder), known))]
         if foreign:
             raise FilterkitError(f"--overwrite would delete {foreign[0]}"
                                  f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}, which the "

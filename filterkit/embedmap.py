@@ -182,6 +182,7 @@ t.hidden=true;});})();"""
 
 
 MAP_SOFTWARE = "filterkit map"  # the PNG's Software text: what marks a map as one filterkit may rewrite
+_LEGACY_MAP_SIZE = (800, 600)  # write_map_png's default figure, 8 x 6 in at 100 dpi
 
 
 def check_map_path(path: str | os.PathLike) -> Path:
@@ -197,7 +198,10 @@ def check_map_path(path: str | os.PathLike) -> Path:
             from PIL import Image
 
             with Image.open(path) as image:
-                ours = not path.is_symlink() and image.format == "PNG" and image.info.get("Software") == MAP_SOFTWARE
+                software = str(image.info.get("Software", ""))
+                # before the Software text was ours, a map was matplotlib's PNG at the map's size
+                ours = not path.is_symlink() and image.format == "PNG" and (
+                    software == MAP_SOFTWARE or (software.startswith("Matplotlib") and image.size == _LEGACY_MAP_SIZE))
         except (OSError, ValueError):
             ours = False
         if not ours:

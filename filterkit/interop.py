@@ -98,8 +98,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None) -> Model
 def import_checkpoint(path: str | os.PathLike, out: str | os.PathLike, num_heads: int | None = None,
                       overwrite: bool = False) -> Encoder:
     """Convert an official MoCo v3 checkpoint or a plain timm ViT state dict into a model directory."""
-    check_model_dir_target(out, overwrite)
     check_no_training_run(out)
+    check_model_dir_target(out, overwrite)
     state, extra = read_state(path)
     backbone_tensors, layout = backbone_state(state)
     if num_heads is None and layout == "moco-v3":

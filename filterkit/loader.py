@@ -8,6 +8,7 @@ file never stops a run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -29,7 +30,7 @@ T = TypeVar("T")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
+def ignore_stop_signals(_worker_id: int = 0, main_pid: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: Ctrl-C and SIGTERM are the main process's to act on.
     A signal to the whole process group (a terminal's Ctrl-C, a scheduler's stop) would otherwise
     kill the workers mid-batch, and the main process's clean stop (a checkpoint, one line) would
@@ -41,11 +42,13 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     Where the sender of a signal can be read (``sigwaitinfo``: Linux, BSDs), SIGTERM stays blocked
     in the worker's threads and one thread takes each: an "ignore the first, die on the second"
     rule could not tell the main process's ``terminate()`` from the group's signal, and a worker
-    that had not seen the group's signal swallowed it, so the main process waited on it forever."""
+    that had not seen the group's signal swallowed it, so the main process waited on it forever.
+    Elsewhere (macOS, Windows) that rule stays: a worker swallows its first SIGTERM. ``main_pid``
+    (:func:`stop_signal_rules`): the main process, which is not the parent under forkserver."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True,
+        threading.Thread(target=_end_on_sigterm_from, args=(main_pid or os.getppid(),), daemon=True,
                          name="filterkit-sigterm").start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return
@@ -56,6 +59,12 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, first_sigterm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def stop_signal_rules() -> Callable[[int], None]:
+    """The ``worker_init_fn`` of this process's DataLoaders: :func:`ignore_stop_signals`, told
+    which process is the main one."""
+    return functools.partial(ignore_stop_signals, main_pid=os.getpid())
 
 
 def _end_on_sigterm_from(parent: int) -> None:
@@ -194,7 +203,7 @@ def iter_batches(
         workers = 0 if len(paths) <= batch_size else default_workers()
     loader = DataLoader(
         _DecodeDataset(list(paths), transform, draft_size),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=stop_signal_rules(),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -33,7 +33,8 @@ CARD_FILE = "MODEL_CARD.md"
 # Top-level config.json fields that describe the weights; the rest is metadata.
 _STRUCTURE = ("format", "architecture", "timm", "weights_sha256", "model_id", "embedding_dim")
 METADATA = ("training", "thresholds", "data", "quality")
-TRAINING_DIR = "training"  # pretrain's checkpoint and log, inside the model directory it writes
+TRAINING_DIR = "training"
+_OS_LITTER = {".DS_Store", "Thumbs.db", "desktop.ini"}  # files a file browser leaves in any folder  # pretrain's checkpoint and log, inside the model directory it writes
 
 
 @dataclass(frozen=True)
@@ -288,16 +289,16 @@ def read_model_dir(path: str | os.PathLike | None = None) -> ModelFiles:
 
 
 def check_model_dir_target(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Whether a model directory may be written at ``path``: a new or empty folder, or (with
-    ``overwrite``) a model directory. Any other folder is refused: files of the user's would end
-    up mixed with a model's."""
+    """For a command that writes a new model (``model init``, ``import-moco``): whether ``path``
+    may take it: a new or empty folder, or (with ``overwrite``) a model directory. Any other
+    folder is refused, --force or not: files of the user's would end up mixed with a model's.
+    (``write_model_dir`` itself only asks for ``overwrite``: pretrain exports into its own --out.)"""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FilterkitError(f"{path} exists and is not a folder")
-    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    names = {p.name for p in path.iterdir()} - _OS_LITTER if path.is_dir() else set()
     if names:
-        is_model = (path / CONFIG_FILE).is_file()
-        if not is_model and names - {TRAINING_DIR}:  # a training run's own folder before its first export is fine
+        if not (path / CONFIG_FILE).is_file():
             raise FilterkitError(f"{path} is not empty and is not a model directory; choose an empty or new folder")
         if not overwrite:
             raise FilterkitError(f"{path} is not empty; pass --force to replace it")
@@ -317,7 +318,10 @@ def write_model_dir(path: str | os.PathLike, cfg: ModelConfig, weights: bytes, m
     """Write a model directory from safetensors bytes; each file is replaced atomically,
     weights first. Returns the model id."""
     path = Path(path)
-    check_model_dir_target(path, overwrite)
+    if path.exists() and not path.is_dir():
+        raise FilterkitError(f"{path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FilterkitError(f"{path} is not empty; pass --force to replace it")
     path.mkdir(parents=True, exist_ok=True)
     weights_sha256 = hashlib.sha256(weights).hexdigest()
     doc = {

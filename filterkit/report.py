@@ -84,17 +84,24 @@ def check_report_path(path: str | os.PathLike) -> Path:
     return path
 
 
+# Reports written before the "format" key, known by their lists: filter, cluster, dedup,
+# dedup --against, outliers.
+_LEGACY_REPORT_KEYS = (("images", "summary"), ("clusters", "images"), ("groups",), ("duplicates",), ("outliers",))
+
+
 def _is_report_json(path: Path) -> bool:
-    """Whether ``path`` is a report's JSON that filterkit wrote (reports before the "format" key
-    are known by their "summary" object)."""
+    """Whether ``path`` is a report's JSON that filterkit wrote."""
     if path.is_symlink() or not path.is_file():
         return False
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(doc, dict) and (doc.get("format") == REPORT_FORMAT
-                                      or ("format" not in doc and isinstance(doc.get("summary"), dict)))
+    if not isinstance(doc, dict):
+        return False
+    if "format" in doc:
+        return doc["format"] == REPORT_FORMAT
+    return any(all(isinstance(doc.get(k), (list, dict)) for k in keys) for keys in _LEGACY_REPORT_KEYS)
 
 
 def _html_path(path: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS = {"FilterkitError": "error", "ImageError": "image skipped", "ImageReadError": "image skipped",
-          "TrainingStopped": "training stopped",
+          "TrainingStopped": "training stopped", "WorkerDied": "error",
           "bad": "invalid model config"}
 
 

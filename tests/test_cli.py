@@ -42,6 +42,10 @@ def test_model_init_force_replaces_a_model_but_never_mixes_into_other_folders(tm
     (photos / "beach.jpg").write_bytes(b"mine")
     code, _, err = run_cli(capsys, *init, photos, "--force")
     assert code == 1 and "is not a model directory" in err and sorted(p.name for p in photos.iterdir()) == ["beach.jpg"]
+    browsed = tmp_path / "browsed"  # only a file browser's litter: as good as empty, with --force
+    browsed.mkdir()
+    (browsed / ".DS_Store").write_bytes(b"\0")
+    assert run_cli(capsys, *init, browsed, "--force")[0] == 0 and (browsed / "config.json").is_file()
 
     # a pretrain output: its checkpoint would outlive the new weights, and --resume carry on the old run
     (model / "training").mkdir()

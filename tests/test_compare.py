@@ -298,6 +298,10 @@ def test_a_different_comparison_in_the_folder_is_refused_naming_the_options(tmp_
     assert f"--overwrite would delete {out / 'simsiam' / 'notes.txt'}, which the comparison did not write" in err
     assert (out / "simsiam" / "notes.txt").read_text() == "what I saw" and (out / "compare-record.json").is_file()
     (out / "simsiam" / "notes.txt").unlink()
+    (out / "simsiam" / "photos").symlink_to(tmp_path, target_is_directory=True)  # a link of the user's, to a folder
+    assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 1
+    assert f"--overwrite would delete {out / 'simsiam' / 'photos'}" in capsys.readouterr().err
+    (out / "simsiam" / "photos").unlink()
     assert main(["compare-methods", str(train_dir), *one, "--seed", "1", "--overwrite"]) == 0
     assert not (out / "simsiam" / "training" / ".checkpoint.pt.k3j9.tmp").exists()
     assert json.loads((out / "compare-record.json").read_text())["settings"]["seed"] == 1

@@ -58,14 +58,17 @@ def _started_worker(batches_of):
 def test_a_group_sigterm_while_a_decode_worker_starts_is_the_main_process_s_to_act_on():
     import signal
     import subprocess
+    import sys
 
     batches, worker = _started_worker(_loader_with_slow_starting_worker())
     # from another process, as a scheduler's signal to the group: it lands before the worker's handlers are set
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({worker.pid}, signal.SIGTERM)"], check=True)
     assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # this process's mask was given back
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"),
+                    reason="without sigwaitinfo (macOS, Windows) a worker swallows its first SIGTERM, whoever sent it")
 def test_a_decode_worker_that_saw_no_stop_signal_still_ends_on_the_main_process_s_terminate():
     # multiprocessing terminate()s live workers at exit; a worker that swallowed it hung the exit forever
     batches, worker = _started_worker(_loader_with_slow_starting_worker())

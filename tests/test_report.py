@@ -105,3 +105,36 @@ def test_a_report_or_map_replaces_only_filterkit_s_own_earlier_files(tmp_path, c
     before = photo.read_bytes()
     assert main(base + ["--map", str(photo)]) == 1
     assert "is not a filterkit map" in capsys.readouterr().err and photo.read_bytes() == before
+
+
+@pytest.mark.parametrize("legacy", [{"images": [], "summary": {}}, {"clusters": [], "images": []},
+                                    {"groups": [], "threshold": 0.9}, {"duplicates": [], "summary": "1 found"},
+                                    {"outliers": [], "summary": "top 10"}])
+def test_reports_and_maps_from_before_the_format_marks_are_still_rewritten(tmp_path, legacy):
+    import io
+
+    from matplotlib.figure import Figure
+
+    from filterkit.embedmap import check_map_path
+    from filterkit.errors import FilterkitError
+    from filterkit.report import check_report_path
+
+    report = tmp_path / "r.html"
+    report.write_text("<html></html>")
+    report.with_suffix(".csv").write_text("path\n")
+    report.with_suffix(".json").write_text(json.dumps(legacy))
+    assert check_report_path(report) == report
+    report.with_suffix(".json").write_text(json.dumps({**legacy, "format": "someone-else/1"}))
+    with pytest.raises(FilterkitError, match="is not part of a filterkit report"):
+        check_report_path(report)
+
+    def matplotlib_png(path, inches):  # as write_map_png wrote maps before its Software text
+        buffer = io.BytesIO()
+        Figure(figsize=inches, dpi=100).savefig(buffer, format="png")
+        path.write_bytes(buffer.getvalue())
+
+    matplotlib_png(tmp_path / "old_map.png", (8.0, 6.0))
+    assert check_map_path(tmp_path / "old_map.png") == tmp_path / "old_map.png"
+    matplotlib_png(tmp_path / "my_plot.png", (6.4, 4.8))  # matplotlib's default figure: someone's own plot
+    with pytest.raises(FilterkitError, match="is not a filterkit map"):
+        check_map_path(tmp_path / "my_plot.png")

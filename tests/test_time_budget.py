@@ -133,6 +133,16 @@ def test_a_re_plan_fits_the_time_left_at_the_run_s_own_pace():
     assert replanned_steps(40, 300.0, 200.0, 0.5, cap=10_000) == 40 + int(100 * PLAN_MARGIN / 0.5)
     assert replanned_steps(40, 300.0, 200.0, 0.5, cap=100) == 100  # --max-steps / --epochs given still cap it
     assert replanned_steps(40, 300.0, 310.0, 0.5, cap=10_000) == 41  # spent: the time limit stops it
+    # each epoch still to start costs 2 s more, 10 steps an epoch: the most steps whose time fits
+    from filterkit.train.budget import epoch_starts
+
+    assert epoch_starts(40, 41, 10) == 1 and epoch_starts(40, 50, 10) == 1 and epoch_starts(41, 50, 10) == 0
+    t = replanned_steps(40, 300.0, 200.0, 0.5, 10_000, epoch_start_s=2.0, steps_per_epoch=10)
+
+    def cost(n):
+        return (n - 40) * 0.5 + epoch_starts(40, n, 10) * 2.0
+
+    assert cost(t) <= 100 * PLAN_MARGIN < cost(t + 1)
 
 
 def test_a_probe_that_misjudged_the_pace_is_corrected_by_the_run_s_own(tmp_path, train_dir, monkeypatch):
@@ -157,6 +167,25 @@ def test_a_probe_that_misjudged_the_pace_is_corrected_by_the_run_s_own(tmp_path,
     if result.stopped_by == "steps":  # the cosine schedule ran to its end
         assert steps[-1]["lr"] == pytest.approx(lr_at(result.steps - 1, result.total_steps,
                                                       int(round(training["warmup_epochs"] * 3)), training["lr"]))
+
+
+def test_a_run_stopped_after_a_re_plan_resumes_with_the_re_planned_schedule(tmp_path, train_dir, monkeypatch):
+    import filterkit.train.loop as loop
+
+    measured = loop.step_seconds
+    monkeypatch.setattr(loop, "step_seconds", lambda times: 8 * measured(times))
+    # --warmup-epochs given as 0.5 of a 3-step epoch: kept as given through the re-plan, or the
+    # resume would refuse options that differ from the checkpoint's
+    opts = TrainOptions(minutes=0.25, warmup_epochs=0.5, **TINY)
+    first = pretrain(train_dir, tmp_path / "m", opts, device="cpu", workers=0, progress=False, stop_at_step=6)
+    log = [json.loads(line) for line in (tmp_path / "m" / "training" / "log.jsonl").read_text().splitlines()]
+    plans = [r["replanned"] for r in log if "replanned" in r]
+    assert first.steps == 6 and plans and first.total_steps == plans[-1]["to_steps"] > 6
+    resumed = pretrain(train_dir, tmp_path / "m", opts, resume=True, device="cpu", workers=0, progress=False,
+                       stop_at_step=7)
+    assert resumed.steps == 7 and resumed.total_steps == first.total_steps  # the re-planned horizon, kept
+    training = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["training"]
+    assert training["warmup_epochs"] == 0.5 and training["planned_steps"] == first.total_steps
 
 
 def test_a_real_tiny_budget_plans_from_the_measured_step(tmp_path, train_dir, capsys):

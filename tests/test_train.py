@@ -177,6 +177,14 @@ def test_a_batch_of_one_is_refused_before_any_work(tmp_path, train_dir):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_json_log_inside_out_does_not_stop_the_export(tmp_path, train_dir):
+    # the model directory is pretrain's own --out: a file of the run's there is no reason to refuse it
+    result = pretrain(train_dir, tmp_path / "m", TrainOptions(max_steps=2, **TINY), device="cpu", workers=0,
+                      progress=False, json_log=tmp_path / "m" / "steps.jsonl")
+    assert result.steps == 2 and (tmp_path / "m" / CONFIG_FILE).is_file()
+    assert len((tmp_path / "m" / "steps.jsonl").read_text().splitlines()) == 2
+
+
 def test_checkpoints_refuse_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -23,8 +23,8 @@ def model_init(
     from ..encoder import Encoder
     from ..modeldir import check_model_dir_target, check_no_training_run
 
-    check_model_dir_target(out, force)
     check_no_training_run(out)
+    check_model_dir_target(out, force)
     Encoder.random(preset, seed=seed).save(out, overwrite=force)
     typer.echo(f"wrote randomly initialised {preset} to {out}")
 

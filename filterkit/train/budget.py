@@ -81,10 +81,25 @@ def plan_options(resolved: TrainOptions, given: TrainOptions, steps_per_epoch: i
     return options, horizon, int(round(warmup_epochs * steps_per_epoch))
 
 
-def replanned_steps(step: int, budget_s: float, spent_s: float, pace_s: float, cap: int) -> int:
-    """The horizon that ends with the budget at ``pace_s`` seconds a step, as measured on the run
-    itself (epoch starts and checkpoints included): the time left within PLAN_MARGIN, as the first
-    plan; at least one more step (the time limit stops a run whose budget is spent), at most
-    ``cap`` (the caller's --max-steps / --epochs)."""
+def replanned_steps(step: int, budget_s: float, spent_s: float, pace_s: float, cap: int,
+                    epoch_start_s: float = 0.0, steps_per_epoch: int = 1) -> int:
+    """The horizon T that ends with the budget at ``pace_s`` seconds a step, as measured on the
+    run itself, plus ``epoch_start_s`` for each epoch still to start: the most T with
+    (T - step)·pace_s + (⌈T / steps_per_epoch⌉ - ⌈step / steps_per_epoch⌉)·epoch_start_s within
+    PLAN_MARGIN of the time left, as the first plan; at least one more step (the time limit stops
+    a run whose budget is spent), at most ``cap`` (the caller's --max-steps / --epochs)."""
     left = max(0.0, (budget_s - spent_s) * PLAN_MARGIN)
-    return max(step + 1, min(cap, step + int(left / pace_s)))
+
+    def cost(t: int) -> float:
+        return (t - step) * pace_s + (epoch_starts(step, t, steps_per_epoch)) * epoch_start_s
+
+    t = min(cap, step + int(left / (pace_s + epoch_start_s / steps_per_epoch)) + 1)
+    while t > step + 1 and cost(t) > left:
+        t -= 1
+    return max(step + 1, min(cap, t))
+
+
+def epoch_starts(after: int, upto: int, steps_per_epoch: int) -> int:
+    """How many of the steps after ``after``, up to ``upto``, start an epoch (step k, counted from
+    1, starts one when k - 1 is a multiple of the epoch's steps)."""
+    return math.ceil(upto / steps_per_epoch) - math.ceil(after / steps_per_epoch)

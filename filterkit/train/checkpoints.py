@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -56,13 +56,13 @@ def _save_checkpoint(out_dir: Path, method: Method, optimizer, scaler, step: int
     atomic_write_bytes(out_dir / CHECKPOINT, buffer.getvalue())
 
 
-def _unreadable(path: Path, e: Exception) -> FilterkitError:
+def _unreadable(path: Path, e: Exception) -> NoReturn:
     # torch's refusal of pickled objects goes on to advise unpickling: not repeated
     text = str(e).strip()
     if "Weights only load failed" in text:
-        return FilterkitError(f"cannot load training checkpoint {path}: it holds pickled objects besides tensors, "
-                              "so filterkit did not write it, and it never unpickles: move it away")
-    return FilterkitError(f"cannot load training checkpoint {path}: {text.splitlines()[0] if text else type(e).__name__}")
+        raise FilterkitError(f"cannot load training checkpoint {path}: it holds pickled objects besides tensors, "
+                             "so filterkit did not write it, and it never unpickles: move it away") from None
+    raise FilterkitError(f"cannot load training checkpoint {path}: {text.splitlines()[0] if text else type(e).__name__}") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refusals and corrupt files alike
-        raise _unreadable(path, e) from None
+        _unreadable(path, e)
     state["options"] = json.loads(state["options"])
     state["model_config"] = json.loads(state["model_config"])
     if "init" in state:
@@ -85,7 +85,7 @@ def checkpoint_step(path: Path) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # unpickling refusals and corrupt files alike
-        raise _unreadable(path, e) from None
+        _unreadable(path, e)
     return int(state["step"])
 
 

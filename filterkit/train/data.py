@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..augment import BatchTwoViews, TwoViews, store_size, store_transform
 from ..errors import FilterkitError, ImageError
 from ..images import OUTSIDE_LINK, Skip, discover_images, load_image, split_outside_links
-from ..loader import decode_all, default_workers, ignore_stop_signals
+from ..loader import decode_all, default_workers, stop_signal_rules
 from ..progress import progress_bar
 
 
@@ -241,5 +241,5 @@ class Batches:
             labels = None if self.labels is None else torch.tensor(self.labels, dtype=torch.long)
             return _memory_batches(self.store, self.rows, self.views, sampler, self.per_rank, self.device, labels)
         return DataLoader(self.dataset, batch_size=self.per_rank, sampler=sampler, num_workers=self.workers,
-                          collate_fn=_collate, worker_init_fn=ignore_stop_signals, drop_last=True, pin_memory=self.device.type == "cuda",
+                          collate_fn=_collate, worker_init_fn=stop_signal_rules(), drop_last=True, pin_memory=self.device.type == "cuda",
                           prefetch_factor=prefetch if self.workers else None)

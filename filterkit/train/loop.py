@@ -43,6 +43,7 @@ from .budget import (
     REPLAN_MIN_STEPS,
     REPLAN_TOLERANCE,
     epoch_start_seconds,
+    epoch_starts,
     plan_options,
     planned_steps,
     replanned_steps,
@@ -142,6 +143,8 @@ class _Replan:
     cap: int  # the horizon the caller's --max-steps / --epochs allow
     warmup_given: bool  # --warmup-epochs given: kept as given
     marks: list[float]  # the shares of REPLAN_AT not reached yet
+    epoch_start_s: float  # the probe's: what starting an epoch adds
+    first_step: int  # the step the session started at (the progress bar counts from it)
     start: tuple[int, float] | None = None  # (step, training seconds) once the session's first step is done
 
 
@@ -436,51 +439,53 @@ def _plan(run: _Run, batches: Batches, given: TrainOptions) -> float:
     cap = run.total if given.epochs is not None else (given.max_steps or sys.maxsize)
     run.options, run.total, run.warmup_steps = plan_options(run.options, given, run.steps_per_epoch, planned,
                                                             run.total)
-    run.replan = _Replan(cap, given.warmup_epochs is not None, list(REPLAN_AT))
+    run.replan = _Replan(cap, given.warmup_epochs is not None, list(REPLAN_AT), epoch_s, run.step)
     return probe_s
 
 
-def _replan(run: _Run, monitor: Monitor) -> None:
+def _replan(run: _Run, monitor: Monitor) -> bool:
     """After each step of a fresh --minutes run: at the REPLAN_AT shares of its plan done (of its
     steps, or of its time if that comes first), fit the horizon (and a warmup not over yet, in
-    proportion) to the budget at the pace measured so far.
-    The options saved with each checkpoint hold the new plan, so --resume keeps it. Rank 0's
-    clock decides for every rank."""
+    proportion) to the budget at the pace measured so far; whether it changed. The options
+    saved with each checkpoint hold the new plan, so --resume keeps it. Rank 0's clock decides
+    for every rank."""
     r = run.replan
     wall = monitor.wall_seconds()
     if r.start is None:
         r.start = (run.step, wall)
-        return
+        return False
     timed, budget_s = run.step - r.start[0], run.options.minutes * 60.0
     if not r.marks or timed < REPLAN_MIN_STEPS:
-        return
+        return False
     # the share of the plan done: by steps, or by time where the plan is far too long for it
-    done = max(run.step / run.total, wall / budget_s)
-    if run.world > 1:  # the time share by rank 0's clock
-        share = torch.tensor([done], dtype=torch.float64, device=run.device)
-        dist.broadcast(share, 0)
-        done = share.item()
+    done, elapsed = max(run.step / run.total, wall / budget_s), wall - r.start[1]
+    if run.world > 1:  # by rank 0's clock
+        clock = torch.tensor([done, elapsed, wall], dtype=torch.float64, device=run.device)
+        dist.broadcast(clock, 0)
+        done, elapsed, wall = clock.tolist()
     if done < r.marks[0]:
-        return
+        return False
     while r.marks and done >= r.marks[0]:
         r.marks.pop(0)
-    elapsed = wall - r.start[1]
-    if run.world > 1:
-        clock = torch.tensor([elapsed, wall], dtype=torch.float64, device=run.device)
-        dist.broadcast(clock, 0)
-        elapsed, wall = clock.tolist()
-    pace = elapsed / timed
-    new = replanned_steps(run.step, budget_s, wall, pace, r.cap)
+    spe = run.steps_per_epoch
+    # the steps' own pace: without the epoch starts the window held (at most half of it, as the
+    # probe's epoch start errs high), which the new horizon then counts where they fall
+    starts = epoch_starts(r.start[0], run.step, spe) * r.epoch_start_s
+    pace = max(elapsed - starts, 0.5 * elapsed) / timed
+    new = replanned_steps(run.step, budget_s, wall, pace, r.cap, r.epoch_start_s, spe)
     old = run.total
     if abs(new - old) <= REPLAN_TOLERANCE * old:
-        return
+        return False
+    warmup_epochs = run.options.warmup_epochs
     if run.step < run.warmup_steps and not r.warmup_given:  # the warmup keeps its share of the new horizon
         run.warmup_steps = max(run.step, int(round(run.warmup_steps * new / old)))
         monitor.warmup_steps = run.warmup_steps
+        warmup_epochs = run.warmup_steps / spe
     run.total = new
-    run.options = replace(run.options, planned_steps=new, warmup_epochs=run.warmup_steps / run.steps_per_epoch,
-                          epochs=max(run.options.epochs, math.ceil(new / run.steps_per_epoch)))
-    monitor.replanned(run.step, old, new, pace, (new - r.start[0] + 1) * run.global_batch)
+    run.options = replace(run.options, planned_steps=new, warmup_epochs=warmup_epochs,
+                          epochs=max(run.options.epochs, math.ceil(new / spe)))
+    monitor.replanned(run.step, old, new, pace)
+    return True
 
 
 def _out_of_time(run: _Run, monitor: Monitor) -> bool:
@@ -574,8 +579,8 @@ def _epochs(run: _Run, batches: Batches, monitor: Monitor, stop_at: int | None, 
                 run.step += 1
                 monitor.after_step(run.step, epoch, run.global_batch, lr, m if run.method.uses_momentum else None,
                                    feats, f"epoch {epoch + 1}/{math.ceil(run.total / run.steps_per_epoch)}")
-                if run.replan is not None:
-                    _replan(run, monitor)
+                if run.replan is not None and _replan(run, monitor):
+                    monitor.advance(0, total=(_stop(run, stop_at) - run.replan.first_step) * run.global_batch)
                 if run.step % o.checkpoint_every == 0 and run.step < run.total:
                     _save(run, monitor)
                 if run.step % run.steps_per_epoch == 0:
@@ -623,7 +628,8 @@ def pretrain(
     run, batches = _prepare(data_dir, out_dir, given, resume, device, precision, workers,
                             progress, follow_symlinks)
     if run.options.minutes is not None and not resume:
-        run.prior_seconds += _plan(run, batches, given)  # the probe's time is spent from the budget
+        with worker_deaths_as_errors():
+            run.prior_seconds += _plan(run, batches, given)  # the probe's time is spent from the budget
     monitor = _open_monitor(run, json_log, knn_train, knn_test, knn_max_per_class, collapse_patience)
     try:
         with progress_bar("pretrain", (_stop(run, stop_at_step) - run.step) * run.global_batch,
@@ -635,6 +641,9 @@ def pretrain(
         _save(run, monitor)
         raise TrainingInterrupted(run.step, out_dir / CHECKPOINT, run.rank) from None
     except WorkerDied as e:  # the model is intact: keep its last whole step
+        if run.world > 1:  # the other ranks wait in a collective: rank 0 cannot save now
+            raise WorkerDied(f"{e}. --resume continues from the last checkpoint (every --checkpoint-every "
+                             "steps)") from None
         _save(run, monitor)
         raise WorkerDied(f"{e}. Checkpoint saved at step {run.step}; continue with --resume") from None
     finally:

@@ -99,11 +99,10 @@ class Monitor:
                      "feature_std": feature_std, "feature_std_healthy": 1 / math.sqrt(self.dim)})
         self.advance(batch, description=f"{progress_line} loss {self.loss:.3f}")
 
-    def replanned(self, step: int, old: int, new: int, pace_s: float, bar_total: int) -> None:
-        """A --minutes run's new horizon (``loop._replan``): a log line, and the progress bar's total."""
+    def replanned(self, step: int, old: int, new: int, pace_s: float) -> None:
+        """A --minutes run's new horizon (``loop._replan``), in the log."""
         self._write({"step": step, "replanned": {"from_steps": old, "to_steps": new,
                                                  "seconds_per_step": round(pace_s, 4)}})
-        self.advance(0, total=bar_total)
 
     def end_of_epoch(self, epoch: int, step: int, method: Method, cfg: ModelConfig, workers: int) -> None:
         """The kNN monitor of ``method`` after ``epoch`` epochs (rank 0), while the other ranks wait."""
