@@ -27,6 +27,7 @@ from PIL import Image, ImageEnhance
 from .errors import FilterkitError
 from .images import Skip
 from .index import range_pairs
+from .pair_precision import calibrate
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,12 @@ class CollectionCalibration:
     ``recall``: the share of synthetic copies (crop, resize, flip, colour, JPEG, 90-degree
     rotations) of ``images`` sampled images whose pair score with their image reaches the
     threshold, a copy that candidate generation would not propose counting as missed.
-    ``prevalence``: real copies per image, estimated from the links per image of the whole
-    collection at the anchor (a score 75 % or 50 % of the synthetic copies reach, the one
-    estimating fewer), where every link is taken for a real copy. ``precision`` = prevalence x
-    recall / links per image at the threshold (1.0 where none is expected); see ``estimate``.
-    ``precision_bound``: its 75 % one-sided lower confidence bound (``precision_bounds``), which
-    the automatic threshold and ``--action move`` hold to the target.
+    ``links``: the candidate pairs scored at or above the threshold; ``false_links``: the
+    look-alike pairs expected among them; ``precision`` = 1 - false_links / links (1.0 where
+    none links). ``precision_bound``: a 75 % one-sided lower confidence bound of it, which the
+    automatic threshold and ``--action move`` hold to the target. ``estimator``: how
+    (``pair_precision``): from each image's look-alike tail, or on small collections from the
+    real copies counted at an anchor.
     """
 
     threshold: float
@@ -83,29 +84,34 @@ class CollectionCalibration:
     recall: float
     target_precision: float
     images: int
-    prevalence: float
-    anchor: float
+    links: int
+    false_links: float
     pixel_floor: float
     source: str  # "calibrated" (auto) or "given"
     precision_bound: float = 0.0
     scope: str = "collection"  # "collection" (one folder) or "cross-set" (new images against a reference)
+    estimator: str = "tails"  # pair_precision: "tails" or, on fewer than TAIL_MIN_IMAGES images, "anchor"
 
     def to_dict(self) -> dict:
         return {"threshold": round(self.threshold, 6), "precision": round(self.precision, 4),
                 "precision_bound": round(self.precision_bound, 4),
                 "recall": round(self.recall, 4), "target_precision": self.target_precision,
-                "images": self.images, "prevalence": round(self.prevalence, 4), "anchor": round(self.anchor, 6),
+                "images": self.images, "links": self.links, "expected_false_links": round(self.false_links, 3),
+                "estimator": self.estimator,
                 "pixel_floor": round(self.pixel_floor, 6),
                 "threshold_source": self.source, "scope": self.scope,
                 "method": "pair score = mean of embedding cosine and dihedral thumbnail correlation less "
                           "the pair's background; positives: synthetic copies of sampled images of "
                           + ("this collection" if self.scope == "collection" else "either folder, each as one more "
                              "image of the other")
-                          + ", missed where candidate generation would not propose them; negatives: the "
+                          + ", missed where candidate generation would not propose them (recall); precision: "
+                          + "1 - expected look-alike links / links among the "
                           + ("collection's candidate pairs" if self.scope == "collection" else
                              "candidate pairs between the new images and the reference")
-                          + ", less the real copies estimated at the anchor (the smallest of the anchors' "
-                            "estimates)"}
+                          + (", the look-alikes extrapolated from each image's 2nd to 11th best pair scores "
+                             "(an exponential tail)" if self.estimator == "tails" else
+                             ", the real copies counted at the anchor (the score 75 % or 50 % of the synthetic "
+                             "copies reach, the smaller estimate), every link above it taken for one")}
 
     def clause(self, how: str, sampled: str = "of its images") -> str:
         """The summary's account of the threshold: how it was set and what it is estimated at."""
@@ -304,16 +310,6 @@ ROTATIONS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transp
 NEIGHBOURS = 10  # candidates per image and per source (embedding, thumbnails): bounded work
 SAMPLE = 200  # images whose synthetic copies calibrate the threshold
 FLOOR_QUANTILE = 0.02  # thumbnail candidates' floor: what 98 % of the synthetic copies reach
-# Anchors: links at least as strong as 75 % or 50 % of the synthetic copies are taken for
-# real copies. Each overstates the prevalence (look-alikes above it count as copies; real copies
-# easier than the synthetic ones inflate it by 1 / R(anchor) at most), so the smallest is used.
-ANCHOR_QUANTILES = (0.25, 0.5)
-CUT_GRID = 1000  # thresholds tried among the neighbour scores (``_cut_grid``)
-BOOTSTRAP = 200  # Poisson resamples of the calibration (``precision_bounds``)
-# The bound is the 25 % quantile of the resampled precision (75 % one-sided): on 11 photos it
-# keeps a look-alike pair out that the point estimate (0.917) let in; on CIFAR-10 the 10 %
-# quantile cost half the recall at true precision 0.96-1.00 (benchmarks/README.md).
-PRECISION_BOUND = 0.25
 BACKGROUND = 10  # an image's background: the mean of its BACKGROUND best other pixel scores
 
 
@@ -352,102 +348,6 @@ def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.25:
         out = out.transpose(ROTATIONS[int(rng.integers(3))])
     return out
-
-
-def estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float, float, float]:
-    """Estimated (precision, recall, prevalence, anchor) of linking pairs scored >= ``threshold``.
-
-    ``positive``: the pair scores of one synthetic copy per sampled image (-inf for a copy
-    candidate generation would not propose: dedup cannot find it); ``neighbour``: the scores of
-    the collection's candidate pairs, each pair once per end, over ``n_images`` images. With
-    R(t) the share of positives >= t and c(t) the links >= t per image, c(a) >= q R(a) at every a (real copies
-    alone give q R(a), look-alikes add to it), so each anchor a (the ANCHOR_QUANTILES
-    quantiles of the positives) bounds the prevalence from above by c(a) / R(a); q is the
-    smallest of these, the anchor the one giving it, and precision(t) = min(1, q R(t) / c(t)),
-    or 1 when c(t) = 0. It is still an upper bound where look-alikes pass every anchor.
-    """
-    prevalence, anchor = _prevalence(positive, neighbour, n_images)
-    precision, recall = _precision_recall(np.array([threshold], dtype=np.float64), positive, neighbour, n_images,
-                                          prevalence)
-    return float(precision[0]), float(recall[0]), prevalence, anchor
-
-
-def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float]:
-    """(q, the anchor giving it): see ``estimate``."""
-    positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
-    # missed copies score -inf; an anchor between a miss and a hit interpolates to nan: -inf too
-    with np.errstate(invalid="ignore"):
-        anchors = np.nan_to_num(np.quantile(positive, ANCHOR_QUANTILES), nan=-np.inf)
-    return min((float(np.sum(neighbour >= a)) / n_images / max(float(np.mean(positive >= a)), 1e-12), float(a))
-               for a in anchors)
-
-
-def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: int,
-                      prevalence: float) -> tuple[np.ndarray, np.ndarray]:
-    """``estimate``'s precision and recall at every threshold of ``cuts`` at once (sorted counts)."""
-    positive, neighbour = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(neighbour, np.float64))
-    recall = (len(positive) - np.searchsorted(positive, cuts, side="left")) / max(len(positive), 1)
-    links = (len(neighbour) - np.searchsorted(neighbour, cuts, side="left")) / n_images
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(links == 0, 1.0, np.minimum(1.0, prevalence * recall / links))
-    return precision, recall
-
-
-def _cut_grid(positive: np.ndarray, neighbour: np.ndarray, size: int = CUT_GRID) -> np.ndarray:
-    """Candidate thresholds: every finite positive, ``size`` quantiles of the neighbour scores at
-    or above the lowest positive (below it the recall cannot grow), and inf (link nothing)."""
-    finite = positive[np.isfinite(positive)]
-    low = finite.min() if len(finite) else np.inf
-    top = neighbour[neighbour >= low]
-    grid = np.quantile(top, np.linspace(0, 1, size)) if len(top) else np.empty(0)
-    return np.unique(np.concatenate([finite, grid, [np.inf]]))
-
-
-def precision_bounds(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: float,
-                     resamples: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
-    """[len(cuts)]: a lower confidence bound of ``estimate``'s precision at each cut (sorted):
-    its ``PRECISION_BOUND`` quantile over Poisson bootstrap resamples, every positive and every
-    neighbour score weighted by a Poisson(1) count (Hanley and MacGibbon 2006), the anchors and
-    the prevalence refitted each time. A few hundred images give few links and few copies, and
-    the point estimate alone then picks thresholds by luck; the bound needs more evidence there."""
-    rng = np.random.default_rng(seed)
-
-    def at_least(values: np.ndarray) -> np.ndarray:  # [B, K + 1]: resampled counts >= each cut; col 0: all
-        bins = np.bincount(np.searchsorted(cuts, values, side="right"), minlength=len(cuts) + 1)
-        draws = rng.poisson(bins, size=(resamples, len(bins)))  # bin 0: below every cut
-        return np.cumsum(draws[:, ::-1], axis=1)[:, ::-1]
-
-    pos = at_least(positive)
-    recall = pos[:, 1:] / np.maximum(pos[:, :1], 1)
-    links = at_least(neighbour)[:, 1:] / n_images
-    prevalence = np.full(resamples, np.inf)
-    rows = np.arange(resamples)
-    for quantile in ANCHOR_QUANTILES:
-        k = np.maximum((recall >= 1 - quantile).sum(axis=1) - 1, 0)  # the anchor's cut
-        prevalence = np.minimum(prevalence, links[rows, k] / np.maximum(recall[rows, k], 1e-12))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(links == 0, 1.0, np.minimum(1.0, prevalence[:, None] * recall / links))
-    return np.quantile(precision, PRECISION_BOUND, axis=0)
-
-
-def choose_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: float, target_precision: float,
-                     threshold: float | None = None, seed: int = 0) -> tuple[float, float]:
-    """(threshold, its precision bound): the lowest pair score whose bound (``precision_bounds``)
-    reaches the target (the most recall), else the one of best bound, then recall (the caller
-    states it, and move refuses); or the given ``threshold`` with its bound."""
-    positive, neighbour = np.asarray(positive, np.float64), np.asarray(neighbour, np.float64)
-    cuts = _cut_grid(positive, neighbour)
-    if threshold is not None:
-        cuts = np.unique(np.append(cuts, threshold))
-    bound = precision_bounds(cuts, positive, neighbour, n_images, seed=seed)
-    if threshold is not None:
-        return float(threshold), float(bound[np.searchsorted(cuts, threshold)])
-    ok = np.flatnonzero(bound >= target_precision)
-    if len(ok):
-        return float(cuts[ok[0]]), float(bound[ok[0]])
-    recall = (positive[None, :] >= cuts[:, None]).mean(axis=1)
-    best = np.lexsort((-np.arange(len(cuts)), recall, bound))[-1]  # ties: the lowest cut
-    return float(cuts[best]), float(bound[best])
 
 
 class _Views:
@@ -591,8 +491,8 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     (rows, cols, proposer)`` (a ``_Proposer`` over rows), every pair scored (``pair_score``:
     cosine and pixel score less the pair's ``backgrounds``), and the threshold chosen (or, when
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
-    the proposer would not propose them; the candidate pairs as negatives; links counted per
-    ``n_images``. A synthetic copy is scored with its image's background for both ends, or with
+    the proposer would not propose them (the recall); the candidate pairs for the precision
+    (``pair_precision.calibrate``; links counted per ``n_images`` by its anchor estimate). A synthetic copy is scored with its image's background for both ends, or with
     ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
     candidates differ from its image's (cross-set: the copy's are reference images, its image's
     new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
@@ -614,14 +514,14 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     if copy_background is not None:
         level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
-    # the links per image are counted over all candidate pairs (every one has its score
-    # already), not only over the sampled images: far less noise at the same cost
+    # the precision is measured over all candidate pairs (every one has its score already),
+    # not only over the sampled images: far less noise at the same cost
     source = "calibrated" if threshold == "auto" else "given"
-    threshold, bound = choose_threshold(positive, scores, n_images, target_precision,
-                                        None if threshold == "auto" else float(threshold), seed)
-    precision, recall, prevalence, anchor = estimate(threshold, positive, scores, n_images)
-    calibration = CollectionCalibration(float(threshold), precision, recall, float(target_precision), len(sampled),
-                                        prevalence, anchor, pixel_floor, source, bound, scope)
+    est = calibrate(positive, len(paths), rows, cols, scores, n_images, len(pool), target_precision,
+                    None if threshold == "auto" else float(threshold), seed)
+    calibration = CollectionCalibration(est.threshold, est.precision, est.recall, float(target_precision), len(sampled),
+                                        est.links, est.false_links, pixel_floor, source, est.precision_bound, scope,
+                                        est.estimator)
     return rows, cols, scores, background, calibration
 
 

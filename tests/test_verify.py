@@ -13,7 +13,9 @@ from PIL import Image, ImageDraw
 from conftest import sample_photo
 from filterkit import Encoder, verify
 from filterkit.cli import main
-from filterkit.dedup import _Proposer, _spanning_groups, choose_threshold, estimate, find_duplicates
+from filterkit.dedup import _Proposer, _spanning_groups, find_duplicates
+from filterkit.pair_precision import anchor_estimate as estimate
+from filterkit.pair_precision import anchor_threshold as choose_threshold
 
 SHIPPED = "models/filterkit-vit-mini"
 
