@@ -118,9 +118,14 @@ class CollectionCalibration:
         if self.images < MIN_CALIBRATION_IMAGES:
             return (f"{how}; precision and recall not estimated: {self.images} sampled images, "
                     f"{MIN_CALIBRATION_IMAGES} needed")
-        return (f"{how}; estimated pair precision {self.precision:.3f}, at least {self.precision_bound:.3f} at 75 % "
+        text = (f"{how}; estimated pair precision {self.precision:.3f}, at least {self.precision_bound:.3f} at 75 % "
                 f"confidence unless look-alikes score like copies; recall {self.recall:.3f}; from synthetic copies "
                 f"of {self.images} {sampled}")
+        if self.source == "calibrated" and self.links == 0 and self.recall < 0.5:
+            # the target was out of reach: linking nothing is safe, but say what it costs
+            text += (f"; no pair is estimated at precision {self.target_precision:.2f} or more, so nothing links: "
+                     f"a lower --target-precision links copies at a lower stated precision")
+        return text
 
 
 @dataclass

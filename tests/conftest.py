@@ -92,3 +92,23 @@ def train_dir(tmp_path_factory):
         sub.mkdir(exist_ok=True)
         photo.crop((i * 15, i * 9, i * 15 + 120, i * 9 + 120)).resize((40, 40)).save(sub / f"{i}.png")
     return root
+
+
+def write_edited_copies(root: Path, astronaut, chelsea) -> None:
+    """Near copies that dedup must link, and look-alikes it must not, written into ``root``:
+    a 90-degree rotation of ``astronaut``; ``chelsea`` flipped, at 3/5 size, JPEG quality 40;
+    and two far-apart halves of one coffee scene (the look-alikes)."""
+    import io
+
+    from PIL import Image
+
+    astronaut.transpose(Image.Transpose.ROTATE_90).save(root / "astronaut_rot90.png")
+    small = chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((chelsea.width * 3 // 5, chelsea.height * 3 // 5))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=40)
+    Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").save(root / "chelsea_flip_small_q40.png")
+    coffee = sample_photo("coffee")
+    w, h = coffee.size
+    coffee.crop((0, 0, int(w * 0.45), h)).resize((128, 200)).save(root / "coffee_left.jpg", quality=90)
+    coffee.crop((int(w * 0.55), 0, w, h)).resize((128, 200)).save(root / "coffee_right.jpg", quality=90)
+

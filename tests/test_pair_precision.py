@@ -3,18 +3,23 @@ formulas on hand-built pairs, the stated precision against the truth on simulate
 and a folder of made images large enough for the tails, where copies (a 90-degree rotation
 included) are linked and look-alikes are not."""
 
-import io
-import shutil
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import sample_photo
+from conftest import sample_photo, write_edited_copies
 from filterkit import Encoder
 from filterkit.dedup import find_duplicates
-from filterkit.pair_precision import (PRECISION_BOUND_Z, TAIL_MIN_IMAGES, calibrate, expected_false_links,
-                                      look_alike_tails, precision_at, tail_estimate, tail_threshold)
+from filterkit.pair_precision import (
+    PRECISION_BOUND_Z,
+    TAIL_MIN_IMAGES,
+    calibrate,
+    expected_false_links,
+    look_alike_tails,
+    precision_at,
+    tail_estimate,
+    tail_threshold,
+)
 
 SHIPPED = "models/filterkit-vit-mini"
 
@@ -108,20 +113,11 @@ def large_folder(tmp_path_factory):
     rng = np.random.default_rng(0)
     for k in range(TAIL_MIN_IMAGES + 10):
         _texture(rng).save(root / f"t{k:03d}.png")
-    astronaut = sample_photo("astronaut")
-    astronaut.thumbnail((160, 160))
-    astronaut.save(root / "astronaut.jpg", quality=92)
-    astronaut.transpose(Image.Transpose.ROTATE_90).save(root / "astronaut_rot90.png")
-    chelsea = sample_photo("chelsea")
-    chelsea.thumbnail((160, 160))
-    chelsea.save(root / "chelsea.jpg", quality=92)
-    buffer = io.BytesIO()
-    chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((96, 64)).save(buffer, format="JPEG", quality=40)
-    Image.open(io.BytesIO(buffer.getvalue())).save(root / "chelsea_flip_small_q40.png")
-    coffee = sample_photo("coffee")  # two look-alikes: the same scene, far-apart halves
-    w, h = coffee.size
-    coffee.crop((0, 0, int(w * 0.45), h)).resize((96, 150)).save(root / "coffee_left.jpg", quality=90)
-    coffee.crop((int(w * 0.55), 0, w, h)).resize((96, 150)).save(root / "coffee_right.jpg", quality=90)
+    astronaut, chelsea = sample_photo("astronaut"), sample_photo("chelsea")
+    for name, im in (("astronaut", astronaut), ("chelsea", chelsea)):
+        im.thumbnail((256, 256))
+        im.save(root / f"{name}.jpg", quality=92)
+    write_edited_copies(root, Image.open(root / "astronaut.jpg"), Image.open(root / "chelsea.jpg"))
     return root
 
 
@@ -134,3 +130,11 @@ def test_on_a_large_folder_copies_are_linked_and_look_alikes_are_not(large_folde
     doc = result.to_dict()["calibration"]
     assert doc["estimator"] == "tails" and doc["links"] >= 2 and doc["expected_false_links"] >= 0
     assert "look-alikes extrapolated" in doc["method"]
+
+
+def test_a_target_out_of_reach_links_nothing_and_says_what_lowering_it_would_do(large_folder):
+    strict = find_duplicates(large_folder, encoder=Encoder.load(SHIPPED), workers=0, target_precision=1.0)
+    assert strict.groups == [] and strict.calibration.links == 0
+    assert "a lower --target-precision links copies" in strict.summary_line()
+    listed = find_duplicates(large_folder, encoder=Encoder.load(SHIPPED), workers=0)
+    assert "a lower --target-precision" not in listed.summary_line()

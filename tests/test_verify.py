@@ -2,7 +2,6 @@
 link, and the CLI's refusal to move below the precision target. Images are made here from
 scikit-image's sample photos (no data download)."""
 
-import io
 import json
 import shutil
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import sample_photo
+from conftest import sample_photo, write_edited_copies
 from filterkit import Encoder, verify
 from filterkit.cli import main
 from filterkit.dedup import _Proposer, _spanning_groups, find_duplicates
@@ -108,28 +107,13 @@ def test_weakest_link_is_the_bottleneck_of_the_strongest_spanning_tree():
     assert groups == [([0, 1, 2], (0.8, 1, 2)), ([3, 4], (0.95, 3, 4))]
 
 
-def _jpeg(im, quality):
-    buffer = io.BytesIO()
-    im.save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
 @pytest.fixture(scope="module")
 def edited_folder(tmp_path_factory, photos_dir):
     root = tmp_path_factory.mktemp("edited")
     for p in photos_dir.iterdir():
         if p.stem != "coffee":
             shutil.copy(p, root)
-    astronaut = Image.open(root / "astronaut.jpg")
-    astronaut.transpose(Image.Transpose.ROTATE_90).save(root / "astronaut_rot90.png")
-    chelsea = Image.open(root / "chelsea.jpg")
-    small = chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((chelsea.width * 3 // 5, chelsea.height * 3 // 5))
-    _jpeg(small, 40).save(root / "chelsea_flip_small_q40.png")
-    coffee = sample_photo("coffee")  # two look-alikes: the same scene, far-apart halves
-    w, h = coffee.size
-    coffee.crop((0, 0, int(w * 0.45), h)).resize((128, 200)).save(root / "coffee_left.jpg", quality=90)
-    coffee.crop((int(w * 0.55), 0, w, h)).resize((128, 200)).save(root / "coffee_right.jpg", quality=90)
+    write_edited_copies(root, Image.open(root / "astronaut.jpg"), Image.open(root / "chelsea.jpg"))
     return root
 
 
