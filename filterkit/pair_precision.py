@@ -23,6 +23,7 @@ CUT_GRID = 1000  # thresholds tried among the candidate pair scores (``_cut_grid
 # estimate, as the discrete quantile 0 of a small F would be): few expected false links among
 # few links need a clearer margin than the point estimate.
 PRECISION_BOUND_Z = 0.6745
+CHUNK = 1 << 22  # cut x image terms per block of expected_false_links (32 MB of float64)
 TAIL = 10  # look-alike scores per image that its tail is fitted on (``look_alike_tails``)
 # Anchors: links at least as strong as 75 % or 50 % of the synthetic copies are taken for
 # real copies. Each overstates the prevalence (look-alikes above it count as copies; real copies
@@ -95,16 +96,17 @@ def _by_end(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray):
 
 def look_alike_tails(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, k: int = TAIL) -> LookAlikeTails:
     """Each image's look-alike tail, from its 2nd to (k+1)-th best pair scores s_2 >= ... >=
-    s_(k+1): the best is left out (it may be a real copy), s_(k+1) is the level u, and the
-    scores above it are the top of an exponential tail (the peaks-over-threshold model of
-    extreme-value statistics). Its scale b is the median of the normalised spacings
-    r (s_r - s_(r+1)), r = 2..k, over ln 2: those spacings of an exponential's top order
-    statistics are independent exponentials of mean b (Renyi 1953), and the median ignores
-    the few a second or third real copy of the image makes. Above u the image expects
-    k x exp(-(t - u) / b) look-alike scores at or above t, its best counted as a look-alike
-    too, so an image with a real copy overstates its false links (precision errs low). An
-    image with fewer than 3 such scores (a tiny folder; a reference image few new ones point
-    at) gets the median tail of the others."""
+    s_(k+1) (k at most half its candidate pairs): the best is left out (it may be a real copy),
+    s_(k+1) is the level u, and the scores above it are the top of an exponential tail (the
+    peaks-over-threshold model of extreme-value statistics), its scale b their mean excess
+    over u. Above u the image expects k x exp(-(t - u) / b) look-alike scores at or above t,
+    its best counted as a look-alike too, so an image with a real copy overstates its false
+    links (precision errs low). Leaving the best out also makes b low for an exactly
+    exponential tail (on simulated ones the precision is then optimistic by up to 0.04), but
+    real look-alike tails are lighter than exponential and there the estimate errs low
+    (benchmarks/README.md). An image with fewer than 3 such scores (a tiny folder; a
+    reference image few new ones point at) gets the median tail of the others, over no more
+    scores than it has pairs."""
     ends, values, rank = _by_end(n, rows, cols, scores)
     top = np.full((n, k + 1), np.nan)  # [n, k + 1]: ranks 1..k+1 of each image (0-based 1..k)
     # a tail is the top of a sample, not all of it: at most half of an image's candidate pairs
@@ -122,7 +124,9 @@ def look_alike_tails(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
         scale[ok] = (np.nansum(top[ok], axis=1) - level[ok]) / (kept[ok] - 1) - level[ok]
         count = kept.astype(np.float64)
         fill = ~ok
-        level[fill], count[fill], scale[fill] = np.median(level[ok]), np.median(count[ok]), np.median(scale[ok])
+        level[fill], scale[fill] = np.median(level[ok]), np.median(scale[ok])
+        # no more look-alikes than it has pairs: an image with one candidate has at most one
+        count[fill] = np.minimum(np.median(count[ok]), np.bincount(ends, minlength=n)[fill])
     else:  # no image has a tail: every link may be a look-alike (precision 0, nothing certified)
         level, count, scale = np.full(n, np.inf), np.zeros(n), np.ones(n)
     return LookAlikeTails(level, np.maximum(scale, 1e-4), count, ends, values)
@@ -133,10 +137,13 @@ def expected_false_links(cuts: np.ndarray, tails: LookAlikeTails) -> np.ndarray:
     as observed up to its level u, and count x exp(-(t - u) / scale) above it; summed over
     images and halved (a pair has two ends)."""
     cuts = np.asarray(cuts, np.float64)
-    above = cuts[:, None] > tails.level[None, :]
-    with np.errstate(over="ignore", invalid="ignore"):
-        modelled = np.where(above, tails.count * np.exp(-(cuts[:, None] - tails.level) / tails.scale), 0.0)
-    modelled = modelled.sum(axis=1)
+    modelled = np.zeros(len(cuts))
+    step = max(1, CHUNK // max(len(tails.level), 1))  # [cuts, images] blocks: bounded memory on big folders
+    for start in range(0, len(cuts), step):
+        block = cuts[start:start + step, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            terms = tails.count * np.exp(-(block - tails.level) / tails.scale)
+        modelled[start:start + step] = np.where(block > tails.level, terms, 0.0).sum(axis=1)
     # below its level an image's own scores count: an end-score v counts for every t <= min(v, u)
     observed = _links_at(cuts, np.minimum(tails.values, tails.level[tails.ends]))
     return (modelled + observed) / 2
