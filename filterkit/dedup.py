@@ -64,6 +64,11 @@ class DuplicateGroup:
                 "weakest_link": self.weakest.to_dict() if self.weakest is not None else None}
 
 
+def json_threshold(value: float) -> float | None:
+    """A threshold for JSON: rounded, or None where it is not finite (strict parsers refuse Infinity)."""
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class CollectionCalibration:
     """The pair-score threshold and its estimates, measured on the collection being deduplicated.
@@ -93,7 +98,7 @@ class CollectionCalibration:
     estimator: str = "tails"  # pair_precision: "tails" or, on fewer than TAIL_MIN_IMAGES images, "anchor"
 
     def to_dict(self) -> dict:
-        return {"threshold": round(self.threshold, 6), "precision": round(self.precision, 4),
+        return {"threshold": json_threshold(self.threshold), "precision": round(self.precision, 4),
                 "precision_bound": round(self.precision_bound, 4),
                 "recall": round(self.recall, 4), "target_precision": self.target_precision,
                 "images": self.images, "links": self.links, "expected_false_links": round(self.false_links, 3),
@@ -122,9 +127,10 @@ class CollectionCalibration:
                 f"confidence unless look-alikes score like copies; recall {self.recall:.3f}; from synthetic copies "
                 f"of {self.images} {sampled}")
         if self.source == "calibrated" and self.links == 0 and self.recall < 0.5:
-            # the target was out of reach: linking nothing is safe, but say what it costs
-            text += (f"; no pair is estimated at precision {self.target_precision:.2f} or more, so nothing links: "
-                     f"a lower --target-precision links copies at a lower stated precision")
+            # the target was out of reach: linking nothing is safe, but say what it costs (a
+            # folder without copies links nothing too, with most synthetic copies above the cut)
+            text += (f"; no threshold that links a pair has its 75 % bound at the target {self.target_precision:g}, "
+                     f"so nothing links: a lower --target-precision links copies at a lower stated precision")
         return text
 
 
@@ -169,7 +175,7 @@ class DedupResult:
         return f"{head} at cosine >= {self.threshold:.4f} (cosine only, not verified; threshold {self.threshold_note})"
 
     def to_dict(self) -> dict:
-        return {"groups": [g.to_dict() for g in self.groups], "threshold": round(self.threshold, 6),
+        return {"groups": [g.to_dict() for g in self.groups], "threshold": json_threshold(self.threshold),
                 "verified": self.verified, "threshold_note": self.threshold_note,
                 "estimated_precision": round(self.calibration.precision, 4) if self.estimated else None,
                 "precision_bound": round(self.calibration.precision_bound, 4) if self.estimated else None,

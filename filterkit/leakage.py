@@ -34,6 +34,7 @@ from .dedup import (
     canonical_rows,
     check_options,
     frame_thumbnails,
+    json_threshold,
     score_pairs,
 )
 from .errors import FilterkitError
@@ -86,7 +87,7 @@ class CrossDedupResult:
 
     def to_dict(self) -> dict:
         c = self.calibration
-        return {"duplicates": [d.to_dict() for d in self.duplicates], "threshold": round(self.threshold, 6),
+        return {"duplicates": [d.to_dict() for d in self.duplicates], "threshold": json_threshold(self.threshold),
                 "new_images": self.n_new, "reference_images": self.n_reference, "embedded": self.embedded,
                 "verified": self.verified,
                 "estimated_precision": round(c.precision, 4) if self.estimated else None,

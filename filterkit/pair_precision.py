@@ -108,7 +108,7 @@ def look_alike_tails(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
     reference image few new ones point at) gets the median tail of the others, over no more
     scores than it has pairs."""
     ends, values, rank = _by_end(n, rows, cols, scores)
-    top = np.full((n, k + 1), np.nan)  # [n, k + 1]: ranks 1..k+1 of each image (0-based 1..k)
+    top = np.full((n, k), np.nan)  # [n, k]: each image's 2nd to (k+1)-th best (0-based ranks 1..k)
     # a tail is the top of a sample, not all of it: at most half of an image's candidate pairs
     # (a folder of 11 images gives each 10, and their bulk is no exponential tail)
     depth = np.minimum(k, np.bincount(ends, minlength=n) // 2)
@@ -125,8 +125,10 @@ def look_alike_tails(n: int, rows: np.ndarray, cols: np.ndarray, scores: np.ndar
         count = kept.astype(np.float64)
         fill = ~ok
         level[fill], scale[fill] = np.median(level[ok]), np.median(scale[ok])
-        # no more look-alikes than it has pairs: an image with one candidate has at most one
-        count[fill] = np.minimum(np.median(count[ok]), np.bincount(ends, minlength=n)[fill])
+        # no more look-alikes above the level than it has scores there: F stays continuous at
+        # the level (below it the image's own scores count) and never grows with t
+        own = np.bincount(ends[values >= level[ends]], minlength=n)
+        count[fill] = np.minimum(np.median(count[ok]), own[fill])
     else:  # no image has a tail: every link may be a look-alike (precision 0, nothing certified)
         level, count, scale = np.full(n, np.inf), np.zeros(n), np.ones(n)
     return LookAlikeTails(level, np.maximum(scale, 1e-4), count, ends, values)
@@ -192,34 +194,32 @@ def tail_estimate(threshold: float, positive: np.ndarray, scores: np.ndarray,
 
 def _cut_grid(positive: np.ndarray, scores: np.ndarray, size: int = CUT_GRID) -> np.ndarray:
     """Candidate thresholds: every finite positive, ``size`` quantiles of the pair scores at
-    or above the lowest positive (below it the recall cannot grow), and inf (link nothing)."""
+    or above the lowest positive (below it the recall cannot grow), and the cut just above
+    every pair score (links nothing, at precision 1: some cut always reaches a target)."""
     finite = positive[np.isfinite(positive)]
     low = finite.min() if len(finite) else np.inf
     top = scores[scores >= low]
     grid = np.quantile(top, np.linspace(0, 1, size)) if len(top) else np.empty(0)
-    return np.unique(np.concatenate([finite, grid, [np.inf]]))
+    nothing = np.nextafter(scores.max(), np.inf) if len(scores) else np.inf
+    return np.unique(np.concatenate([finite, grid, [nothing]]))
 
 
 def tail_threshold(positive: np.ndarray, scores: np.ndarray, tails: LookAlikeTails, target_precision: float,
                    threshold: float | None = None) -> tuple[float, float]:
     """(threshold, its precision bound): the lowest pair score whose bound (``precision_at``
-    with PRECISION_BOUND_Z) reaches the target (the most recall), else the one of best
-    bound, then recall (the caller states it, and move refuses); or the given ``threshold``
+    with PRECISION_BOUND_Z) reaches the target (the most recall; where no cut that links a
+    pair does, the one just above every pair, linking nothing); or the given ``threshold``
     with its bound."""
     positive, scores = np.asarray(positive, np.float64), np.asarray(scores, np.float64)
     if threshold is not None:
         return float(threshold), float(precision_at(np.array([threshold]), scores, tails, PRECISION_BOUND_Z)[0])
     cuts = _cut_grid(positive, scores)
     bound = precision_at(cuts, scores, tails, PRECISION_BOUND_Z)
-    ok = np.flatnonzero(bound >= target_precision)
-    if len(ok):
-        return float(cuts[ok[0]]), float(bound[ok[0]])
-    recall = _recall_at(cuts, positive)
-    best = np.lexsort((-np.arange(len(cuts)), recall, bound))[-1]  # ties: the lowest cut
-    return float(cuts[best]), float(bound[best])
+    first = np.flatnonzero(bound >= target_precision)[0]  # the cut linking nothing always qualifies
+    return float(cuts[first]), float(bound[first])
 
 
-def anchor_estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float, float, float]:
+def anchor_estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarray, n_images: float) -> tuple[float, float, float, float]:
     """Estimated (precision, recall, prevalence, anchor) of linking pairs scored >= ``threshold``.
 
     ``positive``: the pair scores of one synthetic copy per sampled image (-inf for a copy
@@ -237,7 +237,7 @@ def anchor_estimate(threshold: float, positive: np.ndarray, neighbour: np.ndarra
     return float(precision[0]), float(recall[0]), prevalence, anchor
 
 
-def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> tuple[float, float]:
+def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: float) -> tuple[float, float]:
     """(q, the anchor giving it): see ``anchor_estimate``."""
     positive, neighbour = np.asarray(positive, dtype=np.float64), np.asarray(neighbour, dtype=np.float64)
     # missed copies score -inf; an anchor between a miss and a hit interpolates to nan: -inf too
@@ -247,7 +247,7 @@ def _prevalence(positive: np.ndarray, neighbour: np.ndarray, n_images: int) -> t
                for a in anchors)
 
 
-def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: int,
+def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: float,
                       prevalence: float) -> tuple[np.ndarray, np.ndarray]:
     """``anchor_estimate``'s precision and recall at every threshold of ``cuts`` at once (sorted counts)."""
     positive, neighbour = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(neighbour, np.float64))
@@ -259,7 +259,7 @@ def _precision_recall(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndar
 
 
 def anchor_bounds(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray, n_images: float,
-                     resamples: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
+                  resamples: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """[len(cuts)]: a lower confidence bound of ``anchor_estimate``'s precision at each cut (sorted):
     its ``PRECISION_BOUND`` quantile over Poisson bootstrap resamples, every positive and every
     neighbour score weighted by a Poisson(1) count (Hanley and MacGibbon 2006), the anchors and
@@ -288,8 +288,8 @@ def anchor_bounds(cuts: np.ndarray, positive: np.ndarray, neighbour: np.ndarray,
 def anchor_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: float, target_precision: float,
                      threshold: float | None = None, seed: int = 0) -> tuple[float, float]:
     """(threshold, its precision bound): the lowest pair score whose bound (``anchor_bounds``)
-    reaches the target (the most recall), else the one of best bound, then recall (the caller
-    states it, and move refuses); or the given ``threshold`` with its bound."""
+    reaches the target (the most recall; else the one just above every pair, linking nothing);
+    or the given ``threshold`` with its bound."""
     positive, neighbour = np.asarray(positive, np.float64), np.asarray(neighbour, np.float64)
     cuts = _cut_grid(positive, neighbour)
     if threshold is not None:
@@ -297,11 +297,7 @@ def anchor_threshold(positive: np.ndarray, neighbour: np.ndarray, n_images: floa
     bound = anchor_bounds(cuts, positive, neighbour, n_images, seed=seed)
     if threshold is not None:
         return float(threshold), float(bound[np.searchsorted(cuts, threshold)])
-    ok = np.flatnonzero(bound >= target_precision)
-    if len(ok):
-        return float(cuts[ok[0]]), float(bound[ok[0]])
-    recall = (positive[None, :] >= cuts[:, None]).mean(axis=1)
-    best = np.lexsort((-np.arange(len(cuts)), recall, bound))[-1]  # ties: the lowest cut
-    return float(cuts[best]), float(bound[best])
+    first = np.flatnonzero(bound >= target_precision)[0]  # the cut linking nothing always qualifies
+    return float(cuts[first]), float(bound[first])
 
 

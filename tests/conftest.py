@@ -111,4 +111,3 @@ def write_edited_copies(root: Path, astronaut, chelsea) -> None:
     w, h = coffee.size
     coffee.crop((0, 0, int(w * 0.45), h)).resize((128, 200)).save(root / "coffee_left.jpg", quality=90)
     coffee.crop((int(w * 0.55), 0, w, h)).resize((128, 200)).save(root / "coffee_right.jpg", quality=90)
-

@@ -1,7 +1,8 @@
 """The pair-precision estimators of verified dedup (pair_precision.py): the look-alike tails'
-formulas on hand-built pairs, the stated precision against the truth on simulated collections,
-and a folder of made images large enough for the tails, where copies (a 90-degree rotation
-included) are linked and look-alikes are not."""
+formulas on hand-built pairs, the stated precision against the truth on simulated collections
+(whose look-alikes follow the tails' exponential model: the real ones in benchmarks/README.md
+are lighter, where the estimate errs low), and a folder of made images large enough for the
+tails, where copies (a 90-degree rotation included) are linked and look-alikes are not."""
 
 import numpy as np
 import pytest
@@ -28,17 +29,17 @@ def test_a_tail_is_fitted_on_an_image_s_next_best_scores_and_extrapolated_as_its
     # image 0 pairs with images 1..8 at 0.9 (its copy), 0.5, 0.45, ..., 0.2; k = 3 of them
     # make its tail (at most half its 8 pairs): level 0.4 (rank 4), the scale the mean of 0.5
     # and 0.45 less it; the others have one pair each and get the median tail (only image 0's)
-    # over their one pair
     scores = np.array([0.9, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2])
     rows, cols = np.zeros(8, dtype=np.int64), np.arange(1, 9)
     tails = look_alike_tails(9, rows, cols, scores, k=3)
     assert tails.level[0] == pytest.approx(0.4) and tails.count[0] == 3
     assert tails.scale[0] == pytest.approx((0.5 + 0.45) / 2 - 0.4)
     assert np.allclose(tails.level, 0.4) and np.allclose(tails.scale, tails.scale[0])
-    assert tails.count[1:].tolist() == [1] * 8  # no more look-alikes than pairs
+    # no more look-alikes above the borrowed level (0.4) than their own scores there
+    assert tails.count[1:].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     t = 0.6
-    # every image's tail (images 1..8 over their one pair only); a pair has two ends
-    false = (3 + 8 * 1) * np.exp(-(t - 0.4) / tails.scale[0]) / 2
+    # every image's tail (images 1..4 over their one pair at or above 0.4); a pair has two ends
+    false = (3 + 4 * 1) * np.exp(-(t - 0.4) / tails.scale[0]) / 2
     assert expected_false_links(np.array([t]), tails)[0] == pytest.approx(false)
     assert precision_at(np.array([t]), scores, tails)[0] == pytest.approx(1 - false / 1)  # one link >= 0.6
     bound = precision_at(np.array([t]), scores, tails, PRECISION_BOUND_Z)[0]
@@ -83,7 +84,7 @@ def test_the_tail_threshold_s_stated_precision_and_recall_hold_on_a_simulated_co
     precision, recall, false, links = tail_estimate(t, positive, scores, tails)
     linked = scores >= t
     true_precision, true_recall = truth[linked].mean(), truth[linked].sum() / copies
-    assert bound >= 0.90 and precision >= bound
+    assert bound >= 0.90
     # stated within 0.10 of the truth (the issue's tolerance) and recall within 0.05. On these
     # exactly exponential tails the estimate is optimistic by up to 0.04 (6 seeds: the mean
     # excess of the 9 scores under the best is a low scale); the benchmarks' real look-alike
@@ -136,16 +137,51 @@ def test_on_a_large_folder_copies_are_linked_and_look_alikes_are_not(large_folde
     assert groups == {frozenset({"astronaut.jpg", "astronaut_rot90.png"}),
                       frozenset({"chelsea.jpg", "chelsea_flip_small_q40.png"})}
     doc = result.to_dict()["calibration"]
-    assert doc["estimator"] == "tails" and doc["links"] >= 2 and doc["expected_false_links"] >= 0
+    assert doc["estimator"] == "tails" and doc["links"] >= 2
     assert "look-alikes extrapolated" in doc["method"]
 
 
-def test_a_target_out_of_reach_links_nothing_and_says_what_lowering_it_would_do(large_folder):
-    strict = find_duplicates(large_folder, encoder=Encoder.load(SHIPPED), workers=0, target_precision=1.0)
+def test_a_target_just_out_of_reach_links_nothing_just_above_every_pair_and_one_in_reach_links():
+    positive, n, rows, cols, scores, _, _ = _simulated(np.random.default_rng(4), 600)
+    tails = look_alike_tails(n, rows, cols, scores)
+    cuts = np.linspace(scores.min(), scores.max(), 2001)
+    best = precision_at(cuts, scores, tails, PRECISION_BOUND_Z).max()  # the best bound of a linking cut
+    t, bound = tail_threshold(positive, scores, tails, min(1.0, best + 1e-3))
+    assert t == np.nextafter(scores.max(), np.inf) and bound == 1.0  # finite: JSON has no Infinity
+    t, bound = tail_threshold(positive, scores, tails, best - 1e-3)
+    assert np.sum(scores >= t) >= 1 and bound >= best - 1e-3
+
+
+def test_a_target_out_of_reach_says_what_lowering_it_would_do_and_writes_strict_json(large_folder):
+    import json
+
+    strict = find_duplicates(large_folder, encoder=Encoder.load(SHIPPED), workers=0, target_precision=0.9999)
     assert strict.groups == [] and strict.calibration.links == 0
-    assert "a lower --target-precision links copies" in strict.summary_line()
+    assert "at the target 0.9999, so nothing links: a lower --target-precision" in strict.summary_line()
+    assert json.loads(json.dumps(strict.to_dict(), allow_nan=False))["threshold"] is not None
     listed = find_duplicates(large_folder, encoder=Encoder.load(SHIPPED), workers=0)
     assert "a lower --target-precision" not in listed.summary_line()
+
+
+def test_images_with_few_pairs_borrow_a_tail_that_predicts_their_false_links():
+    # cross-set with a 5-image reference: each new image has only its 5 reference pairs (too
+    # few for a tail of its own) and borrows the median one, over no more scores than it has;
+    # 5 real copies among 2,000 pairs of look-alikes following the tails' model
+    rng = np.random.default_rng(0)
+    refs, new = 5, 400
+    rows, cols = np.repeat(np.arange(refs), new), refs + np.tile(np.arange(new), refs)
+    base, scale = rng.normal(0.30, 0.03, refs + new), rng.uniform(0.02, 0.04, refs + new)
+    scores = np.maximum(base[rows] + rng.exponential(scale[rows]), base[cols] + rng.exponential(scale[cols]))
+    truth = np.zeros(len(scores), dtype=bool)
+    copies = rng.choice(len(scores), 5, replace=False)
+    scores[copies], truth[copies] = rng.normal(0.75, 0.05, 5), True
+    tails = look_alike_tails(refs + new, rows, cols, scores)
+    cuts = np.linspace(0.3, 0.8, 51)
+    false = expected_false_links(cuts, tails)
+    assert np.all(np.diff(false) <= 1e-9)  # never more false links at a higher cut
+    for t, f in zip(cuts, false):
+        true_false = np.sum((scores >= t) & ~truth)
+        assert abs(f - true_false) <= max(3.0, 0.25 * true_false), (t, f, true_false)
 
 
 def test_expected_false_links_are_the_same_computed_in_small_blocks(monkeypatch):
