@@ -11,10 +11,15 @@ in pretraining; CIFAR-10 test at 32 px): one class gives
 images drawn at random. Each
 encoder embeds the same images: the model, the same architecture at random init and raw 32x32
 pixels (benchmarks/_encoders.py); ``outliers.rank_outliers`` scores them (mean cosine distance to
-the k = 10 nearest others) in raw cosine (the command's default) for every encoder, and for the
-model also centred and whitened on the collection (``--normalize center | whiten``), and with
-``--alternatives`` other scores of the model's vectors (``alternative_scores``). Printed: planted images in the top ``--planted`` (the goal: >= 7 of 10)
-and the AUROC of the score for planted vs base images.
+the k = 10 nearest others) in raw cosine for every encoder, and for the model also in the model
+directory's reference mean (the command's default, reference.py), centred on a reference mean
+taken here from ``--cross-reference`` images of the *other* set only (CIFAR-10 train for
+Imagenette, Imagenette train for CIFAR-10: whether the gain needs photos like the collection's;
+every encoder centred on its own mean of the same images),
+centred and whitened on the collection (``--normalize center | whiten``), and with
+``--alternatives`` other scores of the model's vectors (``alternative_scores``). Printed: planted
+images in the top ``--planted`` (the goal: >= 7 of 10) and the AUROC of the score for planted vs
+base images.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from _encoders import compared_encoders, embed_paths
 from sklearn.metrics import roc_auc_score
 
 from filterkit.images import discover_images
+from filterkit.normalize import Normalizer
 from filterkit.outliers import outlier_scores, rank_outliers
 
 
@@ -71,6 +77,8 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=300)
     parser.add_argument("--planted", type=int, default=10)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--cross-reference", type=int, default=2048,
+                        help="images of the other set to take the cross-set reference mean of (0: skip)")
     parser.add_argument("--alternatives", action="store_true",
                         help="also score the model's vectors with other outlier scores (scikit-learn), side by side")
     args = parser.parse_args()
@@ -79,8 +87,16 @@ def main() -> None:
     torch.set_num_threads(1)
     root = data_root(args.data)
     encoders = compared_encoders(args.model, "vit-mini-8-64")
+    model = dict(encoders).get("model")
+    shipped = model.reference() if model is not None else None
     for name in args.sets:
         folder = imagenette_train(root) if name == "imagenette" else cifar10(root) / "test"
+        cross = {}  # per encoder: its own mean over the same images of the other set
+        if args.cross_reference:
+            other = discover_images(cifar10(root) / "train" if name == "imagenette" else imagenette_train(root))
+            pick = np.sort(np.random.default_rng(0).choice(len(other), min(args.cross_reference, len(other)), replace=False))
+            cross = {label: Normalizer.fit(embed_paths(encoder, [other[i] for i in pick]), "center")
+                     for label, encoder in encoders}
         paths = discover_images(folder)
         labels = [p.parent.name for p in paths]
         rows: dict[str, list[tuple[int, float]]] = {}
@@ -89,16 +105,22 @@ def main() -> None:
             line = []
             for label, encoder in encoders:
                 vectors = embed_paths(encoder, chosen, workers=0)
-                spaces = [("none", label)] + ([("center", f"{label}, centred"), ("whiten", f"{label}, whitened")]
-                                              if label == "model" else [])
+                spaces = [("none", None, label)]
+                if label == "model" and shipped:
+                    spaces += [("reference", shipped, "model, the model's reference (the default)")]
+                if label in cross:
+                    spaces += [("reference", cross[label], f"{label}, a reference from the other set only")]
+                if label == "model":
+                    spaces += [("center", None, f"{label}, centred"), ("whiten", None, f"{label}, whitened")]
                 if label == "model" and args.alternatives:
                     for key, score in alternative_scores(vectors).items():
                         hits = int(planted[np.argsort(-score, kind="stable")[:args.planted]].sum())
                         auroc = roc_auc_score(planted, score)
                         rows.setdefault(f"model, {key}", []).append((hits, auroc))
                         line.append(f"model, {key} {hits}/{args.planted} (AUROC {auroc:.3f})")
-                for space, key in spaces:
-                    result = rank_outliers(chosen, vectors, top=args.planted, k=args.k, normalize=space)
+                for space, reference, key in spaces:
+                    result = rank_outliers(chosen, vectors, top=args.planted, k=args.k, normalize=space,
+                                           reference=reference)
                     score = {str(o.path): o.score for o in result.ranked}
                     hits = sum(planted[chosen.index(o.path)] for o in result.outliers)
                     auroc = roc_auc_score(planted, [score[str(p)] for p in chosen])

@@ -99,8 +99,10 @@ class Encoder:
         model_id: str | None = None,
         device: str = "auto",
         precision: str = "auto",
+        path: str | os.PathLike | None = None,
     ) -> None:
         self.config = config
+        self.path = None if path is None else Path(path)  # the model directory it was loaded from
         self.meta = dict(meta or {})
         self.device = pick_device(device)
         self.amp_dtype = autocast_dtype(self.device, precision)
@@ -131,7 +133,7 @@ class Encoder:
             detail = " ".join(line.strip() for line in first[:3])
             raise FilterkitError(f"{files.path / 'model.safetensors'} does not fit config.json: {detail}") from None
         return cls(backbone, files.config, meta=files.meta, model_id=files.model_id, device=device,
-                   precision=precision)
+                   precision=precision, path=files.path)
 
     def weights_blob(self, dtype: torch.dtype = torch.float32) -> bytes:
         """The safetensors bytes ``save`` writes; the model id hashes exactly these."""
@@ -160,6 +162,13 @@ class Encoder:
         return {"model_id": self.model_id, "embedding_dim": self.dim, "architecture": self.config.to_dict(),
                 "timm": {"model_name": self.config.timm_name, "kwargs": self.config.timm_kwargs},
                 "parameters": sum(p.numel() for p in self.backbone.parameters()), **self.meta}
+
+    def reference(self):
+        """The model directory's reference mean (``reference.read_reference``), or None
+        when it has none or the encoder was not loaded from a directory."""
+        from .reference import read_reference
+
+        return read_reference(self.path, self.model_id)
 
     # -- properties ---------------------------------------------------------------------
     @property

@@ -45,6 +45,7 @@ class Normalizer:
     transform: np.ndarray | None = None  # [D, D] float32: x -> (x - mean) @ transform (whiten)
     fitted_on: int = 0  # vectors it was fitted on
     shrinkage: float | None = None  # Ledoit-Wolf's shrinkage of the covariance (whiten)
+    reference: str | None = None  # a model's reference mean (reference.py): the images it was fitted on
 
     @classmethod
     def fit(cls, vectors: np.ndarray, kind: str = "center") -> Normalizer:
@@ -86,12 +87,16 @@ class Normalizer:
         out = {"kind": self.kind, "fitted_on": self.fitted_on}
         if self.shrinkage is not None:
             out["shrinkage"] = round(self.shrinkage, 6)
+        if self.reference is not None:
+            out["reference"] = self.reference
         return out
 
     def describe(self) -> str:
         if self.kind == "none":
             return "raw cosine"
         extra = f", shrinkage {self.shrinkage:.3f}" if self.shrinkage is not None else ""
+        if self.reference is not None:
+            return f"centred on the model's {self.fitted_on} reference images"
         return f"{'centred' if self.kind == 'center' else 'whitened'} on {self.fitted_on} vectors{extra}"
 
     # -- stored beside an on-disk index: plain .npy arrays, read without pickle ------------------

@@ -406,7 +406,7 @@ def outliers(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many of the least typical images to list (and act on).")] = 10,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours: the score is the mean cosine distance to the K nearest other images.")] = 10,
-    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine; measured best for outliers) | center | whiten | auto, fitted on the folder.")] = "none",
+    normalize: Annotated[str, typer.Option("--normalize", help="Similarity: reference (centred on the model's mean over generic photos; measured best for outliers) | none (raw cosine) | center | whiten (fitted on the folder) | auto (reference when the model has one, else none).")] = "auto",
     action: Annotated[str, typer.Option("--action", help="report | copy | link | move the top images into --out/outliers.")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action.")] = None,
     dry_run: DryRunOpt = False,
@@ -435,10 +435,9 @@ def outliers(
                                follow_symlinks)
         embedding = _map_vectors(folder, encoder, store, follow_symlinks, report, map_png)
     if embedding is not None:  # before any move; the map in the space that was scored
-        from ..normalize import Normalizer
         from ..report import outlier_label, write_map, write_outliers_report
 
-        vectors = Normalizer.fit(embedding[1], normalize)(embedding[1])
+        vectors = result.space(embedding[1])
         if report is not None:
             write_outliers_report(result, report, (embedding[0], vectors), map_png=map_png)
         else:

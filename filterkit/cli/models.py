@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import presets
-from .common import JsonOpt, ModelOpt, QuietOpt, cache_app, echo_err, index_app, load_encoder, model_app
+from .common import (CacheOpt, JsonOpt, ModelOpt, QuietOpt, WorkersOpt, cache_app, echo_err, index_app, load_encoder,
+                     model_app)
 
 
 @model_app.command("init")
@@ -106,6 +107,28 @@ def model_calibrate(
     typer.echo(f"dedup threshold {result.threshold:.4f}: precision {result.precision:.3f}, recall "
                f"{result.recall:.3f} on {result.images} images + one synthetic near-duplicate each; "
                f"written to {model_dir / 'config.json'}")
+
+
+@model_app.command("reference")
+def model_reference(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory to add reference.safetensors to.")],
+    images: Annotated[list[Path], typer.Option("--images", help="Folder of generic photos (repeatable), e.g. the model's training data; not one kind only.")],
+    max_images: Annotated[int, typer.Option("--max-images", min=256, help="Images drawn at random, the same share of every folder.")] = 4096,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cache: CacheOpt = None,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store the model's mean embedding over generic photos (what `outliers` centres on)."""
+    from ..cache import EmbeddingCache
+    from ..encoder import Encoder
+    from ..reference import fit_reference, write_reference
+
+    encoder = Encoder.load(model_dir, device="cpu")
+    with EmbeddingCache(cache) as store:
+        norm = fit_reference(encoder, images, max_images, seed, store, workers, not quiet)
+    path = write_reference(model_dir, norm, encoder.model_id)
+    typer.echo(f"reference mean of {norm.fitted_on} images ({norm.reference}) written to {path}")
 
 
 @model_app.command("import-moco")
