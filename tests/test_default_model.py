@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import assert_no_machine_path
@@ -48,6 +49,15 @@ def test_shipped_provenance_is_names_and_counts_with_the_device_that_trained_it(
     assert "stages" not in t and t["init_from"] is None  # one run from random init
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert t["compute"]["device"] in card and "fp16" in card
+
+
+def test_shipped_reference_mean_belongs_to_the_shipped_weights_and_names_its_images():
+    enc = Encoder.load(device="cpu")
+    ref = enc.reference()
+    assert ref is not None and ref.kind == "center" and ref.fitted_on >= 1024
+    assert ref.mean.shape == (enc.dim,) and np.isfinite(ref.mean).all()
+    assert "imagenette" in ref.reference and "cifar10" in ref.reference
+    assert_no_machine_path(ref.to_dict(), REPO, Path.home())
 
 
 def test_model_card_regenerates_from_the_model_directory_alone(tmp_path):
@@ -117,6 +127,8 @@ def test_wheel_ships_the_model_and_filter_runs_from_it(tmp_path):
     packages = sorted(str(d.relative_to(REPO)) for d in (REPO / "filterkit").rglob("__init__.py"))
     missing = [name for name in packages if not (site / name).is_file()]
     assert not missing, f"the wheel lacks {missing}"
+    shipped = sorted(p.name for p in (site / "filterkit" / "models" / DEFAULT_MODEL).iterdir())
+    assert shipped == sorted(p.name for p in SHIPPED.iterdir()), "the wheel's model directory differs from models/"
     env = {"PYTHONPATH": str(site), "FILTERKIT_CACHE": str(tmp_path / "cache.sqlite")}
     where = _run([sys.executable, "-c", "import filterkit.modeldir as e; print(e.__file__); print(e.default_model_path())"],
                  cwd=tmp_path, env_extra=env)

@@ -9,8 +9,18 @@ from typing import Annotated, Optional
 import typer
 
 from .. import presets
-from .common import (CacheOpt, JsonOpt, ModelOpt, QuietOpt, WorkersOpt, cache_app, echo_err, index_app, load_encoder,
-                     model_app)
+from .common import (
+    CacheOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    WorkersOpt,
+    cache_app,
+    echo_err,
+    index_app,
+    load_encoder,
+    model_app,
+)
 
 
 @model_app.command("init")
