@@ -59,7 +59,8 @@ def stored_dtype(weights: Path) -> str:
     return {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(name, name)
 
 
-def card(doc: dict, weights_dtype: str = "fp32") -> str:
+def card(doc: dict, weights_dtype: str = "fp32", reference=None) -> str:
+    """The card's Markdown; ``reference``: the directory's reference mean (reference.read_reference), if any."""
     arch, training, quality = doc["architecture"], doc["training"], doc.get("quality") or {}
     notes = doc.get("card") or {}
     compute = training.get("compute", {})
@@ -129,6 +130,10 @@ def card(doc: dict, weights_dtype: str = "fp32") -> str:
     if dedup is not None:
         lines.append(f"- Dedup threshold (cosine): {dedup:.4f}, calibrated by `filterkit model calibrate` on "
                      "held-out photos (planted near-duplicates, precision target in config.json).")
+    if reference is not None:
+        lines.append(f"- Reference mean (`reference.safetensors`, what `filterkit outliers` centres on): the mean "
+                     f"embedding of {reference.fitted_on:,} images, {reference.reference}; written by "
+                     "`filterkit model reference`.")
     if notes.get("limitations"):
         lines += ["", "## Limitations"] + [f"- {x}" for x in notes["limitations"]]
     return "\n".join(lines) + "\n"
@@ -144,7 +149,7 @@ def main() -> None:
     parser.add_argument("--limitation", action="append", default=[], help="default: config.json's card.limitations")
     parser.add_argument("--name", help="the card's title (default: config.json's card.title, else the folder's name)")
     args = parser.parse_args()
-    Encoder.load(args.model_dir, device="cpu")  # refuse a directory that does not load
+    Encoder.load(args.model_dir, device="cpu")  # refuse a directory that does not load (before writing anything)
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
     if not doc.get("training"):
         raise SystemExit(f"{args.model_dir / CONFIG_FILE} has no training provenance: not a pretrained model")
@@ -164,7 +169,9 @@ def main() -> None:
     if updates:
         update_model_config(args.model_dir, **updates)
         doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
-    atomic_write_text(args.model_dir / CARD_FILE, card(doc, stored_dtype(args.model_dir / WEIGHTS_FILE)))
+    encoder = Encoder.load(args.model_dir, device="cpu")
+    atomic_write_text(args.model_dir / CARD_FILE, card(doc, stored_dtype(args.model_dir / WEIGHTS_FILE),
+                                                       encoder.reference()))
     print(f"wrote {args.model_dir / CARD_FILE}")
 
 
