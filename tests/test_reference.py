@@ -113,6 +113,8 @@ def test_model_reference_command_then_outliers_report_the_space(tmp_path, capsys
     assert main(["outliers", str(generic_and_odd / "odd"), "--model", str(small_model_dir), "--json", "-q",
                  "--workers", "0", "--normalize", "reference"]) != 0
     assert "no reference mean" in capsys.readouterr().err
+    assert main(["outliers", str(generic_and_odd / "odd"), "--model", str(small_model_dir), "-q", "--workers", "0"]) == 0
+    assert "no reference mean, so raw cosine" in capsys.readouterr().out
 
 
 def test_a_reference_left_beside_retrained_weights_is_refused(tmp_path, capsys, small_model_dir, generic_and_odd):

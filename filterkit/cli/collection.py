@@ -458,6 +458,9 @@ def outliers(
         table.add_row(str(o.rank), f"{o.score:.3f}", str(o.path), f"{o.nearest} ({o.nearest_similarity:.3f})")
     Console().print(table)
     typer.echo(result.summary_line())
+    if normalize == "auto" and "reference" not in result.normalize:
+        typer.echo("(the model has no reference mean, so raw cosine; `filterkit model reference MODEL --images DIR` "
+                   "adds one from generic photos of several kinds, which measured better: README.md, outliers)")
     print_actions(plan, done, dry_run)
     print_report(report)
     print_map(map_png)
