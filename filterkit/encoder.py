@@ -168,7 +168,7 @@ class Encoder:
         when it has none or the encoder was not loaded from a directory."""
         from .reference import read_reference
 
-        return read_reference(self.path, self.model_id)
+        return read_reference(self.path, self.model_id, self.dim)
 
     # -- properties ---------------------------------------------------------------------
     @property

@@ -340,4 +340,9 @@ def write_model_dir(path: str | os.PathLike, cfg: ModelConfig, weights: bytes, m
     atomic_write_bytes(path / WEIGHTS_FILE, weights)
     atomic_write_text(path / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     atomic_write_text(path / CARD_FILE, card or default_model_card(cfg, meta))
+    from .reference import REFERENCE_FILE, reference_model_id
+
+    old = reference_model_id(path)
+    if old is not None and old != doc["model_id"]:  # the mean of the weights just replaced: stale
+        (path / REFERENCE_FILE).unlink()
     return doc["model_id"]

@@ -111,16 +111,22 @@ def outlier_scores(vectors: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray,
     return score, ids[rows, first].astype(np.int64), sims[rows, first]
 
 
-def outlier_space(vectors: np.ndarray, normalize: str = DEFAULT_NORMALIZE,
-                  reference: Normalizer | None = None) -> Normalizer:
-    """The normaliser outliers are scored in: ``reference`` (the model's, ``Encoder.reference()``)
-    for "reference", and for "auto" when there is one (else raw cosine); none | center | whiten
-    fitted on ``vectors``."""
+def check_normalize(normalize: str, reference: Normalizer | None) -> None:
+    """Refuse an unknown space, or "reference" without one (before anything is embedded)."""
     if normalize not in NORMALIZE_CHOICES:
         raise FilterkitError(f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}, got {normalize!r}")
     if normalize == "reference" and reference is None:
         raise FilterkitError("--normalize reference: the model directory has no reference mean "
                              "(reference.safetensors); `filterkit model reference MODEL --images DIR` computes one")
+
+
+def outlier_space(vectors: np.ndarray, normalize: str = DEFAULT_NORMALIZE,
+                  reference: Normalizer | None = None) -> Normalizer:
+    """The normaliser outliers are scored in: ``reference`` (the model's, ``Encoder.reference()``)
+    for "reference", and for "auto" when there is one (else raw cosine); none | center | whiten
+    fitted on ``vectors``. (Unlike search's and filter's "auto", which centre on the folder:
+    for outliers the folder's own mean is the wrong centre; see the module docstring.)"""
+    check_normalize(normalize, reference)
     if normalize in ("auto", "reference"):
         return reference if reference is not None else Normalizer.fit(vectors, "none")
     return Normalizer.fit(vectors, normalize)
@@ -150,6 +156,7 @@ def find_outliers(folder: str | os.PathLike, encoder, top: int = DEFAULT_TOP, k:
     from .pipeline import cache_or_default, embed_folder
 
     reference = encoder.reference() if normalize in ("auto", "reference") else None
+    check_normalize(normalize, reference)
 
     with cache_or_default(cache) as store:
         found = embed_folder(folder, encoder, store, batch_size, workers, progress, follow_symlinks=follow_symlinks)

@@ -50,6 +50,8 @@ def fit_reference(encoder, folders: Sequence[str | os.PathLike], max_images: int
     from .images import discover_images
     from .pipeline import cache_or_default, embed_paths
 
+    if max_images < MIN_IMAGES:
+        raise FilterkitError(f"a reference needs at least {MIN_IMAGES} images; --max-images is {max_images}")
     found = [(Path(f), discover_images(f)) for f in folders]
     total = sum(len(p) for _, p in found)
     if total < MIN_IMAGES:
@@ -62,7 +64,7 @@ def fit_reference(encoder, folders: Sequence[str | os.PathLike], max_images: int
         take = np.sort(rng.choice(len(paths), min(quota, len(paths)), replace=False))
         chosen += [paths[i] for i in take]
         left -= len(take)
-        parts.append(f"{'/'.join(folder.resolve().parts[-2:])} ({len(take)} of {len(paths)})")
+        parts.append(f"{folder.resolve().name} ({len(take)} of {len(paths)})")
     with cache_or_default(cache) as store:
         embedded = embed_paths(chosen, encoder, store, workers=workers, progress=progress)
     if len(embedded.paths) < MIN_IMAGES:
@@ -72,23 +74,43 @@ def fit_reference(encoder, folders: Sequence[str | os.PathLike], max_images: int
     return Normalizer(norm.kind, norm.mean, fitted_on=norm.fitted_on, reference=" + ".join(parts))
 
 
-def write_reference(model_dir: str | os.PathLike, norm: Normalizer, model_id: str) -> Path:
-    """Write ``model_dir/reference.safetensors`` atomically (replacing an older one)."""
+def write_reference(model_dir: str | os.PathLike, norm: Normalizer, model_id: str, dim: int | None = None) -> Path:
+    """Write ``model_dir/reference.safetensors`` atomically (replacing an older one); ``dim``:
+    the model's embedding width, which the mean must have."""
     import torch
     from safetensors.torch import save
 
     if norm.kind != "center" or norm.mean is None:
         raise FilterkitError("a model's reference is a mean (Normalizer.fit(..., 'center'))")
+    if dim is not None and norm.mean.shape != (dim,):
+        raise FilterkitError(f"the reference mean has shape {list(norm.mean.shape)}, the model's embedding {dim}")
     meta = {"model_id": model_id, "fitted_on": str(norm.fitted_on), "reference": norm.reference or ""}
     blob = save({"mean": torch.from_numpy(np.ascontiguousarray(norm.mean, dtype=np.float32))}, metadata=meta)
     path = Path(model_dir) / REFERENCE_FILE
-    atomic_write_bytes(path, blob)
+    try:
+        atomic_write_bytes(path, blob)
+    except OSError as e:
+        raise FilterkitError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
-def read_reference(model_dir: str | os.PathLike | None, model_id: str) -> Normalizer | None:
-    """The reference centring of ``model_dir``, None when it has none; a file that is malformed
-    or was computed for another model id is an error that says how to renew it."""
+def reference_model_id(model_dir: str | os.PathLike) -> str | None:
+    """The model id a directory's reference file was computed for; None when there is none or
+    it cannot be read (``read_reference`` says why)."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / REFERENCE_FILE
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get("model_id")
+    except Exception:  # absent or malformed: nothing to compare
+        return None
+
+
+def read_reference(model_dir: str | os.PathLike | None, model_id: str, dim: int | None = None) -> Normalizer | None:
+    """The reference centring of ``model_dir``, None when it has none; a file that is malformed,
+    was computed for another model id or whose mean is not ``dim`` wide is an error that says
+    how to renew it."""
     from safetensors import SafetensorError, safe_open
 
     if model_dir is None:
@@ -101,13 +123,14 @@ def read_reference(model_dir: str | os.PathLike | None, model_id: str) -> Normal
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             mean = f.get_tensor("mean")
-    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise FilterkitError(f"malformed {path}: {e}; {renew}") from None
     if meta.get("model_id") != model_id:
         raise FilterkitError(f"{path} was computed for model {meta.get('model_id')!r}, not for these weights "
                              f"({model_id}); {renew}")
-    if mean.ndim != 1 or not np.isfinite(mean).all():
-        raise FilterkitError(f"malformed {path}: the mean is not a finite vector (shape {list(mean.shape)}); {renew}")
+    if mean.ndim != 1 or (dim is not None and len(mean) != dim) or not np.isfinite(mean).all():
+        raise FilterkitError(f"malformed {path}: the mean is not a finite vector of the model's {dim or 'any'} "
+                             f"dimensions (shape {list(mean.shape)}); {renew}")
     try:
         fitted_on = int(meta.get("fitted_on", 0))
     except ValueError as e:

@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--limitation", action="append", default=[], help="default: config.json's card.limitations")
     parser.add_argument("--name", help="the card's title (default: config.json's card.title, else the folder's name)")
     args = parser.parse_args()
-    Encoder.load(args.model_dir, device="cpu")  # refuse a directory that does not load (before writing anything)
+    # Refuse a directory that does not load, or whose reference is stale, before writing anything.
+    reference = Encoder.load(args.model_dir, device="cpu").reference()
     doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
     if not doc.get("training"):
         raise SystemExit(f"{args.model_dir / CONFIG_FILE} has no training provenance: not a pretrained model")
@@ -169,9 +170,7 @@ def main() -> None:
     if updates:
         update_model_config(args.model_dir, **updates)
         doc = json.loads((args.model_dir / CONFIG_FILE).read_text())
-    encoder = Encoder.load(args.model_dir, device="cpu")
-    atomic_write_text(args.model_dir / CARD_FILE, card(doc, stored_dtype(args.model_dir / WEIGHTS_FILE),
-                                                       encoder.reference()))
+    atomic_write_text(args.model_dir / CARD_FILE, card(doc, stored_dtype(args.model_dir / WEIGHTS_FILE), reference))
     print(f"wrote {args.model_dir / CARD_FILE}")
 
 

@@ -39,6 +39,33 @@ def test_written_mean_reads_back_and_belongs_to_its_model_id(tmp_path):
         read_reference(tmp_path, "model-a")
     with pytest.raises(FilterkitError, match="a mean"):
         write_reference(tmp_path, Normalizer("none"), "model-a")
+    with pytest.raises(FilterkitError, match="the model's embedding 8"):
+        write_reference(tmp_path, norm, "model-a", dim=8)
+
+
+def test_a_mean_of_another_width_or_dtype_is_malformed_not_a_traceback(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    write_reference(tmp_path, Normalizer("center", np.ones(7, np.float32), fitted_on=300), "model-a")
+    assert read_reference(tmp_path, "model-a").mean.shape == (7,)
+    with pytest.raises(FilterkitError, match="malformed.*192 dimensions"):
+        read_reference(tmp_path, "model-a", dim=192)
+    save_file({"mean": torch.ones(192, dtype=torch.bfloat16)}, str(tmp_path / REFERENCE_FILE),
+              metadata={"model_id": "model-a"})
+    with pytest.raises(FilterkitError, match="malformed"):
+        read_reference(tmp_path, "model-a", dim=192)
+
+
+def test_replacing_the_weights_removes_the_reference_of_the_old_ones(tmp_path, small_model_dir, small_encoder):
+    model = tmp_path / "model"
+    shutil.copytree(small_model_dir, model)
+    mine = Normalizer("center", np.zeros(small_encoder.dim, np.float32), fitted_on=300)
+    write_reference(model, mine, small_encoder.model_id)
+    small_encoder.save(model, overwrite=True)  # the same weights: the reference still belongs to them
+    assert Encoder.load(model).reference() is not None
+    Encoder.random("vit-tiny-8-64", seed=1, depth=2).save(model, overwrite=True)  # new weights
+    assert not (model / REFERENCE_FILE).exists() and Encoder.load(model).reference() is None
 
 
 def test_outliers_centre_on_the_reference_when_there_is_one_else_raw_cosine():
@@ -102,9 +129,11 @@ def test_model_reference_command_then_outliers_report_the_space(tmp_path, capsys
     assert "reference mean of 256 images" in capsys.readouterr().out
     ref = Encoder.load(model).reference()  # every image: the two folders hold 256 < 300
     assert ref.fitted_on == MIN_IMAGES and ref.reference.count(f" of {MIN_IMAGES // 2})") == 2
-    assert ref.reference.startswith(f"{generic_and_odd.name}/fields") or ref.reference.startswith(
-        f"{generic_and_odd.name}/stripes")
-    assert_no_machine_path(ref.to_dict(), tmp_path, generic_and_odd.parent)
+    # base names only, as config.json's data (no parent folder of the user's in a model directory)
+    assert ref.reference in (f"fields ({MIN_IMAGES // 2} of {MIN_IMAGES // 2}) + stripes ({MIN_IMAGES // 2} of "
+                             f"{MIN_IMAGES // 2})", f"stripes ({MIN_IMAGES // 2} of {MIN_IMAGES // 2}) + fields "
+                             f"({MIN_IMAGES // 2} of {MIN_IMAGES // 2})")
+    assert_no_machine_path(ref.to_dict(), tmp_path, generic_and_odd.parent, generic_and_odd.name)
 
     assert main(["outliers", str(generic_and_odd / "odd"), "--model", str(model), "--json", "-q", "--workers", "0",
                  "--top", "2"]) == 0

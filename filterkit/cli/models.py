@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .. import presets
+from ..errors import FilterkitError
 from .common import (
     CacheOpt,
     JsonOpt,
@@ -135,9 +137,11 @@ def model_reference(
     from ..reference import fit_reference, write_reference
 
     encoder = Encoder.load(model_dir, device="cpu")
+    if not os.access(model_dir, os.W_OK):  # before minutes of embedding
+        raise FilterkitError(f"cannot write into {model_dir}: permission denied")
     with EmbeddingCache(cache) as store:
         norm = fit_reference(encoder, images, max_images, seed, store, workers, not quiet)
-    path = write_reference(model_dir, norm, encoder.model_id)
+    path = write_reference(model_dir, norm, encoder.model_id, encoder.dim)
     typer.echo(f"reference mean of {norm.fitted_on} images ({norm.reference}) written to {path}")
 
 
