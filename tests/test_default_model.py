@@ -85,6 +85,7 @@ def test_commands_without_model_use_the_default(capsys):
     assert main(["model", "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert Path(info["path"]).resolve() == SHIPPED.resolve()
+    assert info["reference"]["kind"] == "center" and info["reference"]["fitted_on"] == 4096
     assert main(["search", str(EXAMPLES / "exemplars" / "cat.jpg"), "--in", str(EXAMPLES / "incoming"),
                  "-k", "1", "--json", "--quiet"]) == 0
     hits = json.loads(capsys.readouterr().out)

@@ -154,6 +154,8 @@ def test_a_reference_left_beside_retrained_weights_is_refused(tmp_path, capsys, 
     assert main(["outliers", str(generic_and_odd / "odd"), "--model", str(model), "-q", "--workers", "0"]) != 0
     err = capsys.readouterr().err
     assert "computed for model 'an-older-model'" in err and "filterkit model reference" in err
+    assert main(["model", "info", str(model), "--json"]) == 0  # the model itself still loads
+    assert json.loads(capsys.readouterr().out)["reference"].startswith("unusable: ")
     assert main(["outliers", str(generic_and_odd / "odd"), "--model", str(model), "-q", "--workers", "0",
                  "--normalize", "none", "--json"]) == 0  # the raw space needs no reference
     assert json.loads(capsys.readouterr().out)["normalize"]["kind"] == "none"

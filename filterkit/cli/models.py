@@ -96,7 +96,13 @@ def model_info(
     from ..modeldir import default_model_path
 
     model_dir = model_dir or default_model_path()
-    info = {"path": str(model_dir), **Encoder.load(model_dir, device="cpu").describe()}
+    encoder = Encoder.load(model_dir, device="cpu")
+    info = {"path": str(model_dir), **encoder.describe()}
+    try:
+        reference = encoder.reference()
+        info["reference"] = reference.to_dict() if reference is not None else None
+    except FilterkitError as e:  # shown, not fatal: the model itself loads
+        info["reference"] = f"unusable: {e}"
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
