@@ -172,15 +172,18 @@ def test_a_probe_that_misjudged_the_pace_is_corrected_by_the_run_s_own(tmp_path,
 def test_a_run_stopped_after_a_re_plan_resumes_with_the_re_planned_schedule(tmp_path, train_dir, monkeypatch):
     import filterkit.train.loop as loop
 
-    measured = loop.step_seconds
-    monkeypatch.setattr(loop, "step_seconds", lambda times: 8 * measured(times))
+    # The first plan fixed at 12 steps (a probe that misjudged the pace), so the re-plan comes at
+    # step 4 (its 3 timed steps) on any machine: scaling the measured step instead left a fast
+    # machine's plan so long that the 10 % mark fell after step 6
+    monkeypatch.setattr(loop, "planned_steps", lambda *args, **kwargs: 12)
     # --warmup-epochs given as 0.5 of a 3-step epoch: kept as given through the re-plan, or the
     # resume would refuse options that differ from the checkpoint's
     opts = TrainOptions(minutes=0.25, warmup_epochs=0.5, **TINY)
     first = pretrain(train_dir, tmp_path / "m", opts, device="cpu", workers=0, progress=False, stop_at_step=6)
     log = [json.loads(line) for line in (tmp_path / "m" / "training" / "log.jsonl").read_text().splitlines()]
     plans = [r["replanned"] for r in log if "replanned" in r]
-    assert first.steps == 6 and plans and first.total_steps == plans[-1]["to_steps"] > 6
+    assert first.steps == 6 and plans and plans[0]["from_steps"] == 12
+    assert first.total_steps == plans[-1]["to_steps"] > 12
     resumed = pretrain(train_dir, tmp_path / "m", opts, resume=True, device="cpu", workers=0, progress=False,
                        stop_at_step=7)
     assert resumed.steps == 7 and resumed.total_steps == first.total_steps  # the re-planned horizon, kept
