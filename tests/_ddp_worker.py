@@ -186,6 +186,51 @@ def run_moco_queue(rank: int, world: int, port: int, data: str, out: str, dump: 
     dist.destroy_process_group()
 
 
+def run_banks(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
+    """NNCLR's support queue and Mean Shift's memory bank under gloo DDP: each loss on fixed
+    tensors split across the ranks with one support set / bank (loss and gradients), each pushed
+    as the method pushes it; then short nnclr and meanshift runs; writes dump/banks<rank>.pt."""
+    _env(rank, world, port)
+    import torch.nn.functional as F
+
+    from filterkit.methods.base import EmbeddingQueue, gather_no_grad
+    from filterkit.methods.meanshift import mean_shift_loss
+    from filterkit.methods.nnclr import nearest_neighbour, nnclr_infonce
+    from filterkit.train import TrainOptions, pretrain
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(13)
+    n = 3
+    mine = slice(rank * n, (rank + 1) * n)
+    z_all, p_all = F.normalize(torch.randn(world * n, 6), dim=1), torch.randn(world * n, 6)
+    support = F.normalize(torch.randn(4, 6), dim=1)  # the same on every rank, as pushes keep it
+    p = p_all[mine].clone().requires_grad_(True)
+    nn_loss = nnclr_infonce(nearest_neighbour(z_all[mine], support), p, 0.2)
+    nn_loss.backward()
+    nn_mean = nn_loss.detach().clone()
+    dist.all_reduce(nn_mean)
+    queue = EmbeddingQueue(5, 6)
+    queue.push(gather_no_grad(z_all[mine]))  # NNCLR's push: z̄1 of the global batch
+    t_all, q_all = F.normalize(torch.randn(world * n, 6), dim=1), torch.randn(world * n, 6)
+    bank = EmbeddingQueue(16, 6)
+    bank.push(gather_no_grad(t_all[mine]))  # MSF's push comes first: each target finds itself
+    q = q_all[mine].clone().requires_grad_(True)
+    ms_loss = mean_shift_loss(q, t_all[mine], bank.contents(), k=2)
+    ms_loss.backward()
+    ms_mean = ms_loss.detach().clone()
+    dist.all_reduce(ms_mean)
+    found = {"z_all": z_all, "p_all": p_all, "support": support, "nn_loss": nn_mean / world, "nn_grad": p.grad,
+             "queue": queue.state_dict(), "t_all": t_all, "q_all": q_all, "ms_loss": ms_mean / world,
+             "ms_grad": q.grad, "bank": bank.state_dict()}
+    for method in ("nnclr", "meanshift"):
+        options = TrainOptions(preset="vit-mini-8-32", depth=1, batch_size=8, max_steps=2, epochs=10, method=method,
+                               proj_hidden=32, pred_hidden=32, out_dim=16, checkpoint_every=100)
+        result = pretrain(data, f"{out}/{method}", options, device="cpu", workers=0, progress=False)
+        found[method] = {"state": result.model.state_dict(), "loss": result.final_loss}
+    torch.save(found, f"{dump}/banks{rank}.pt")
+    dist.destroy_process_group()
+
+
 def run_multicrop(rank: int, world: int, port: int, data: str, out: str, dump: str) -> None:
     """Multi-crop under gloo DDP: moco-v3's ctr with keys gathered once and shared by several
     queries, on fixed tensors split across the ranks; then short moco-v3 (with a queue) and swav

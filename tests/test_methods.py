@@ -1,6 +1,7 @@
 """The methods behind `pretrain --method`: each loss against its paper's formula written out
 (naive loops, independent of the code under test), a few CPU steps, exact resume, and the
-cross-rank gathering of SimCLR, Barlow Twins and SupCon under gloo DDP."""
+cross-rank gathering of SimCLR, Barlow Twins, SupCon, the NNCLR queue and the Mean Shift bank under
+gloo DDP."""
 
 import json
 import math
@@ -465,6 +466,50 @@ def test_ddp_barlow_twins_supcon_and_swav_compute_over_the_global_batch(tmp_path
         torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0, msg=key)
     assert math.isfinite(r0["loss"]) and load_checkpoint(tmp_path / "m" / CHECKPOINT)["classes"] == \
         ["part0", "part1", "part2"]
+
+
+def test_ddp_nnclr_queue_and_meanshift_bank_hold_the_global_batch_and_equal_on_every_rank(tmp_path, train_dir):
+    import torch.multiprocessing as mp
+
+    import _ddp_worker
+    from filterkit.methods.meanshift import mean_shift_loss
+    from filterkit.methods.nnclr import nearest_neighbour, nnclr_infonce
+
+    mp.start_processes(_ddp_worker.run_banks, args=(2, _free_port(), str(train_dir), str(tmp_path / "m"),
+                                                    str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"banks{r}.pt", weights_only=True) for r in (0, 1))
+    # NNCLR: one process over the global batch gives the same loss, and DDP's average of the
+    # ranks' gradients is its gradient (the negatives p̄_k are both ranks').
+    p = r0["p_all"].clone().requires_grad_(True)
+    single = nnclr_infonce(nearest_neighbour(r0["z_all"], r0["support"]), p, 0.2)
+    single.backward()
+    torch.testing.assert_close(r0["nn_loss"], single.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r0["nn_grad"], r1["nn_grad"]]) / 2, p.grad, rtol=1e-4, atol=1e-6)
+    # Mean Shift: the bank holds both ranks' targets before the lookup, so a rank's neighbours
+    # may be the other rank's rows: the single process's loss and gradient again.
+    bank = EmbeddingQueue(16, 6)
+    bank.push(r0["t_all"])
+    q = r0["q_all"].clone().requires_grad_(True)
+    single = mean_shift_loss(q, r0["t_all"], bank.contents(), k=2)
+    single.backward()
+    torch.testing.assert_close(r0["ms_loss"], single.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r0["ms_grad"], r1["ms_grad"]]) / 2, q.grad, rtol=1e-4, atol=1e-6)
+    # Each rank's queue and bank: the global batch in rank order (6 rows into 5: the last 5).
+    assert torch.equal(r0["queue"]["rows"], r0["z_all"][1:])
+    assert torch.equal(r0["bank"]["rows"][:6], r0["t_all"]) and int(r0["bank"]["filled"]) == 6
+    for name in ("queue", "bank"):
+        for key in ("rows", "ptr", "filled"):
+            assert torch.equal(r0[name][key], r1[name][key]), (name, key)
+    # Real runs, 2 steps of a global batch of 8: NNCLR pushes 8 rows a step, Mean Shift both views' 16
+    # in every rank's buffers, equal on both ranks, as are the weights both ranks stepped.
+    for method, buffer, per_step in (("nnclr", "queue", 8), ("meanshift", "bank", 16)):
+        s0, s1 = r0[method]["state"], r1[method]["state"]
+        assert int(s0[f"{buffer}.filled"]) == 2 * per_step, method
+        for key in (k for k in s0 if k.startswith(f"{buffer}.")):
+            assert torch.equal(s0[key], s1[key]), (method, key)
+        for key in (k for k in params(s0) if "running_" not in k):
+            torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0, msg=f"{method} {key}")
+        assert math.isfinite(r0[method]["loss"]), method
 
 
 def test_supcon_refuses_loose_images_and_a_resume_on_other_classes(tmp_path, train_dir, capsys):
