@@ -363,19 +363,19 @@ def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 class _Views:
     """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand,
-    kept in one float32 table [N, N_VIEWS, D] indexed by row: 84 kB per decoded image (pages of
-    rows never decoded are never touched), read in place by the pair scores (no stacked copy).
-    float16 would halve it but made ``pixel_scores`` 1.4-3.0x slower (the casts)."""
+    kept in one ``verify.ViewTable`` indexed by row: 2.9 kB per image (its 48 x 48 greyscale
+    image and whole frame; the windows are computed when read), read by the pair scores in place.
+    A float32 table of every view was 84 kB per image: 10^6 images would have needed 84 GB."""
 
     def __init__(self, paths: list[Path], progress: bool = False) -> None:
         from . import verify
 
         self.paths, self.progress = paths, progress
-        shape = (len(paths), verify.N_VIEWS, verify.SIDE ** 2)
         try:
-            self.table = np.zeros(shape, dtype=np.float32)
+            self.table = verify.ViewTable(len(paths))
         except MemoryError:
-            raise FilterkitError(f"verifying {len(paths)} images needs {np.prod(shape) * 4 / 1e9:.0f} GB of memory "
+            gb = len(paths) * (verify.WORK ** 2 + 4 * verify.SIDE ** 2) / 1e9
+            raise FilterkitError(f"verifying {len(paths)} images needs {gb:.1f} GB of memory "
                                  "for their thumbnails; deduplicate the folder in parts") from None
         self.done = np.zeros(len(paths), dtype=bool)
 
@@ -391,7 +391,7 @@ class _Views:
         with progress_bar("verify: thumbnails and crops", len(todo), self.progress and len(todo) > 50) as advance:
             for i in todo:
                 try:
-                    self.table[i] = verify.image_views(load_image(self.paths[i], draft_size=verify.DRAFT))
+                    self.table.set(i, load_image(self.paths[i], draft_size=verify.DRAFT))
                 except ImageError:  # gone or changed since it was embedded: zeros verify nothing
                     pass
                 self.done[i] = True
@@ -481,7 +481,7 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     if len(unique) >= 2:
         # each pair is a link of both its images: links per image = pairs / (n / 2)
         scored = score_pairs(paths, vectors, encoder, views, unique,
-                             lambda floor: _candidate_pairs(paths, vectors, unique, index, rotations, floor, progress),
+                             lambda floor: _candidate_pairs(views, vectors, unique, index, rotations, floor),
                              threshold, target_precision, len(unique) / 2, rotations, seed, sample)
         rows, cols, scores, background, calibration = scored
         threshold = calibration.threshold
@@ -620,27 +620,17 @@ def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
     return sampled, copy_vectors, both, float(np.quantile(pos_frame, FLOOR_QUANTILE))
 
 
-def frame_thumbnails(paths: list[Path], rows: np.ndarray, progress: bool = False) -> np.ndarray:
-    """float32 [len(rows), SIDE * SIDE]: the whole-frame thumbnails (verify.thumbnail) of the
-    rows' images, for the rotation candidates; an unreadable image gets zeros (matches nothing)."""
-    from .errors import ImageError
-    from .images import load_image
-    from .progress import progress_bar
-
-    verify = _verify()
-    thumbs = np.zeros((len(rows), verify.SIDE ** 2), dtype=np.float32)
-    with progress_bar("thumbnails (rotated copies)", len(rows), progress) as advance:
-        for k, row in enumerate(rows):
-            try:
-                thumbs[k] = verify.thumbnail(load_image(paths[row], draft_size=verify.DRAFT))
-            except ImageError:
-                pass
-            advance()
-    return thumbs
+def frame_thumbnails(views: _Views, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), SIDE * SIDE]: the rows' whole-frame thumbnails (view 0, decoded first
+    if needed), for the rotation candidates: the frames the pair scores and the synthetic copies
+    use, from one decode of each image; an unreadable image gets zeros (matches nothing)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    views.ensure(rows)
+    return views.table[rows, 0]
 
 
-def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor: float,
-                     progress: bool) -> tuple[np.ndarray, np.ndarray, _Proposer]:
+def _candidate_pairs(views: _Views, vectors, unique, index, rotations: bool,
+                     pixel_floor: float) -> tuple[np.ndarray, np.ndarray, _Proposer]:
     """(rows, cols), rows < cols: each distinct image's NEIGHBOURS nearest by cosine, and with
     ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``);
     and the ``_Proposer`` that asks the same of a newcomer."""
@@ -648,7 +638,7 @@ def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor
 
     verify = _verify()
     sub = np.ascontiguousarray(vectors[unique], dtype=np.float32)
-    idx = index if index is not None and len(unique) == len(paths) else build_index(sub)
+    idx = index if index is not None and len(unique) == len(views.paths) else build_index(sub)
     hits = search(idx, sub, min(NEIGHBOURS + 1, len(unique)))
     # a full list (NEIGHBOURS others beside the image itself): a newcomer must beat its last entry
     kth = hits.scores[:, -1] if hits.ids.shape[1] == NEIGHBOURS + 1 else np.full(len(unique), -np.inf)
@@ -658,7 +648,7 @@ def _candidate_pairs(paths, vectors, unique, index, rotations: bool, pixel_floor
     pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
     frames = None
     if rotations:
-        frames = verify.DihedralSearch(frame_thumbnails(paths, unique, progress), NEIGHBOURS, pixel_floor)
+        frames = verify.DihedralSearch(frame_thumbnails(views, unique), NEIGHBOURS, pixel_floor)
         pairs.append(np.stack(frames.pairs, axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
     return unique[pairs[:, 0]], unique[pairs[:, 1]], _Proposer(idx, sub, kth, frames, unique)

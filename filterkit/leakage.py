@@ -149,8 +149,8 @@ class _EitherSide:
         return np.concatenate(found_q), np.concatenate(found_t)
 
 
-def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarray, new: np.ndarray,
-                          rotations: bool, pixel_floor: float, progress: bool = False):
+def cross_candidate_pairs(views: _Views, vectors: np.ndarray, ref: np.ndarray, new: np.ndarray,
+                          rotations: bool, pixel_floor: float):
     """(ref rows, new rows, proposer): each new image's NEIGHBOURS nearest reference images and
     each reference image's NEIGHBOURS nearest new images, by cosine and with ``rotations`` by
     whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the proposer
@@ -170,7 +170,7 @@ def cross_candidate_pairs(paths: list[Path], vectors: np.ndarray, ref: np.ndarra
              np.stack([np.repeat(np.arange(len(ref)), to_new.ids.shape[1]), to_new.ids.ravel()], axis=1)]
     ref_frames = new_frames = None
     if rotations:
-        ref_thumbs, new_thumbs = frame_thumbnails(paths, ref, progress), frame_thumbnails(paths, new, progress)
+        ref_thumbs, new_thumbs = frame_thumbnails(views, ref), frame_thumbnails(views, new)
         ref_frames = verify.DihedralSearch(ref_thumbs, NEIGHBOURS, pixel_floor, others=new_thumbs)
         new_frames = verify.DihedralSearch(new_thumbs, NEIGHBOURS, pixel_floor, others=ref_thumbs)
         pairs.append(np.stack(ref_frames.pairs, axis=1))
@@ -224,7 +224,7 @@ def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: 
         views = _Views(paths, progress)
         rows, cols, scores, _, calibration = score_pairs(
             paths, vectors, encoder, views, np.concatenate([ref, new]),
-            lambda floor: cross_candidate_pairs(paths, vectors, ref, new, rotations, floor, progress),
+            lambda floor: cross_candidate_pairs(views, vectors, ref, new, rotations, floor),
             threshold, target_precision, len(new), rotations, seed, sample, scope="cross-set",
             copy_background=lambda proposer, sampled, v, copy_views: _newcomer_backgrounds(
                 views, rotations, proposer, sampled, v, copy_views))

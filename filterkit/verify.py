@@ -2,7 +2,7 @@
 image, compared under crops and under the 8 flips and 90-degree rotations (the dihedral group).
 
 A thumbnail is the image in greyscale, area-averaged to ``SIDE`` x ``SIDE`` (whatever its aspect
-ratio), minus its local mean (a 5x5 box: the large smooth areas that make unrelated skies and
+ratio; to ``WORK`` x ``WORK`` by PIL, then exactly, each cell the mean of the pixels it covers), minus its local mean (a 5x5 box: the large smooth areas that make unrelated skies and
 seas correlate are removed), then shifted to zero mean and scaled to unit norm. The inner
 product of two thumbnails is their correlation: brightness and contrast shifts do not change
 it, the small side averages away JPEG noise, colour shifts and resampling, and the square
@@ -18,12 +18,14 @@ shifts), computed only for the candidate pairs.
 
     >>> views = [image_views(im) for im in (Image.open("a.jpg"), Image.open("b.jpg"))]
     >>> pixel_scores(np.stack(views), np.array([0]), np.array([1]))     # in [-1, 1]
+
+A folder's views are kept compact (``ViewTable``: 2.9 kB per image, the windows recomputed from
+a 48 x 48 greyscale image when read), so that 10^6 images are verified in bounded memory.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 SIDE = 12  # thumbnail side (benchmarks/README.md compared 8, 12 and 16 on 32-px images)
@@ -34,34 +36,93 @@ DRAFT = WORK  # JPEG draft decoding down to this size loses nothing the thumbnai
 N_VIEWS = 1 + len(SCALES) ** 2 * GRID ** 2
 
 
+def _local_mean_matrix(side: int, radius: int = 2) -> np.ndarray:
+    """[side, side]: row i averages the 2 * radius + 1 pixels around i, edge pixels repeated past
+    the border (np.pad's "edge"); L @ g @ L.T is g's (2r+1) x (2r+1) box mean, the box being separable."""
+    m = np.zeros((side, side), dtype=np.float32)
+    for i in range(side):
+        for d in range(-radius, radius + 1):
+            m[i, min(max(i + d, 0), side - 1)] += 1.0 / (2 * radius + 1)
+    return m
+
+
+_LOCAL = _local_mean_matrix(SIDE)
+
+
 def _normalise(grey: np.ndarray) -> np.ndarray:
     """[..., S, S] -> [..., S*S]: minus the 5x5 local mean, zero mean, unit norm (zeros if flat)."""
-    padded = np.pad(grey, [(0, 0)] * (grey.ndim - 2) + [(2, 2), (2, 2)], mode="edge")
-    detail = grey - sliding_window_view(padded, (5, 5), axis=(-2, -1)).mean(axis=(-2, -1))
+    detail = grey - _LOCAL @ grey @ _LOCAL.T
     flat = detail.reshape(*grey.shape[:-2], -1)
     flat = flat - flat.mean(axis=-1, keepdims=True)
     norm = np.linalg.norm(flat, axis=-1, keepdims=True)
     return np.where(norm > 1e-3, flat / np.maximum(norm, 1e-3), 0.0).astype(np.float32)
 
 
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """The whole-frame thumbnail of ``image``: float32 [SIDE * SIDE]."""
-    grey = image.convert("L").resize((SIDE, SIDE), Image.Resampling.BOX)
-    return _normalise(np.asarray(grey, dtype=np.float32))
+def _area_weights(start: float, length: float, cells: int = SIDE, size: int = WORK) -> np.ndarray:
+    """[cells, size]: cell c of [start, start + length] split into ``cells`` equal parts is the
+    mean of the pixels it covers, each weighted by the fraction of it inside the cell."""
+    edges = start + length * np.arange(cells + 1) / cells
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(size)[None, :]
+    overlap = np.clip(np.minimum(hi, pixel + 1) - np.maximum(lo, pixel), 0.0, None)
+    return (overlap / (hi - lo)).astype(np.float32)
+
+
+# per axis: the whole side, then every window extent (side fraction, position), fraction-major
+_FRAME = _area_weights(0.0, float(WORK))
+_EXTENTS = np.concatenate([_area_weights(float(x), f * WORK) for f in SCALES
+                           for x in np.linspace(0, WORK - f * WORK, GRID)])  # [extents * SIDE, WORK]
+
+
+def work_image(image: Image.Image) -> np.ndarray:
+    """``image`` in greyscale, area-averaged to uint8 [WORK, WORK]: everything its views need."""
+    return np.asarray(image.convert("L").resize((WORK, WORK), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def window_thumbnails(work: np.ndarray) -> np.ndarray:
+    """[..., WORK, WORK] greyscale -> [..., N_VIEWS, SIDE, SIDE], not normalised: the whole
+    frame, then the windows of every pair of side fractions (x, y) at every lattice position
+    (x, y), each the exact area average of its cells (two matrix products, not a resize per window)."""
+    work = np.asarray(work, dtype=np.float32)
+    lead, e = work.shape[:-2], len(SCALES) * GRID
+    frame = _FRAME @ work @ _FRAME.T
+    both = _EXTENTS @ work @ _EXTENTS.T  # [..., (fy, y, row), (fx, x, col)]
+    windows = both.reshape(*lead, len(SCALES), GRID, SIDE, len(SCALES), GRID, SIDE)
+    k = len(lead)
+    windows = windows.transpose(*range(k), k + 3, k, k + 4, k + 1, k + 2, k + 5)  # [..., fx, fy, x, y, row, col]
+    return np.concatenate([frame[..., None, :, :], windows.reshape(*lead, e * e, SIDE, SIDE)], axis=-3)
 
 
 def image_views(image: Image.Image) -> np.ndarray:
     """The whole-frame thumbnail, then the window thumbnails: float32 [N_VIEWS, SIDE * SIDE]."""
-    work = image.convert("L").resize((WORK, WORK), Image.Resampling.BOX)
-    boxes = [(0.0, 0.0, float(WORK), float(WORK))]
-    for fx in SCALES:
-        for fy in SCALES:
-            w, h = fx * WORK, fy * WORK
-            boxes += [(x, y, x + w, y + h) for x in np.linspace(0, WORK - w, GRID)
-                      for y in np.linspace(0, WORK - h, GRID)]
-    grey = np.stack([np.asarray(work.resize((SIDE, SIDE), Image.Resampling.BOX, box=b), dtype=np.float32)
-                     for b in boxes])
-    return _normalise(grey)
+    return _normalise(window_thumbnails(work_image(image)))
+
+
+class ViewTable:
+    """The views of N images, 2.9 kB each instead of the 84 kB of their float32 views: each
+    image's ``work_image`` and its normalised whole frame; the windows are computed when read
+    (``table[rows]`` -> [len(rows), N_VIEWS, D]), ``table[rows, 0]`` reads the frames alone.
+    10^6 images fit in 2.9 GB, and ``pixel_scores`` computes each image's windows once per call."""
+
+    def __init__(self, n: int) -> None:
+        # zeros until set: flat images, whose views are zeros and match nothing (as an unreadable one)
+        self.work = np.zeros((n, WORK, WORK), dtype=np.uint8)
+        self.frames = np.zeros((n, SIDE * SIDE), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def set(self, row: int, image: Image.Image) -> None:
+        self.work[row] = work_image(image)
+        self.frames[row] = _normalise(_FRAME @ self.work[row].astype(np.float32) @ _FRAME.T)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # (rows, 0): the whole frames, nothing computed
+            rows, view = key
+            if view != 0:
+                raise IndexError("a ViewTable reads all views of rows, or their frames (view 0)")
+            return self.frames[rows]
+        return _normalise(window_thumbnails(self.work[key]))
 
 
 # dihedral()'s transform t = rot90^k after a flip^f (t = 4f + k); the index of its inverse
@@ -80,19 +141,27 @@ def dihedral(thumbs: np.ndarray) -> np.ndarray:
 def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 512) -> np.ndarray:
     """For each pair (rows[p], cols[p]) of images with ``views`` [N, N_VIEWS, D], the largest
     correlation of one's whole frame with a window of the other (either way round) under any
-    flip/rotation: float32 [P] in [-1, 1]. Work is chunked: ``chunk`` pairs at a time."""
+    flip/rotation: float32 [P] in [-1, 1].
+
+    Each pair is two directed comparisons (a's frame against b's windows, and the reverse),
+    grouped by the image whose windows they read: one matrix product per image (its partners'
+    transformed frames against its windows, in place), at most ``chunk`` partners at a time, not
+    a copy of every partner's windows per pair."""
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    out = np.empty(len(rows), dtype=np.float32)
-    for s in range(0, len(rows), chunk):
-        a, b = rows[s:s + chunk], cols[s:s + chunk]
-        best = np.full(len(a), -1.0, dtype=np.float32)
-        for x, y in ((a, b), (b, a)):
+    frame_of = np.concatenate([rows, cols])
+    window_of = np.concatenate([cols, rows])
+    directed = np.full(len(frame_of), -1.0, dtype=np.float32)
+    order = np.argsort(window_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(window_of[order])) + 1
+    for group in np.split(order, bounds) if len(order) else []:
+        windows = views[window_of[group[0]]]  # [V, D]
+        for s in range(0, len(group), chunk):
+            part = group[s:s + chunk]
             # <frame, T(window)> = <T^-1(frame), window> (T permutes pixels) and T^-1 runs over the
-            # same 8 transforms: transform the one frame, not the V windows (8x less to copy).
-            frames = dihedral(views[x, 0])  # [8, p, D]
-            best = np.maximum(best, np.einsum("kpd,pvd->kpv", frames, views[y]).max(axis=(0, 2)))
-        out[s:s + chunk] = best
-    return out
+            # same 8 transforms: transform the frames, not the V windows
+            frames = dihedral(views[frame_of[part], 0])  # [8, m, D]
+            directed[part] = (frames.reshape(-1, frames.shape[-1]) @ windows.T).reshape(8, len(part), -1).max(axis=(0, 2))
+    return np.maximum(directed[:len(rows)], directed[len(rows):])
 
 
 def dihedral_neighbours(thumbs: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:

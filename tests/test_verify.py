@@ -218,6 +218,59 @@ def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transfor
     np.testing.assert_allclose(verify.pixel_scores(views, rows, cols, chunk=3), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_window_thumbnails_are_exact_area_averages_of_their_boxes():
+    # Written from the definition: every window's box cut from the image supersampled 5x (every
+    # box edge of SCALES x GRID on a 48-px side falls on a multiple of 1/5 px), its cells averaged.
+    from filterkit import verify
+
+    work = np.random.default_rng(0).uniform(0, 255, (verify.WORK, verify.WORK)).astype(np.float32)
+    fine = np.repeat(np.repeat(work, 5, axis=0), 5, axis=1)
+    boxes = [(0.0, 0.0, 1.0, 1.0)] + [(x, y, fx, fy) for fx in verify.SCALES for fy in verify.SCALES
+                                      for x in np.linspace(0, 1 - fx, verify.GRID)
+                                      for y in np.linspace(0, 1 - fy, verify.GRID)]
+    expected = []
+    for x, y, fx, fy in boxes:
+        x0, y0, w, h = (round(5 * verify.WORK * v) for v in (x, y, fx, fy))
+        cut = fine[y0:y0 + h, x0:x0 + w]
+        expected.append(cut.reshape(verify.SIDE, h // verify.SIDE, verify.SIDE, w // verify.SIDE).mean(axis=(1, 3)))
+    got = verify.window_thumbnails(work)
+    assert got.shape == (verify.N_VIEWS, verify.SIDE, verify.SIDE)
+    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=1e-3)
+
+
+def test_a_thumbnail_is_normalised_after_removing_its_5x5_local_mean_with_edges_repeated():
+    from filterkit import verify
+
+    grey = np.random.default_rng(1).uniform(0, 255, (3, verify.SIDE, verify.SIDE)).astype(np.float32)
+    padded = np.pad(grey, [(0, 0), (2, 2), (2, 2)], mode="edge")
+    local = np.array([[[padded[n, i:i + 5, j:j + 5].mean() for j in range(verify.SIDE)] for i in range(verify.SIDE)]
+                      for n in range(3)])
+    detail = (grey - local).reshape(3, -1)
+    detail -= detail.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(verify._normalise(grey), detail / np.linalg.norm(detail, axis=1, keepdims=True),
+                               atol=1e-5)
+    assert not verify._normalise(np.full((verify.SIDE, verify.SIDE), 7.0)).any()  # flat: zeros, not NaN
+
+
+def test_a_view_table_reads_the_views_of_its_images_from_3_kb_each():
+    from filterkit import verify
+
+    photos = [sample_photo("astronaut"), sample_photo("chelsea").transpose(Image.Transpose.ROTATE_90)]
+    table = verify.ViewTable(3)
+    for row, im in enumerate(photos):
+        table.set(row, im)
+    full = np.stack([verify.image_views(im) for im in photos])
+    np.testing.assert_allclose(table[np.arange(2)], full, atol=1e-5)
+    np.testing.assert_allclose(table[np.array([1, 0]), 0], full[[1, 0], 0], atol=1e-5)
+    assert not table[2].any() and not table[np.array([2]), 0].any()  # a row never set matches nothing
+    per_image = (table.work.nbytes + table.frames.nbytes) / len(table)
+    assert per_image < 3000 < full[0].nbytes  # 2.9 kB, not the 84 kB of the float32 views
+    # the pair scores read a table as they read the stacked views
+    np.testing.assert_allclose(verify.pixel_scores(table, np.array([0, 0]), np.array([1, 2])),
+                               verify.pixel_scores(np.concatenate([full, np.zeros_like(full[:1])]),
+                                                   np.array([0, 0]), np.array([1, 2])), atol=1e-5)
+
+
 def test_too_few_images_are_not_estimated_and_only_identical_bytes_may_move(tmp_path, capsys, photos_dir):
     folder = tmp_path / "few"
     folder.mkdir()
