@@ -510,7 +510,7 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     rng = np.random.default_rng(seed)
     sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, pool, views, rng, sample)
     rows, cols, proposer = candidates(pixel_floor)
-    cos = np.einsum("nd,nd->n", vectors[rows], vectors[cols])
+    cos = pair_cosines(vectors, rows, cols)
     views.ensure(np.concatenate([rows, cols]))
     pix = _verify().pixel_scores(views.table, rows, cols)
     background = backgrounds(len(paths), rows, cols, pix)
@@ -534,6 +534,15 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
                                         est.links, est.false_links, pixel_floor, source, est.precision_bound, scope,
                                         est.estimator)
     return rows, cols, scores, background, calibration
+
+
+def pair_cosines(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """float32 [P]: the cosine of each pair of unit rows, ``chunk`` pairs at a time (gathering
+    every pair's two vectors at once took 1.9 GB at 20,000 images, 94 GB at 10^6)."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for s in range(0, len(rows), chunk):
+        out[s:s + chunk] = np.einsum("nd,nd->n", vectors[rows[s:s + chunk]], vectors[cols[s:s + chunk]])
+    return out
 
 
 def _verify():
