@@ -463,8 +463,9 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     given ``threshold``, estimated) the pair-score threshold on this collection.
 
     Candidates: each image's ``NEIGHBOURS`` nearest by cosine and, with ``rotations``, by
-    whole-frame thumbnail under the 8 flips/rotations (this decodes every image once more;
-    without it only the candidates' images are read). Each candidate pair gets a pair score
+    whole-frame thumbnail under the 8 flips/rotations (this decodes every image, once: the
+    frames are the views verification keeps; without it only the candidates' images are
+    read). Each candidate pair gets a pair score
     (``pair_score``: cosine and pixel score less the mean ``backgrounds`` of its two images);
     links are the pairs at or above the threshold, plus identical bytes.
     """
