@@ -19,8 +19,8 @@ images, on N CIFAR-10 train photos (every 50000/N-th file, all classes) embedded
 model (``--model``) beforehand: the cosine range search at the model's threshold, then
 ``dedup.verified_groups`` (thumbnail views of every image, the dihedral candidate search,
 pair scores, the calibration's synthetic copies), wall time and peak RSS of each. Verification
-touches every image once, so its time per image times 10^6 is what it would add to a 10^6
-dedup, and its memory (a float32 table of ``N_VIEWS x SIDE^2`` per image) what it would need.
+decodes every image once; its time per image grows with N (the rotation candidates' searches),
+and its memory is mostly a ``verify.ViewTable`` (2.9 kB per image).
 The normaliser is not in dedup (benchmarks/README.md: centring the cosine of the pair score
 cost recall), so it adds nothing there.
 """

@@ -675,8 +675,8 @@ def _linked_groups(paths, hashes, vectors, links, views, background, canonical,
         out = {i: np.inf for i in others if hashes[i] == hashes[keep]}  # identical bytes always group
         near = [i for i in others if i not in out]
         if near:
-            table = views.get([keep] + near)
-            pix = verify.pixel_scores(table, np.zeros(len(near), dtype=np.int64), np.arange(1, len(near) + 1))
+            views.ensure([keep] + near)  # scored in place: each image's windows computed once a call
+            pix = verify.pixel_scores(views.table, np.full(len(near), keep, dtype=np.int64), np.asarray(near))
             cos = vectors[near] @ vectors[keep]
             # backgrounds belong to distinct contents: an exact copy uses its first row's
             level = 0.0 if background is None else (background[canonical[keep]] + background[canonical[near]]) / 2

@@ -20,7 +20,8 @@ shifts), computed only for the candidate pairs.
     >>> pixel_scores(np.stack(views), np.array([0]), np.array([1]))     # in [-1, 1]
 
 A folder's views are kept compact (``ViewTable``: 2.9 kB per image, the windows recomputed from
-a 48 x 48 greyscale image when read), so that 10^6 images are verified in bounded memory.
+a 48 x 48 greyscale image when read), so that the views of 10^6 images take 2.9 GB, not 84 GB
+(the candidate pairs and searches need more besides: about 100 bytes per pair).
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def _local_mean_matrix(side: int, radius: int = 2) -> np.ndarray:
 
 
 _LOCAL = _local_mean_matrix(SIDE)
+# the same on a flattened S*S thumbnail: vec(L g L^T) = (L kron L) vec(g), so one product subtracts it
+_DETAIL = (np.eye(SIDE * SIDE, dtype=np.float32) - np.kron(_LOCAL, _LOCAL)).T
 
 
 def _normalise(grey: np.ndarray) -> np.ndarray:
     """[..., S, S] -> [..., S*S]: minus the 5x5 local mean, zero mean, unit norm (zeros if flat)."""
-    detail = grey - _LOCAL @ grey @ _LOCAL.T
-    flat = detail.reshape(*grey.shape[:-2], -1)
+    flat = np.asarray(grey, dtype=np.float32).reshape(*grey.shape[:-2], grey.shape[-2] * grey.shape[-1]) @ _DETAIL
     flat = flat - flat.mean(axis=-1, keepdims=True)
     norm = np.linalg.norm(flat, axis=-1, keepdims=True)
     return np.where(norm > 1e-3, flat / np.maximum(norm, 1e-3), 0.0).astype(np.float32)
@@ -102,7 +104,7 @@ class ViewTable:
     """The views of N images, 2.9 kB each instead of the 84 kB of their float32 views: each
     image's ``work_image`` and its normalised whole frame; the windows are computed when read
     (``table[rows]`` -> [len(rows), N_VIEWS, D]), ``table[rows, 0]`` reads the frames alone.
-    10^6 images fit in 2.9 GB, and ``pixel_scores`` computes each image's windows once per call."""
+    The views of 10^6 images take 2.9 GB, and ``pixel_scores`` computes each image's windows once per call."""
 
     def __init__(self, n: int) -> None:
         # zeros until set: flat images, whose views are zeros and match nothing (as an unreadable one)
@@ -129,13 +131,17 @@ class ViewTable:
 INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
+def transform(thumbs: np.ndarray, t: int) -> np.ndarray:
+    """Transform ``t`` of ``dihedral`` applied to thumbnails [..., D]: a contiguous float32 copy."""
+    square = thumbs.reshape(-1, SIDE, SIDE)
+    if t >= 4:
+        square = square[:, :, ::-1]
+    return np.ascontiguousarray(np.rot90(square, t % 4, axes=(1, 2)).reshape(thumbs.shape), dtype=np.float32)
+
+
 def dihedral(thumbs: np.ndarray) -> np.ndarray:
     """The 8 flips/rotations of thumbnails: [..., D] -> [8, ..., D] (identity first)."""
-    shape = thumbs.shape
-    square = thumbs.reshape(-1, SIDE, SIDE)
-    views = [np.rot90(flipped, k, axes=(1, 2)).reshape(shape)
-             for flipped in (square, square[:, :, ::-1]) for k in range(4)]
-    return np.ascontiguousarray(np.stack(views), dtype=np.float32)
+    return np.stack([transform(thumbs, t) for t in range(8)])
 
 
 def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -197,7 +203,8 @@ class DihedralSearch:
         other_index = build_index(other) if cross else self.index
         own = 0 if cross else 1  # a self-search finds the image itself first
         found = []
-        for t, view in enumerate(dihedral(self.thumbs)):
+        for t in range(8):  # one transform at a time: 8 copies of 10^6 thumbnails are 4.6 GB
+            view = transform(self.thumbs, t)
             hits = search(other_index, view, min(k + own, len(other)))
             if hits.ids.shape[1] == k + own:  # a full list: a newcomer must beat its last entry
                 self.kth[t] = hits.scores[:, -1]
@@ -207,7 +214,8 @@ class DihedralSearch:
             found.append(np.stack([i[keep], j[keep]], axis=1) if cross else
                          np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1))
         if cross:  # and each image of the other set's nearest here
-            for view in dihedral(other):
+            for t in range(8):
+                view = transform(other, t)
                 hits = search(self.index, view, min(k, n))
                 j = np.repeat(np.arange(len(other)), hits.ids.shape[1])
                 i, s = hits.ids.ravel().astype(np.int64), hits.scores.ravel()

@@ -204,7 +204,8 @@ def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transfor
 
     rng = np.random.default_rng(0)
     views = rng.standard_normal((6, verify.N_VIEWS, verify.SIDE ** 2)).astype(np.float32)
-    rows, cols = np.array([0, 1, 2, 5]), np.array([3, 4, 5, 0])
+    # image 0 is in 5 pairs (both ways round): chunks of 1 and 3 split its partners
+    rows, cols = np.array([0, 1, 2, 5, 0, 0, 4]), np.array([3, 4, 5, 0, 1, 2, 0])
     expected = []
     for a, b in zip(rows, cols):
         best = -np.inf
@@ -215,7 +216,9 @@ def test_pixel_scores_are_the_best_frame_window_correlation_under_the_8_transfor
                     for k in range(4):
                         best = max(best, float(views[x, 0] @ np.rot90(t, k).ravel()))
         expected.append(best)
-    np.testing.assert_allclose(verify.pixel_scores(views, rows, cols, chunk=3), expected, rtol=1e-5, atol=1e-4)
+    for chunk in (1, 3, 512):
+        np.testing.assert_allclose(verify.pixel_scores(views, rows, cols, chunk=chunk), expected, rtol=1e-5, atol=1e-4)
+    assert verify.pixel_scores(views, rows[:0], cols[:0]).shape == (0,)
 
 
 def test_window_thumbnails_are_exact_area_averages_of_their_boxes():
@@ -263,6 +266,7 @@ def test_a_view_table_reads_the_views_of_its_images_from_3_kb_each():
     np.testing.assert_allclose(table[np.arange(2)], full, atol=1e-5)
     np.testing.assert_allclose(table[np.array([1, 0]), 0], full[[1, 0], 0], atol=1e-5)
     assert not table[2].any() and not table[np.array([2]), 0].any()  # a row never set matches nothing
+    assert table[np.array([], dtype=np.int64)].shape == (0, verify.N_VIEWS, verify.SIDE ** 2)
     per_image = (table.work.nbytes + table.frames.nbytes) / len(table)
     assert per_image < 3000 < full[0].nbytes  # 2.9 kB, not the 84 kB of the float32 views
     # the pair scores read a table as they read the stacked views
