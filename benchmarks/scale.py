@@ -20,7 +20,7 @@ model (``--model``) beforehand: the cosine range search at the model's threshold
 ``dedup.verified_groups`` (thumbnail views of every image, the dihedral candidate search,
 pair scores, the calibration's synthetic copies), wall time and peak RSS of each. Verification
 decodes every image once; its time per image grows with N (the rotation candidates' searches),
-and its memory is mostly a ``verify.ViewTable`` (2.9 kB per image).
+and its memory is mostly a ``verify.ViewTable`` (3.3 kB per image).
 The normaliser is not in dedup (benchmarks/README.md: centring the cosine of the pair score
 cost recall), so it adds nothing there.
 """

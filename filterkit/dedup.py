@@ -363,8 +363,9 @@ def synthetic_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 class _Views:
     """Thumbnail views (verify.image_views) of a folder's images, decoded once each, on demand,
-    kept in one ``verify.ViewTable`` indexed by row: 2.9 kB per image (its 48 x 48 greyscale
-    image and whole frame; the windows are computed when read), read by the pair scores in place.
+    kept in one ``verify.ViewTable`` indexed by row: 3.3 kB per image (its 48 x 48 greyscale
+    image, whole frame and colour thumbnail; the windows are computed when read), read by the pair
+    scores in place.
     A float32 table of every view was 84 kB per image: 10^6 images would have needed 84 GB."""
 
     def __init__(self, paths: list[Path], progress: bool = False) -> None:
@@ -374,7 +375,7 @@ class _Views:
         try:
             self.table = verify.ViewTable(len(paths))
         except MemoryError:
-            gb = len(paths) * (verify.WORK ** 2 + 4 * verify.SIDE ** 2) / 1e9
+            gb = len(paths) * (verify.WORK ** 2 + 4 * verify.SIDE ** 2 + 12 * verify.COLOUR ** 2) / 1e9
             raise FilterkitError(f"verifying {len(paths)} images needs {gb:.1f} GB of memory "
                                  "for their thumbnails; deduplicate the folder in parts") from None
         self.done = np.zeros(len(paths), dtype=bool)
@@ -463,8 +464,8 @@ def verified_groups(paths: list[Path], hashes: list[str], vectors: np.ndarray, e
     given ``threshold``, estimated) the pair-score threshold on this collection.
 
     Candidates: each image's ``NEIGHBOURS`` nearest by cosine and, with ``rotations``, by
-    whole-frame thumbnail under the 8 flips/rotations (this decodes every image, once: the
-    frames are the views verification keeps; without it only the candidates' images are
+    colour thumbnail under the 8 flips/rotations (this decodes every image, once: the
+    thumbnails are kept with the views verification reads; without it only the candidates' images are
     read). Each candidate pair gets a pair score
     (``pair_score``: cosine and pixel score less the mean ``backgrounds`` of its two images);
     links are the pairs at or above the threshold, plus identical bytes.
@@ -505,11 +506,12 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     ``threshold`` is a number, estimated) on them: synthetic copies as positives, missed where
     the proposer would not propose them (the recall); the candidate pairs for the precision
     (``pair_precision.calibrate``; links counted per ``n_images`` by its anchor estimate). A synthetic copy is scored with its image's background for both ends, or with
-    ``copy_background(proposer, sampled, copy_vectors, copy_views) -> [m]`` for its own end where a copy's
+    ``copy_background(proposer, sampled, copy_vectors, copy_views, copy_colour) -> [m]`` for its own end where a copy's
     candidates differ from its image's (cross-set: the copy's are reference images, its image's
     new ones). Returns (rows, cols, scores, background [len(paths)], CollectionCalibration)."""
     rng = np.random.default_rng(seed)
-    sampled, copy_vectors, both, pixel_floor = _synthetic_positives(paths, vectors, encoder, pool, views, rng, sample)
+    sampled, copy_vectors, both, copy_colour, pixel_floor = _synthetic_positives(paths, vectors, encoder, pool, views,
+                                                                                 rng, sample)
     rows, cols, proposer = candidates(pixel_floor)
     cos = pair_cosines(vectors, rows, cols)
     views.ensure(np.concatenate([rows, cols]))
@@ -521,10 +523,10 @@ def score_pairs(paths: list[Path], vectors: np.ndarray, encoder, views: _Views, 
     pos_pix = _verify().pixel_scores(both, np.arange(m), np.arange(m, 2 * m))
     # a synthetic copy is not in the collection: its image's background stands for both ends,
     # and a copy that candidate generation would not propose is one dedup misses
-    found = proposer.proposes_rows(sampled, copy_vectors, both[m:, 0] if rotations else None)
+    found = proposer.proposes_rows(sampled, copy_vectors, copy_colour if rotations else None)
     level = background[sampled]
     if copy_background is not None:
-        level = (level + copy_background(proposer, sampled, copy_vectors, both[m:])) / 2
+        level = (level + copy_background(proposer, sampled, copy_vectors, both[m:], copy_colour)) / 2
     positive = np.where(found, pair_score(pos_cos, pos_pix, level), -np.inf)
     # the precision is measured over all candidate pairs (every one has its score already),
     # not only over the sampled images: far less noise at the same cost
@@ -564,7 +566,7 @@ class _Proposer:
     def would_pair(self, vectors: np.ndarray, frames: np.ndarray | None,
                    chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(newcomer, collection row) of every pair candidate generation would have made with
-        newcomers of embeddings ``vectors`` (and whole-frame thumbnails ``frames``): each one's
+        newcomers of embeddings ``vectors`` (and colour thumbnails ``frames``): each one's
         NEIGHBOURS nearest, and every image whose list it would enter."""
         from .index import search
 
@@ -587,7 +589,7 @@ class _Proposer:
 
     def proposes(self, targets: np.ndarray, vectors: np.ndarray, frames: np.ndarray | None) -> np.ndarray:
         """bool [m]: whether row ``targets[p]`` (a position among the distinct images) would be
-        paired with a newcomer of embedding ``vectors[p]`` and whole-frame thumbnail ``frames[p]``."""
+        paired with a newcomer of embedding ``vectors[p]`` and colour thumbnail ``frames[p]``."""
         from .index import search
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -600,8 +602,9 @@ class _Proposer:
 
 
 def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
-    """Sampled rows, the embedding and thumbnail views of one synthetic copy of each, and the
-    whole-frame correlation most copies reach (the floor of the rotation candidates)."""
+    """Sampled rows, the embedding, thumbnail views and colour thumbnail of one synthetic copy of each, and the
+    colour-thumbnail correlation (under the best flip/rotation) most copies reach: the floor of
+    the rotation candidates."""
     from .errors import ImageError
     from .images import load_image
 
@@ -624,25 +627,25 @@ def _synthetic_positives(paths, vectors, encoder, unique, views, rng, sample):
     copies = [synthetic_copy(im, rng) for im in originals]
     copy_vectors = encoder.embed(copies)
     copy_views = np.stack([verify.image_views(im) for im in copies])
-    m = len(sampled)
+    copy_colour = np.stack([verify.colour_thumbnail(im) for im in copies])
     both = np.concatenate([views.get(sampled), copy_views])
-    pos_frame = verify.pixel_scores(both[:, :1], np.arange(m), np.arange(m, 2 * m))
-    return sampled, copy_vectors, both, float(np.quantile(pos_frame, FLOOR_QUANTILE))
+    floor = np.quantile(verify.dihedral_correlation(copy_colour, search_thumbnails(views, sampled)), FLOOR_QUANTILE)
+    return sampled, copy_vectors, both, copy_colour, float(floor)
 
 
-def frame_thumbnails(views: _Views, rows: np.ndarray) -> np.ndarray:
-    """float32 [len(rows), SIDE * SIDE]: the rows' whole-frame thumbnails (view 0, decoded first
-    if needed), for the rotation candidates: the frames the pair scores and the synthetic copies
-    use, from one decode of each image; an unreadable image gets zeros (matches nothing)."""
+def search_thumbnails(views: _Views, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), COLOUR * COLOUR * 3]: the rows' ``verify.colour_thumbnail`` (decoded
+    first if needed), what the rotation candidates search: from the same single decode of each
+    image as its pair scores; an unreadable image gets zeros (matches nothing)."""
     rows = np.asarray(rows, dtype=np.int64)
     views.ensure(rows)
-    return views.table[rows, 0]
+    return views.table.colour[rows]
 
 
 def _candidate_pairs(views: _Views, vectors, unique, index, rotations: bool,
                      pixel_floor: float) -> tuple[np.ndarray, np.ndarray, _Proposer]:
     """(rows, cols), rows < cols: each distinct image's NEIGHBOURS nearest by cosine, and with
-    ``rotations`` by whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``);
+    ``rotations`` by colour thumbnail under the 8 flips/rotations (at >= ``pixel_floor``);
     and the ``_Proposer`` that asks the same of a newcomer."""
     from .index import build_index, search
 
@@ -658,7 +661,7 @@ def _candidate_pairs(views: _Views, vectors, unique, index, rotations: bool,
     pairs = [np.stack([np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])], axis=1)]
     frames = None
     if rotations:
-        frames = verify.DihedralSearch(frame_thumbnails(views, unique), NEIGHBOURS, pixel_floor)
+        frames = verify.DihedralSearch(search_thumbnails(views, unique), NEIGHBOURS, pixel_floor)
         pairs.append(np.stack(frames.pairs, axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0) if sum(len(p) for p in pairs) else np.empty((0, 2), np.int64)
     return unique[pairs[:, 0]], unique[pairs[:, 1]], _Proposer(idx, sub, kth, frames, unique)

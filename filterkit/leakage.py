@@ -33,9 +33,9 @@ from .dedup import (
     _Views,
     canonical_rows,
     check_options,
-    frame_thumbnails,
     json_threshold,
     score_pairs,
+    search_thumbnails,
 )
 from .errors import FilterkitError
 from .images import Skip
@@ -153,7 +153,7 @@ def cross_candidate_pairs(views: _Views, vectors: np.ndarray, ref: np.ndarray, n
                           rotations: bool, pixel_floor: float):
     """(ref rows, new rows, proposer): each new image's NEIGHBOURS nearest reference images and
     each reference image's NEIGHBOURS nearest new images, by cosine and with ``rotations`` by
-    whole-frame thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the proposer
+    colour thumbnail under the 8 flips/rotations (at >= ``pixel_floor``); the proposer
     (``_EitherSide``) asks the same of a newcomer to either folder."""
     from . import verify
     from .index import build_index, search
@@ -170,7 +170,7 @@ def cross_candidate_pairs(views: _Views, vectors: np.ndarray, ref: np.ndarray, n
              np.stack([np.repeat(np.arange(len(ref)), to_new.ids.shape[1]), to_new.ids.ravel()], axis=1)]
     ref_frames = new_frames = None
     if rotations:
-        ref_thumbs, new_thumbs = frame_thumbnails(views, ref), frame_thumbnails(views, new)
+        ref_thumbs, new_thumbs = search_thumbnails(views, ref), search_thumbnails(views, new)
         ref_frames = verify.DihedralSearch(ref_thumbs, NEIGHBOURS, pixel_floor, others=new_thumbs)
         new_frames = verify.DihedralSearch(new_thumbs, NEIGHBOURS, pixel_floor, others=ref_thumbs)
         pairs.append(np.stack(ref_frames.pairs, axis=1))
@@ -183,7 +183,8 @@ def cross_candidate_pairs(views: _Views, vectors: np.ndarray, ref: np.ndarray, n
 
 
 def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _EitherSide, sampled: np.ndarray,
-                          copy_vectors: np.ndarray, copy_views: np.ndarray, chunk: int = 256) -> np.ndarray:
+                          copy_vectors: np.ndarray, copy_views: np.ndarray, copy_colour: np.ndarray,
+                          chunk: int = 256) -> np.ndarray:
     """[m]: the background each synthetic copy would have as one more image of the other folder:
     ``backgrounds`` over its pixel scores with every image candidate generation would pair it
     with (its nearest, and those whose lists it would enter, by cosine and by rotated thumbnail),
@@ -192,7 +193,7 @@ def _newcomer_backgrounds(views: _Views, rotations: bool, proposer: _EitherSide,
     from .dedup import backgrounds
 
     m = len(copy_vectors)
-    copies, targets = proposer.would_pair(sampled, copy_vectors, copy_views[:, 0] if rotations else None)
+    copies, targets = proposer.would_pair(sampled, copy_vectors, copy_colour if rotations else None)
     views.ensure(targets)
     pix = np.empty(len(copies), dtype=np.float32)
     for s in range(0, len(copies), chunk):  # a small table per chunk: 2 x 84 kB per pair, not per candidate
@@ -226,8 +227,8 @@ def cross_duplicates(ref_paths: list[Path], ref_hashes: list[str], ref_vectors: 
             paths, vectors, encoder, views, np.concatenate([ref, new]),
             lambda floor: cross_candidate_pairs(views, vectors, ref, new, rotations, floor),
             threshold, target_precision, len(new), rotations, seed, sample, scope="cross-set",
-            copy_background=lambda proposer, sampled, v, copy_views: _newcomer_backgrounds(
-                views, rotations, proposer, sampled, v, copy_views))
+            copy_background=lambda proposer, sampled, v, copy_views, copy_colour: _newcomer_backgrounds(
+                views, rotations, proposer, sampled, v, copy_views, copy_colour))
         threshold = calibration.threshold
         for k in np.flatnonzero(scores >= threshold)[np.argsort(-scores[scores >= threshold], kind="stable")]:
             best.setdefault(int(cols[k]), (float(scores[k]), int(rows[k])))

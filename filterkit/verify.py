@@ -19,8 +19,11 @@ shifts), computed only for the candidate pairs.
     >>> views = [image_views(im) for im in (Image.open("a.jpg"), Image.open("b.jpg"))]
     >>> pixel_scores(np.stack(views), np.array([0]), np.array([1]))     # in [-1, 1]
 
-A folder's views are kept compact (``ViewTable``: 2.9 kB per image, the windows recomputed from
-a 48 x 48 greyscale image when read), so that the views of 10^6 images take 2.9 GB, not 84 GB
+Candidate pairs for rotated copies come from a search of small colour thumbnails
+(``colour_thumbnail``) under the same 8 transforms (``DihedralSearch``).
+
+A folder's views are kept compact (``ViewTable``: 3.3 kB per image, the windows recomputed from
+a 48 x 48 greyscale image when read), so that the views of 10^6 images take 3.3 GB, not 84 GB
 (the candidate pairs and searches need more besides: about 100 bytes per pair).
 """
 
@@ -35,6 +38,10 @@ GRID = 4  # window positions per axis
 WORK = 4 * SIDE  # windows are cut from the image reduced to WORK x WORK: cheap for any size
 DRAFT = WORK  # JPEG draft decoding down to this size loses nothing the thumbnails keep
 N_VIEWS = 1 + len(SCALES) ** 2 * GRID ** 2
+# The rotation candidates search colour thumbnails this small (6 x 6 x RGB = 108 numbers): on
+# 20,500 CIFAR-10 photos with 500 rotated copies they put 72-76 % of the copies among an image's
+# 10 nearest under some flip/rotation, the 12 x 12 detail frames 41-42 % (benchmarks/README.md).
+COLOUR = 6
 
 
 def _local_mean_matrix(side: int, radius: int = 2) -> np.ndarray:
@@ -76,9 +83,29 @@ _EXTENTS = np.concatenate([_area_weights(float(x), f * WORK) for f in SCALES
                            for x in np.linspace(0, WORK - f * WORK, GRID)])  # [extents * SIDE, WORK]
 
 
+def _small(image: Image.Image) -> Image.Image:
+    """``image`` in RGB, area-averaged to WORK x WORK: what both thumbnails are cut from."""
+    return image.convert("RGB").resize((WORK, WORK), Image.Resampling.BOX)
+
+
 def work_image(image: Image.Image) -> np.ndarray:
     """``image`` in greyscale, area-averaged to uint8 [WORK, WORK]: everything its views need."""
-    return np.asarray(image.convert("L").resize((WORK, WORK), Image.Resampling.BOX), dtype=np.uint8)
+    return np.asarray(_small(image).convert("L"), dtype=np.uint8)
+
+
+def _colour_of(small: Image.Image) -> np.ndarray:
+    cells = np.asarray(small, dtype=np.float32).reshape(COLOUR, WORK // COLOUR, COLOUR, WORK // COLOUR, 3)
+    flat = cells.mean(axis=(1, 3)).reshape(-1)
+    flat = flat - flat.mean()
+    norm = np.linalg.norm(flat)
+    return (flat / norm if norm > 1e-3 else np.zeros_like(flat)).astype(np.float32)
+
+
+def colour_thumbnail(image: Image.Image) -> np.ndarray:
+    """float32 [COLOUR * COLOUR * 3]: ``image`` area-averaged to COLOUR x COLOUR in RGB, minus its
+    mean, unit norm (zeros if flat): what the rotation candidates search. Unlike the detail
+    frames it keeps the coarse layout and colour, which a 70-95 % crop moves least."""
+    return _colour_of(_small(image))
 
 
 def window_thumbnails(work: np.ndarray) -> np.ndarray:
@@ -101,22 +128,26 @@ def image_views(image: Image.Image) -> np.ndarray:
 
 
 class ViewTable:
-    """The views of N images, 2.9 kB each instead of the 84 kB of their float32 views: each
-    image's ``work_image`` and its normalised whole frame; the windows are computed when read
-    (``table[rows]`` -> [len(rows), N_VIEWS, D]), ``table[rows, 0]`` reads the frames alone.
-    The views of 10^6 images take 2.9 GB, and ``pixel_scores`` computes each image's windows once per call."""
+    """The views of N images, 3.3 kB each instead of the 84 kB of their float32 views: each
+    image's ``work_image``, its normalised whole frame and its ``colour_thumbnail`` (``colour``);
+    the windows are computed when read (``table[rows]`` -> [len(rows), N_VIEWS, D]),
+    ``table[rows, 0]`` reads the frames alone. The views of 10^6 images take 3.3 GB, and
+    ``pixel_scores`` computes each image's windows once per call."""
 
     def __init__(self, n: int) -> None:
         # zeros until set: flat images, whose views are zeros and match nothing (as an unreadable one)
         self.work = np.zeros((n, WORK, WORK), dtype=np.uint8)
         self.frames = np.zeros((n, SIDE * SIDE), dtype=np.float32)
+        self.colour = np.zeros((n, COLOUR * COLOUR * 3), dtype=np.float32)  # colour_thumbnail
 
     def __len__(self) -> int:
         return len(self.work)
 
     def set(self, row: int, image: Image.Image) -> None:
-        self.work[row] = work_image(image)
+        small = _small(image)
+        self.work[row] = np.asarray(small.convert("L"), dtype=np.uint8)
         self.frames[row] = _normalise(_FRAME @ self.work[row].astype(np.float32) @ _FRAME.T)
+        self.colour[row] = _colour_of(small)
 
     def __getitem__(self, key):
         if isinstance(key, tuple):  # (rows, 0): the whole frames, nothing computed
@@ -132,11 +163,18 @@ INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
 def transform(thumbs: np.ndarray, t: int) -> np.ndarray:
-    """Transform ``t`` of ``dihedral`` applied to thumbnails [..., D]: a contiguous float32 copy."""
-    square = thumbs.reshape(-1, SIDE, SIDE)
+    """Transform ``t`` of ``dihedral`` applied to thumbnails [..., D] (greyscale SIDE x SIDE, or
+    ``colour_thumbnail``'s COLOUR x COLOUR x RGB): a contiguous float32 copy."""
+    side, channels = {SIDE * SIDE: (SIDE, 1), COLOUR * COLOUR * 3: (COLOUR, 3)}[thumbs.shape[-1]]
+    square = thumbs.reshape(-1, side, side, channels)
     if t >= 4:
         square = square[:, :, ::-1]
     return np.ascontiguousarray(np.rot90(square, t % 4, axes=(1, 2)).reshape(thumbs.shape), dtype=np.float32)
+
+
+def dihedral_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 [m]: the largest inner product of a[p] with b[p] under the 8 flips/rotations."""
+    return np.einsum("tmd,md->tm", dihedral(a), np.asarray(b, dtype=np.float32)).max(axis=0)
 
 
 def dihedral(thumbs: np.ndarray) -> np.ndarray:
@@ -171,13 +209,13 @@ def pixel_scores(views: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: i
 
 
 def dihedral_neighbours(thumbs: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i < j) where j is among i's ``k`` nearest whole-frame thumbnails under some
-    flip/rotation, at correlation >= ``threshold`` (see ``DihedralSearch``)."""
+    """Pairs (i < j) where j is among i's ``k`` nearest thumbnails under some flip/rotation, at correlation >= ``threshold`` (see ``DihedralSearch``)."""
     return DihedralSearch(thumbs, k, threshold).pairs
 
 
 class DihedralSearch:
-    """Whole-frame thumbnail neighbours under the 8 flips/rotations: 8 FAISS searches (one per
+    """Thumbnail neighbours under the 8 flips/rotations (whole frames of ``transform``'s shapes;
+    dedup searches ``colour_thumbnail``s): 8 FAISS searches (one per
     transform of the queries) over one index, so a rotated copy is found without transforming
     the index. Kept after the search to ask whether it would have proposed a pair with an image
     it never saw (``proposes``): dedup's calibration counts a synthetic copy as found only then.

@@ -30,6 +30,49 @@ def test_rotated_and_flipped_thumbnails_correlate_fully_and_others_do_not():
     assert set(zip(rows.tolist(), cols.tolist())) == {(0, 1), (0, 2), (1, 2)}
 
 
+def test_colour_thumbnails_are_block_means_and_turn_with_their_image():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))  # 96 = 2 x WORK: exact boxes
+    pixels = np.asarray(image, dtype=np.float64)
+    cell = 96 // verify.COLOUR
+    blocks = pixels.reshape(verify.COLOUR, cell, verify.COLOUR, cell, 3).mean(axis=(1, 3)).ravel()
+    blocks -= blocks.mean()
+    thumb = verify.colour_thumbnail(image)
+    np.testing.assert_allclose(thumb, blocks / np.linalg.norm(blocks), atol=2e-3)  # PIL rounds to uint8 once
+    assert not verify.colour_thumbnail(Image.new("RGB", (40, 30), (90, 90, 90))).any()  # flat grey: zeros
+    # one colour all over: the colour alone (the channels are not levelled: layout and colour both count)
+    assert verify.colour_thumbnail(Image.new("RGB", (40, 30), (90, 20, 200))) @ thumb == pytest.approx(0, abs=0.2)
+    # each of the 8 flips/rotations of the image is one of the 8 transforms of its thumbnail
+    ops = [None, *Image.Transpose]
+    turned = np.stack([verify.colour_thumbnail(image if op is None else image.transpose(op)) for op in ops])
+    transforms = verify.dihedral(thumb)  # [8, D]
+    # (PIL resizes one axis then the other, rounding in between: a turned image rounds differently)
+    distance = np.abs(turned[:, None] - transforms[None]).max(axis=2)
+    assert sorted(distance.argmin(axis=1).tolist()) == list(range(8)) and (distance.min(axis=1) < 5e-3).all()
+    np.testing.assert_allclose(verify.dihedral_correlation(turned, np.repeat(thumb[None], 8, axis=0)), 1.0, atol=1e-4)
+    other = verify.colour_thumbnail(sample_photo("chelsea"))
+    expected = max(float(verify.transform(turned[3:4], t)[0] @ other) for t in range(8))
+    assert verify.dihedral_correlation(turned[3:4], other[None])[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_rotation_search_pairs_turned_edited_copies_with_their_photos_by_colour_thumbnail():
+    from conftest import PHOTO_NAMES
+    from filterkit.dedup import near_duplicate_variant
+
+    rng = np.random.default_rng(0)
+    photos = [sample_photo(name) for name in PHOTO_NAMES]
+    turns = [Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE]
+    copies = [near_duplicate_variant(photos[k], rng).transpose(turns[k % 4]) for k in range(4)]
+    thumbs = np.stack([verify.colour_thumbnail(im) for im in photos + copies])
+    search = verify.DihedralSearch(thumbs, 1, 0.5)
+    n = len(photos)
+    found = set(zip(*(a.tolist() for a in search.pairs)))
+    assert {(k, n + k) for k in range(4)} <= found  # each copy's nearest under some transform is its photo
+    # and it would propose a fifth such copy, never seen, with its photo, not with another
+    newcomer = verify.colour_thumbnail(near_duplicate_variant(photos[4], rng).transpose(Image.Transpose.ROTATE_90))
+    assert search.proposes(np.array([4, 0]), np.stack([newcomer, newcomer])).tolist() == [True, False]
+
+
 def test_estimates_equal_their_formula_on_a_hand_built_case():
     # 4 sampled images: their synthetic copies score 0.9, 0.8, 0.7, 0.6 (anchor = the 25 %
     # quantile = 0.675, R(anchor) = 0.75); their neighbours: one real copy at 0.85, look-alikes
@@ -255,7 +298,7 @@ def test_a_thumbnail_is_normalised_after_removing_its_5x5_local_mean_with_edges_
     assert not verify._normalise(np.full((verify.SIDE, verify.SIDE), 7.0)).any()  # flat: zeros, not NaN
 
 
-def test_a_view_table_reads_the_views_of_its_images_from_3_kb_each():
+def test_a_view_table_reads_the_views_of_its_images_from_3_3_kb_each():
     from filterkit import verify
 
     photos = [sample_photo("astronaut"), sample_photo("chelsea").transpose(Image.Transpose.ROTATE_90)]
@@ -267,8 +310,9 @@ def test_a_view_table_reads_the_views_of_its_images_from_3_kb_each():
     np.testing.assert_allclose(table[np.array([1, 0]), 0], full[[1, 0], 0], atol=1e-5)
     assert not table[2].any() and not table[np.array([2]), 0].any()  # a row never set matches nothing
     assert table[np.array([], dtype=np.int64)].shape == (0, verify.N_VIEWS, verify.SIDE ** 2)
-    per_image = (table.work.nbytes + table.frames.nbytes) / len(table)
-    assert per_image < 3000 < full[0].nbytes  # 2.9 kB, not the 84 kB of the float32 views
+    np.testing.assert_allclose(table.colour[:2], np.stack([verify.colour_thumbnail(im) for im in photos]), atol=1e-6)
+    per_image = (table.work.nbytes + table.frames.nbytes + table.colour.nbytes) / len(table)
+    assert per_image < 3400 < full[0].nbytes  # 3.3 kB, not the 84 kB of the float32 views
     # the pair scores read a table as they read the stacked views
     np.testing.assert_allclose(verify.pixel_scores(table, np.array([0, 0]), np.array([1, 2])),
                                verify.pixel_scores(np.concatenate([full, np.zeros_like(full[:1])]),
