@@ -1,6 +1,7 @@
 """Throughput of the whole embed pipeline against forward-only, side by side in one run.
 
     python benchmarks/embed_speed.py [--data DIR]          # photos from DIR/imagenette/train
+    python benchmarks/embed_speed.py --model M --precision fp32 bf16   # both, alternated per round
 
 For each image set the script times, alternating, over ``--rounds`` rounds:
   forward   the encoder's forward pass on already-decoded tensors (same model, same batch);
@@ -27,6 +28,7 @@ from _data import add_data_argument, data_root, imagenette_train  # benchmarks/_
 from PIL import Image
 
 from filterkit import EmbeddingCache, Encoder
+from filterkit.devices import PRECISIONS, autocast_dtype
 from filterkit.images import discover_images, load_image
 from filterkit.loader import default_workers
 from filterkit.pipeline import embed_paths
@@ -79,26 +81,40 @@ def measure(name: str, encoder: Encoder, paths: list[Path], args) -> None:
     size = encoder.config.img_size
     # Forward-only input: the very tensors the pipeline would make, decoded up front.
     pixels = torch.stack([encoder.transform(load_image(p, size)) for p in paths])
-    encoder.embed_batch(pixels[: args.batch_size])  # warm-up
-    rates: dict[str, list[float]] = {"forward": [], "pipeline": [], "no-draft": []}
+    dtypes = {p: autocast_dtype(encoder.device, p) for p in args.precision}
+    rates: dict[str, list[float]] = {}
     matmul: list[float] = []
     for _ in range(args.rounds):
         matmul.append(time_matmul())
-        rates["forward"].append(time_forward(encoder, pixels, args.batch_size))
-        rates["pipeline"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, True))
-        rates["no-draft"].append(time_pipeline(encoder, paths, args.batch_size, args.workers, False))
+        for precision, dtype in dtypes.items():  # alternated within each round
+            encoder.amp_dtype = dtype
+            encoder.embed_batch(pixels[: args.batch_size])  # warm-up
+            tag = "" if len(dtypes) == 1 else f" {precision}"
+            for key, rate in (("forward", lambda: time_forward(encoder, pixels, args.batch_size)),
+                              ("pipeline", lambda: time_pipeline(encoder, paths, args.batch_size, args.workers, True)),
+                              ("no-draft", lambda: time_pipeline(encoder, paths, args.batch_size, args.workers, False))):
+                rates.setdefault(key + tag, []).append(rate())
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"\n[{name}] {len(paths)} images, batch {args.batch_size}, workers {args.workers}, "
+    named = ", ".join(f"{p} = {'fp32' if d is None else str(d).removeprefix('torch.')}" for p, d in dtypes.items())
+    print(f"\n[{name}] {len(paths)} images, batch {args.batch_size}, workers {args.workers}, precision {named}, "
           f"{args.rounds} alternating rounds (median img/s; all rounds in brackets)")
     for k, v in rates.items():
-        print(f"  {k:9s} {med[k]:7.1f} img/s  [{', '.join(f'{x:.1f}' for x in v)}]")
-    print(f"  pipeline/forward          = {med['pipeline'] / med['forward']:.2f}")
-    print(f"  pipeline/forward no draft = {med['no-draft'] / med['forward']:.2f}")
+        print(f"  {k:14s} {med[k]:7.1f} img/s  [{', '.join(f'{x:.1f}' for x in v)}]")
+    for precision in dtypes:
+        tag = "" if len(dtypes) == 1 else f" {precision}"
+        print(f"  pipeline/forward{tag}          = {med['pipeline' + tag] / med['forward' + tag]:.2f}")
+        print(f"  pipeline/forward no draft{tag} = {med['no-draft' + tag] / med['forward' + tag]:.2f}")
+    if len(dtypes) > 1:
+        first, *others = dtypes
+        for other in others:
+            for key in ("forward", "pipeline"):
+                print(f"  {key} {other}/{first} = {med[f'{key} {other}'] / med[f'{key} {first}']:.2f}")
     # The forward's ceiling on this CPU: its FLOPs at the speed of a large square matmul.
-    flops, mm = forward_flops(encoder), statistics.median(matmul)
-    print(f"  forward: {flops / 1e9:.3f} GFLOP per image, {med['forward'] * flops / 1e9:.1f} GFLOP/s; a 2048^2 "
+    first_tag = "" if len(dtypes) == 1 else f" {next(iter(dtypes))}"
+    flops, mm, fwd = forward_flops(encoder), statistics.median(matmul), med["forward" + first_tag]
+    print(f"  forward{first_tag}: {flops / 1e9:.3f} GFLOP per image, {fwd * flops / 1e9:.1f} GFLOP/s; a 2048^2 "
           f"fp32 matmul in the same rounds {mm:.1f} GFLOP/s [{', '.join(f'{x:.1f}' for x in matmul)}] -> "
-          f"at that speed at most {mm * 1e9 / flops:.0f} img/s (forward at {med['forward'] * flops / 1e9 / mm:.0%} of it)")
+          f"at that speed at most {mm * 1e9 / flops:.0f} img/s (forward at {fwd * flops / 1e9 / mm:.0%} of it)")
 
 
 def make_camera_jpegs(sources: list[Path], folder: Path) -> list[Path]:
@@ -132,6 +148,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
+                        help="forward precision(s); several are timed alternately in each round, e.g. fp32 bf16")
     args = parser.parse_args()
     args.imagenette = args.imagenette or imagenette_train(data_root(args.data))
 

@@ -49,7 +49,8 @@ def test_weights_load_into_plain_timm_with_strict(tmp_path, small_encoder):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = torch.nn.functional.normalize(plain(x), dim=-1).numpy()
-    np.testing.assert_allclose(ours, small_encoder.embed(x), atol=1e-5)
+    # fp32 for an exact comparison: --precision auto may run bf16 on this CPU (compared below)
+    np.testing.assert_allclose(ours, Encoder.load(tmp_path / "m", device="cpu", precision="fp32").embed(x), atol=1e-5)
 
 
 def test_embed_accepts_paths_pil_images_and_tensors_alike(photos_dir, small_encoder):
@@ -202,7 +203,7 @@ def test_conv_stem_preset_has_16_tokens_and_loads_into_plain_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = torch.nn.functional.normalize(plain.eval()(x), dim=-1).numpy()
-    np.testing.assert_allclose(ours, Encoder.load(tmp_path / "m", device="cpu").embed(x), atol=1e-5)
+    np.testing.assert_allclose(ours, Encoder.load(tmp_path / "m", device="cpu", precision="fp32").embed(x), atol=1e-5)
 
 
 def test_image_size_must_divide_by_the_conv_stems_token_stride():

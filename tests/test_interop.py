@@ -33,7 +33,7 @@ def test_import_official_moco_checkpoint_with_12_heads(tmp_path, capsys):
     official_layout_checkpoint(tmp_path / "checkpoint_0299.pth.tar", reference)
     assert main(["model", "import-moco", str(tmp_path / "checkpoint_0299.pth.tar"), "--out", str(tmp_path / "m")]) == 0
     assert "heads 12" in capsys.readouterr().out
-    enc = Encoder.load(tmp_path / "m", device="cpu")
+    enc = Encoder.load(tmp_path / "m", device="cpu", precision="fp32")
     assert (enc.config.embed_dim, enc.config.depth, enc.config.num_heads, enc.config.img_size) == (384, 2, 12, 64)
     assert enc.meta["training"]["epoch"] == 300 and enc.meta["training"]["layout"] == "moco-v3"
     x = torch.randn(3, 3, 64, 64)
@@ -51,7 +51,7 @@ def test_import_plain_timm_state_dict_drops_the_classifier(tmp_path):
                               patch_size=8, depth=2).eval()
     save_file(model.state_dict(), tmp_path / "vit.safetensors")
     assert main(["model", "import-moco", str(tmp_path / "vit.safetensors"), "--out", str(tmp_path / "m")]) == 0
-    enc = Encoder.load(tmp_path / "m", device="cpu")
+    enc = Encoder.load(tmp_path / "m", device="cpu", precision="fp32")
     assert enc.config.num_heads == 3 and enc.config.patch_size == 8
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

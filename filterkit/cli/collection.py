@@ -19,6 +19,7 @@ from .common import (
     JsonOpt,
     MapOpt,
     ModelOpt,
+    PrecisionOpt,
     QuietOpt,
     ReportOpt,
     WorkersOpt,
@@ -45,6 +46,7 @@ def embed(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -59,7 +61,7 @@ def embed(
         from ..raydata import ray_runner
 
         runner = ray_runner(ray_address, ray_actors)
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         result = embed_folder(folder, encoder, store, batch_size=batch_size, workers=workers,
                               progress=not quiet, shard=shard_spec, runner=runner, follow_symlinks=follow_symlinks)
@@ -87,6 +89,7 @@ def search(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -99,7 +102,7 @@ def search(
     from ..cache import EmbeddingCache
     from ..neighbours import search_folder, search_index
 
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     if index_path is not None:
         result = search_index(queries, index_path, encoder, k, caches=[cache] if cache else [], batch_size=batch_size)
     else:
@@ -144,6 +147,7 @@ def filter_command(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -157,7 +161,7 @@ def filter_command(
 
     check_action(action, out)
     check_outputs(report, map_png)
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
                                    batch_size=batch_size, workers=workers, progress=not quiet,
@@ -243,6 +247,7 @@ def dedup(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -259,7 +264,7 @@ def dedup(
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 
         target_precision = MOVE_TARGET_PRECISION if action == "move" else LIST_TARGET_PRECISION
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     if against is not None:
         return _dedup_against(folder, against, encoder, threshold_value, target_precision, rotations, action, out,
                               dry_run, report, map_png, follow_symlinks, cache, batch_size, workers, quiet, as_json)
@@ -354,6 +359,7 @@ def cluster(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -369,7 +375,7 @@ def cluster(
     if keep is not None and keep_fraction is None:
         raise FilterkitError(f"--keep {keep} goes with --keep-fraction (the share of images to select)")
     keep = keep or "hard"
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         result = cluster_folder(folder, encoder, k, keep_fraction, keep, seed, store, batch_size, workers,
                                 not quiet, follow_symlinks, normalize)
@@ -418,6 +424,7 @@ def outliers(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -429,7 +436,7 @@ def outliers(
 
     check_action(action, out)
     check_outputs(report, map_png)
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         result = find_outliers(folder, encoder, top, k, normalize, store, batch_size, workers, not quiet,
                                follow_symlinks)

@@ -69,6 +69,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per f
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, help="Decode processes.", show_default="cores - 1; 0 = decode in-process")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="Forward precision: auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16 | fp16.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")]
@@ -82,10 +84,10 @@ def echo_err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def load_encoder(model: Optional[Path], device: str = "auto"):
+def load_encoder(model: Optional[Path], device: str = "auto", precision: str = "auto"):
     from ..encoder import Encoder
 
-    return Encoder.load(model, device=device)  # None: the shipped default model
+    return Encoder.load(model, device=device, precision=precision)  # None: the shipped default model
 
 
 def print_skips(skipped, quiet: bool) -> None:

@@ -18,6 +18,7 @@ from .common import (
     FollowOpt,
     JsonOpt,
     ModelOpt,
+    PrecisionOpt,
     QuietOpt,
     WorkersOpt,
     app,
@@ -120,13 +121,14 @@ def eval_command(
     batch_size: BatchOpt = 128,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Weighted kNN accuracy of --model, with the random-init and raw-pixel baselines."""
     from ..evaluate import evaluate
 
-    encoder = load_encoder(model, device)
+    encoder = load_encoder(model, device, precision)
     report = evaluate(encoder, train, test, k=k, temperature=temperature, max_per_class=max_per_class,
                       batch_size=batch_size, workers=workers, progress=not quiet)
     if as_json:

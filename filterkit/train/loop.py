@@ -298,7 +298,7 @@ def _build(options: TrainOptions, cfg: ModelConfig, checkpoint: dict | None, ini
     if options.freeze_patch_embed:  # MoCo v3's stability trick: a fixed random patch projection
         backbone.patch_embed.requires_grad_(False)
     method = build_method(options.method, backbone, cfg.embed_dim, options).to(dev)
-    amp_dtype = autocast_dtype(dev, precision)
+    amp_dtype = autocast_dtype(dev, precision, training=True)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     optimizer = make_optimizer(method, options.lr, options.weight_decay, dev)
     start = 0
