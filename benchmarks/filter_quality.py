@@ -122,12 +122,12 @@ def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scori
               f"(est. recall {mean[3]:.3f}{est_p}{errors}); review band ±{mean[12]:.3f}: {mean[7]:.1%} of the "
               f"images{covered}, wrong by the threshold {in_band} of them vs {mean[9]:.1%} outside; keep decisions "
               f"alone: precision {mean[10]:.3f}, recall {mean[11]:.3f} (mean over classes)")
-        if setting == "no negatives":  # the pool precision is withheld where the mixture is not trusted
-            c = np.array(classes[(setting, norm, scoring)], dtype=float).reshape(-1, 6)
-            stated = np.isfinite(c[:, 2])
-            err = f", mean |stated - true| {np.abs(c[stated, 2] - c[stated, 3]).mean():.3f}" if stated.any() else ""
-            print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s}: precision stated for {stated.sum()} of "
-                  f"{len(c)} class-draws{err}")
+        # the pool precision is withheld where the mixture (or, with negatives, the adjusted count) is not pinned
+        c = np.array(classes[(setting, norm, scoring)], dtype=float).reshape(-1, 6)
+        stated = np.isfinite(c[:, 2])
+        err = f", mean |stated - true| {np.abs(c[stated, 2] - c[stated, 3]).mean():.3f}" if stated.any() else ""
+        print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s}: precision stated for {stated.sum()} of "
+              f"{len(c)} class-draws{err}")
 
 
 def split(set_name: str, root: Path, args):

@@ -67,17 +67,18 @@ class Threshold:
     value: float
     source: str  # "fixed" or "auto"
     est_recall: float | None = None  # of the keep-like exemplars, leave-one-out
-    est_precision: float | None = None  # at equal prevalence of keep-like and reject-like images
+    est_precision: float | None = None  # on the incoming pool; from auto_threshold alone: at equal prevalence
     target_recall: float | None = None
-    # Without reject-like exemplars: the share of the incoming pool estimated to be keep-like, and
-    # est_precision is then the pool's (see pool_threshold), not one at equal prevalence.
+    # The share of the incoming pool estimated to be keep-like (pool_threshold without reject-like
+    # exemplars, negatives_pool_threshold with them); None where withheld (precision_note says why).
     est_prevalence: float | None = None
     target_precision: float | None = None
     # Scores within +- review_band of the value are decided "review" (0: no review band);
     # review_source: "bootstrap" (the threshold's estimated error, see review_band) or "given".
     review_band: float = 0.0
     review_source: str | None = None
-    # Pool mixture only: PRECISION_LEVEL bootstrap intervals (lo, hi) of the precision at the value
+    # PRECISION_LEVEL intervals (lo, hi) of the pool's precision at the value (without reject-like
+    # exemplars a bootstrap of the mixture, with them Jeffreys posteriors, negatives_pool_threshold)
     # and of the prevalence; precision_note says why est_precision / est_prevalence are withheld.
     precision_interval: tuple[float, float] | None = None
     prevalence_interval: tuple[float, float] | None = None
@@ -91,7 +92,7 @@ class Threshold:
                      f"keep-like; est. recall {self.est_recall:.2f}, est. precision {self.est_precision:.2f}")
             if self.precision_interval is not None:
                 lo, hi = self.precision_interval
-                text += f" ({lo:.2f}-{hi:.2f}, {PRECISION_LEVEL:.0%} bootstrap interval)"
+                text += f" ({lo:.2f}-{hi:.2f}, {PRECISION_LEVEL:.0%} interval)"
         elif self.precision_note is not None:
             text += (f" (calibrated on the exemplars and the incoming pool: est. recall {self.est_recall:.2f}; "
                      f"{self.precision_note}")
@@ -538,6 +539,58 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
                      precision_interval=interval, prevalence_interval=prevalence_interval, precision_note=note)
 
 
+def adjusted_count(share, tpr, fpr) -> tuple[np.ndarray, np.ndarray]:
+    """(prevalence, precision) of a keep rule on the pool by adjusted classify-and-count (Forman
+    2008): the rule keeps a share s = pi * tpr + (1 - pi) * fpr of the pool, tpr and fpr being
+    the rates at which it keeps keep-like and other images, hence pi = (s - fpr) / (tpr - fpr),
+    clipped to [0, 1], and precision = pi * tpr / s (capped at 1). Arrays broadcast."""
+    s, tpr, fpr = (np.asarray(a, np.float64) for a in (share, tpr, fpr))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pi = np.clip(np.where(tpr > fpr, (s - fpr) / (tpr - fpr), np.nan), 0.0, 1.0)
+        precision = np.where(s > 0, np.minimum(1.0, pi * tpr / s), 1.0)
+    return pi, precision
+
+
+def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.ndarray],
+                             positives: tuple[np.ndarray, np.ndarray], negatives: tuple[np.ndarray, np.ndarray],
+                             draws: int = 2000, seed: int = 0) -> Threshold:
+    """``calibrated`` (``auto_threshold`` with reject-like exemplars) with the precision and the
+    prevalence it is estimated to have on the incoming pool (``adjusted_count``; tpr and fpr
+    are the shares of the keep-like and reject-like exemplars' held-out scores the rule keeps).
+    Each of pool / positives / negatives is (keep scores, reject scores or None: the linear
+    classifier's rule is its score alone).
+
+    The ``PRECISION_LEVEL`` interval of the precision comes from Jeffreys posteriors
+    Beta(k + 1/2, n - k + 1/2) of tpr and fpr (k of n exemplars kept; the pool's kept share is
+    observed), the threshold held fixed: unlike
+    a bootstrap it stays wide when few exemplars are all kept, or none (2 of 2 kept is no proof
+    of a recall of 1). Precision and prevalence are stated only when the interval is at most
+    2 x ``PRECISION_STATED_WITHIN`` wide. The reject-like exemplars must stand for the incoming
+    images of other kinds; measured (benchmarks/README.md), 16 to 100 of them from 9 classes
+    leave the interval 0.5 wide or more, so precision is then withheld."""
+    t = calibrated.value
+    kept = [_kept(np.asarray(k), None if r is None else np.asarray(r), t) for k, r in (pool, positives, negatives)]
+    rng = np.random.default_rng(seed)
+    # The pool's kept share is observed, not estimated; the exemplars' rates are samples.
+    posterior = [np.full(draws, kept[0].mean())] + [rng.beta(k.sum() + 0.5, len(k) - k.sum() + 0.5, draws)
+                                                    for k in kept[1:]]
+    pi, precision = adjusted_count(*(k.mean() for k in kept))
+    pis, precisions = adjusted_count(*posterior)
+    tails = [(1 - PRECISION_LEVEL) / 2, (1 + PRECISION_LEVEL) / 2]
+    # Draws with fpr >= tpr identify no prevalence: they count as the widest outcome.
+    lo, hi = np.quantile(np.where(np.isfinite(pis), precisions, np.nan), tails) \
+        if np.isfinite(pis).all() else (0.0, 1.0)
+    prevalence_interval = tuple(float(v) for v in np.nanquantile(pis, tails)) if np.isfinite(pis).any() else None
+    stated = bool(np.isfinite(pi) and hi - lo <= 2 * PRECISION_STATED_WITHIN)
+    note = None if stated else (
+        f"precision not stated: {len(kept[1])} keep-like and {len(kept[2])} reject-like exemplars do not pin the "
+        f"share of keep-like images among the {len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the "
+        f"precision {lo:.2f}-{hi:.2f})")
+    return replace(calibrated, est_precision=float(precision) if stated else None,
+                   est_prevalence=float(pi) if stated else None, precision_interval=(float(lo), float(hi)),
+                   prevalence_interval=prevalence_interval, precision_note=note)
+
+
 def threshold_spread(calibrate, groups: list[tuple], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
     """Standard deviation of the threshold ``calibrate(*arrays)`` (a float) over bootstrap
     resamples of the exemplars: ``groups`` are tuples of arrays with one row per exemplar
@@ -784,6 +837,9 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
 
             groups = [(pos_keep,)]
         calibrated = calibrate(*[a for g in groups for a in g])
+        if has_neg and pool is not None and len(pool):
+            calibrated = negatives_pool_threshold(calibrated, (pool, reject_s), (pos_keep, pos_reject),
+                                                  (neg_keep, neg_reject))
     if review_band == "auto":  # a fixed threshold has no estimated error: no band
         band = 0.0
         if calibrated.source == "auto":

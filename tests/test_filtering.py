@@ -464,3 +464,46 @@ def test_the_predictive_quantile_inverts_the_predictive_recall_for_any_number_of
     pool = np.linspace(0, 1, 101)
     expected = min(1.0, 0.2 * student.cdf((0.6 - 0.5) / 0.1 / np.sqrt(1 + 1 / 5), 4) / (pool >= 0.5).mean())
     assert float(pool_precision(0.2, 0.6, 0.1, pool, 0.5, 5)) == pytest.approx(expected)
+
+
+def _two_kinds(rng, n_keep, n_other):
+    """(keep scores, reject scores) of keep-like and of other images: each scores higher against its own kind."""
+    keep = np.concatenate([rng.normal(0.8, 0.06, n_keep), rng.normal(0.55, 0.08, n_other)])
+    reject = np.concatenate([rng.normal(0.5, 0.08, n_keep), rng.normal(0.7, 0.06, n_other)])
+    return keep, reject
+
+
+def test_with_reject_like_exemplars_the_pool_precision_is_stated_near_the_truth_or_withheld():
+    from filterkit.filtering import auto_threshold, negatives_pool_threshold
+
+    truth = np.arange(1000) < 120  # 12 % of the pool keep-like
+    stated_errors, covered = [], 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        pool_keep, pool_reject = _two_kinds(rng, 120, 880)
+        pk, pr = _two_kinds(rng, 400, 0)
+        nk, nr = _two_kinds(rng, 0, 400)
+        t = auto_threshold(pk, pr, nk, nr)
+        stated = negatives_pool_threshold(t, (pool_keep, pool_reject), (pk, pr), (nk, nr))
+        kept = (pool_keep >= t.value) & (pool_keep > pool_reject)
+        true_precision = (kept & truth).sum() / kept.sum()
+        lo, hi = stated.precision_interval
+        covered += lo <= true_precision <= hi
+        assert t.est_precision - true_precision > 0.08  # the precision at equal prevalence is not the pool's
+        if stated.est_precision is not None:
+            assert stated.precision_note is None and hi - lo <= 0.2
+            stated_errors.append(abs(stated.est_precision - true_precision))
+            assert abs(stated.est_prevalence - 0.12) < 0.04
+        else:
+            assert stated.precision_note.startswith("precision not stated") and hi - lo > 0.2
+    assert len(stated_errors) >= 4 and max(stated_errors) < 0.08
+    assert covered >= 7  # a 90 % interval
+
+    # 3 + 3 exemplars pin nothing, however they score: withheld, with the reason and the interval.
+    rng = np.random.default_rng(0)
+    pool = _two_kinds(rng, 120, 880)
+    pos, neg = _two_kinds(rng, 3, 0), _two_kinds(rng, 0, 3)
+    few = negatives_pool_threshold(auto_threshold(*pos, *neg), pool, pos, neg)
+    assert few.est_precision is None and few.est_prevalence is None
+    assert "3 keep-like and 3 reject-like exemplars do not pin" in few.precision_note
+    assert np.subtract(*few.precision_interval[::-1]) > 0.2
