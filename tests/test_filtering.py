@@ -507,3 +507,22 @@ def test_with_reject_like_exemplars_the_pool_precision_is_stated_near_the_truth_
     assert few.est_precision is None and few.est_prevalence is None
     assert "3 keep-like and 3 reject-like exemplars do not pin" in few.precision_note
     assert np.subtract(*few.precision_interval[::-1]) > 0.2
+
+
+def test_the_recall_stated_with_reject_like_exemplars_is_corrected_for_choosing_the_threshold_on_them():
+    from filterkit.filtering import _kept, auto_threshold, optimism_corrected_recall
+
+    apparent, corrected = [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        pk, pr = _two_kinds(rng, 16, 0)
+        nk, nr = _two_kinds(rng, 0, 16)
+        t = auto_threshold(pk, pr, nk, nr)
+        fresh_keep, fresh_reject = _two_kinds(rng, 20000, 0)  # new keep-like images: the true recall
+        truth = _kept(fresh_keep, fresh_reject, t.value).mean()
+        fixed = optimism_corrected_recall(t, pk, pr, nk, nr, resamples=50)
+        assert fixed.value == t.value and 0 <= fixed.est_recall <= t.est_recall
+        apparent.append(t.est_recall - truth)
+        corrected.append(fixed.est_recall - truth)
+    assert np.mean(apparent) > 0.02  # the kept share of the exemplars the threshold was chosen on
+    assert abs(np.mean(corrected)) < np.mean(apparent) / 2
