@@ -565,12 +565,13 @@ def optimism_corrected_recall(calibrated: Threshold, pos_keep, pos_reject, neg_k
 def adjusted_count(share, tpr, fpr) -> tuple[np.ndarray, np.ndarray]:
     """(prevalence, precision) of a keep rule on the pool by adjusted classify-and-count (Forman
     2008): the rule keeps a share s = pi * tpr + (1 - pi) * fpr of the pool, tpr and fpr being
-    the rates at which it keeps keep-like and other images, hence pi = (s - fpr) / (tpr - fpr),
-    clipped to [0, 1], and precision = pi * tpr / s (capped at 1). Arrays broadcast."""
+    the rates at which it keeps keep-like and other images, hence pi = (s - fpr) / (tpr - fpr)
+    and precision = pi * tpr / s. Not clipped: pi outside [0, 1] (s outside [fpr, tpr]) means
+    the rates do not describe this pool. NaN where tpr <= fpr. Arrays broadcast."""
     s, tpr, fpr = (np.asarray(a, np.float64) for a in (share, tpr, fpr))
     with np.errstate(divide="ignore", invalid="ignore"):
-        pi = np.clip(np.where(tpr > fpr, (s - fpr) / (tpr - fpr), np.nan), 0.0, 1.0)
-        precision = np.where(s > 0, np.minimum(1.0, pi * tpr / s), 1.0)
+        pi = np.where(tpr > fpr, (s - fpr) / (tpr - fpr), np.nan)
+        precision = np.where(s > 0, pi * tpr / s, 1.0)
     return pi, precision
 
 
@@ -585,33 +586,45 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
 
     The ``PRECISION_LEVEL`` interval of the precision comes from Jeffreys posteriors
     Beta(k + 1/2, n - k + 1/2) of tpr and fpr (k of n exemplars kept; the pool's kept share is
-    observed), the threshold held fixed: unlike
-    a bootstrap it stays wide when few exemplars are all kept, or none (2 of 2 kept is no proof
-    of a recall of 1). Precision and prevalence are stated only when the interval is at most
-    2 x ``PRECISION_STATED_WITHIN`` wide. The reject-like exemplars must stand for the incoming
-    images of other kinds; measured (benchmarks/README.md), 16 to 100 of them from 9 classes
-    leave the interval 0.5 wide or more, so precision is then withheld."""
+    observed), the threshold held fixed: unlike a bootstrap it stays wide when few exemplars are
+    all kept, or none (2 of 2 kept is no proof of a recall of 1). Precision and prevalence are
+    stated only when the interval is at most 2 x ``PRECISION_STATED_WITHIN`` wide and the pool's
+    kept share lies between fpr and tpr for all but a tail of the draws: outside, the exemplars
+    do not stand for the pool (e.g. reject-like exemplars kept more often than the incoming
+    images), and the clipped estimate would be a confident 0 or 1. Measured
+    (benchmarks/README.md): 16 to 300 reject-like exemplars of 9 kinds leave the interval 0.26
+    wide or more at a prevalence of 10 %, so precision is then withheld."""
     t = calibrated.value
     kept = [_kept(np.asarray(k), None if r is None else np.asarray(r), t) for k, r in (pool, positives, negatives)]
+    share, tpr, fpr = (float(k.mean()) for k in kept)
     rng = np.random.default_rng(seed)
     # The pool's kept share is observed, not estimated; the exemplars' rates are samples.
-    posterior = [np.full(draws, kept[0].mean())] + [rng.beta(k.sum() + 0.5, len(k) - k.sum() + 0.5, draws)
-                                                    for k in kept[1:]]
-    pi, precision = adjusted_count(*(k.mean() for k in kept))
-    pis, precisions = adjusted_count(*posterior)
-    tails = [(1 - PRECISION_LEVEL) / 2, (1 + PRECISION_LEVEL) / 2]
-    # Draws with fpr >= tpr identify no prevalence: they count as the widest outcome.
-    lo, hi = np.quantile(np.where(np.isfinite(pis), precisions, np.nan), tails) \
-        if np.isfinite(pis).all() else (0.0, 1.0)
-    prevalence_interval = tuple(float(v) for v in np.nanquantile(pis, tails)) if np.isfinite(pis).any() else None
-    stated = bool(np.isfinite(pi) and hi - lo <= 2 * PRECISION_STATED_WITHIN)
-    note = None if stated else (
-        f"precision not stated: {len(kept[1])} keep-like and {len(kept[2])} reject-like exemplars do not pin the "
-        f"share of keep-like images among the {len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the "
-        f"precision {lo:.2f}-{hi:.2f})")
-    return replace(calibrated, est_precision=float(precision) if stated else None,
-                   est_prevalence=float(pi) if stated else None, precision_interval=(float(lo), float(hi)),
-                   prevalence_interval=prevalence_interval, precision_note=note)
+    tprs, fprs = (rng.beta(k.sum() + 0.5, len(k) - k.sum() + 0.5, draws) for k in kept[1:])
+    pi, precision = adjusted_count(share, tpr, fpr)
+    pis, precisions = adjusted_count(share, tprs, fprs)
+    tail = (1 - PRECISION_LEVEL) / 2
+    fits = np.isfinite(pis) & (pis >= 0) & (pis <= 1)
+    lo, hi = np.quantile(np.clip(np.nan_to_num(precisions, nan=0.0), 0, 1), [tail, 1 - tail])
+    prevalence_interval = tuple(float(v) for v in np.quantile(np.clip(np.nan_to_num(pis, nan=0.0), 0, 1),
+                                                              [tail, 1 - tail]))
+    sizes = f"{len(kept[1])} keep-like and {len(kept[2])} reject-like exemplars"
+    if not 0 <= pi <= 1:  # also False for NaN (tpr <= fpr)
+        note = (f"precision not stated: the exemplars do not describe the incoming images (the rule keeps "
+                f"{share:.0%} of them, {tpr:.0%} of the keep-like and {fpr:.0%} of the reject-like exemplars; "
+                f"the incoming share should lie between the two): "
+                + ("give reject-like exemplars like the incoming images to be rejected" if share <= fpr
+                   else "the keep-like exemplars score lower than the incoming images" if share >= tpr
+                   else "the keep-like exemplars are kept no more often than the reject-like ones"))
+    elif hi - lo > 2 * PRECISION_STATED_WITHIN or (1 - fits.mean()) > tail:
+        note = (f"precision not stated: {sizes} do not pin the share of keep-like images among the "
+                f"{len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the precision {lo:.2f}-{hi:.2f})")
+    else:
+        note = None
+    stated = note is None
+    return replace(calibrated, est_precision=float(np.clip(precision, 0, 1)) if stated else None,
+                   est_prevalence=float(np.clip(pi, 0, 1)) if stated else None,
+                   precision_interval=(float(lo), float(hi)), prevalence_interval=prevalence_interval,
+                   precision_note=note)
 
 
 def threshold_spread(calibrate, groups: list[tuple], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:

@@ -526,3 +526,21 @@ def test_the_recall_stated_with_reject_like_exemplars_is_corrected_for_choosing_
         corrected.append(fixed.est_recall - truth)
     assert np.mean(apparent) > 0.02  # the kept share of the exemplars the threshold was chosen on
     assert abs(np.mean(corrected)) < np.mean(apparent) / 2
+
+
+def test_reject_like_exemplars_unlike_the_incoming_images_give_no_confident_precision():
+    """Kept more often than the incoming images, the reject-like exemplars would make the adjusted
+    count a confident precision of 0 (seen on Imagenette: stated 0.00, true 0.49): withheld."""
+    from filterkit.filtering import auto_threshold, negatives_pool_threshold
+
+    rng = np.random.default_rng(0)
+    pk, pr = _two_kinds(rng, 200, 0)
+    nk = rng.normal(0.75, 0.06, 200)  # reject-like exemplars that look keep-like
+    nr = rng.normal(0.70, 0.06, 200)
+    pool = (np.concatenate([rng.normal(0.8, 0.06, 50), rng.normal(0.3, 0.05, 450)]),  # others far from both
+            np.concatenate([rng.normal(0.5, 0.08, 50), rng.normal(0.3, 0.05, 450)]))
+    t = auto_threshold(pk, pr, nk, nr)
+    got = negatives_pool_threshold(t, pool, (pk, pr), (nk, nr))
+    assert got.est_precision is None and got.est_prevalence is None
+    assert "the exemplars do not describe the incoming images" in got.precision_note
+    assert "give reject-like exemplars like the incoming images to be rejected" in got.precision_note
