@@ -539,27 +539,24 @@ def pool_threshold(pool: np.ndarray, positives: np.ndarray, target_recall: float
                      precision_interval=interval, prevalence_interval=prevalence_interval, precision_note=note)
 
 
-def optimism_corrected_recall(calibrated: Threshold, pos_keep, pos_reject, neg_keep, neg_reject,
-                              target_recall: float = DEFAULT_TARGET_RECALL, resamples: int = BOOTSTRAP_RESAMPLES,
-                              seed: int = 0) -> Threshold:
-    """``calibrated`` (``auto_threshold`` with reject-like exemplars) with its recall corrected for
-    the threshold having been chosen on the same exemplars it is measured on (Efron's optimism
-    bootstrap, Efron & Tibshirani 1993, ch. 17): on each resample of both exemplar sets the
-    threshold is chosen again, and the optimism is how much more of the resampled keep-like
-    exemplars it keeps than of the original ones; the stated recall is the apparent recall minus
-    the mean optimism, clipped to [0, 1]."""
-    rng = np.random.default_rng(seed)
-    pk, nk = np.asarray(pos_keep, np.float64), np.asarray(neg_keep, np.float64)
-    pr = None if pos_reject is None else np.asarray(pos_reject, np.float64)
-    nr = None if neg_reject is None else np.asarray(neg_reject, np.float64)
-    optimism = []
-    for _ in range(resamples):
-        p, n = rng.integers(0, len(pk), len(pk)), rng.integers(0, len(nk), len(nk))
-        t = auto_threshold(pk[p], None if pr is None else pr[p], nk[n], None if nr is None else nr[n],
-                           target_recall).value
-        optimism.append(_kept(pk[p], None if pr is None else pr[p], t).mean() - _kept(pk, pr, t).mean())
-    recall = float(np.clip(calibrated.est_recall - np.mean(optimism), 0.0, 1.0))
-    return replace(calibrated, est_recall=recall)
+def rule_recall(t: float, pos_keep: np.ndarray, pos_reject: np.ndarray | None) -> float:
+    """The recall of the keep rule (keep score >= t, and above the reject score) stated with
+    reject-like exemplars: P(keep >= t) from the predictive normal of the keep-like exemplars'
+    held-out scores (``predictive_recall``, as without reject-like exemplars) times the share of
+    those at or above t that also beat their reject score (of all of them, if none is).
+
+    The kept share of the exemplars themselves, stated before, was optimistic because the
+    threshold is chosen on them (F1): 0.847 stated against a true 0.764 on held-out Imagenette,
+    now 0.780; benchmarks/README.md."""
+    pk = np.asarray(pos_keep, np.float64)
+    if len(pk) < 2:
+        return float(_kept(pk, pos_reject, t).mean())
+    beats = 1.0
+    if pos_reject is not None:
+        wins = pk > np.asarray(pos_reject, np.float64)
+        above = pk >= t
+        beats = float(wins[above].mean() if above.any() else wins.mean())
+    return float(predictive_recall(t, pk.mean(), pk.std(ddof=1), len(pk))) * beats
 
 
 def adjusted_count(share, tpr, fpr) -> tuple[np.ndarray, np.ndarray]:
@@ -876,8 +873,7 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
         if has_neg and pool is not None and len(pool):
             calibrated = negatives_pool_threshold(calibrated, (pool, reject_s), (pos_keep, pos_reject),
                                                   (neg_keep, neg_reject))
-            calibrated = optimism_corrected_recall(calibrated, pos_keep, pos_reject, neg_keep, neg_reject,
-                                                   target_recall)
+            calibrated = replace(calibrated, est_recall=rule_recall(calibrated.value, pos_keep, pos_reject))
     if review_band == "auto":  # a fixed threshold has no estimated error: no band
         band = 0.0
         if calibrated.source == "auto":
