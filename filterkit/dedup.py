@@ -846,14 +846,14 @@ def calibrate_dedup(encoder, paths: list[Path], target_precision: float = 0.99, 
 
 
 def calibrate_model_dir(model_dir: str | os.PathLike, images: str | os.PathLike, target_precision: float = 0.99,
-                        max_images: int = 300, seed: int = 0) -> DedupCalibration:
+                        max_images: int = 300, seed: int = 0, precision: str = "auto") -> DedupCalibration:
     """Calibrate the dedup threshold of a model directory on a random sample of the real
     images under ``images`` (which it was not trained on) and store it in its config.json."""
     from .encoder import Encoder
     from .images import discover_images
     from .modeldir import update_model_config
 
-    encoder = Encoder.load(model_dir)
+    encoder = Encoder.load(model_dir, precision=precision)
     paths = discover_images(images)
     order = np.random.default_rng(seed).permutation(len(paths))[:max_images] if paths else []
     result = calibrate_dedup(encoder, [paths[i] for i in order], target_precision, max_images, seed)

@@ -43,8 +43,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto", training: bool
 
     ``auto`` on CUDA is bf16 where supported, else fp16. On CPU it is bf16 for inference where
     the CPU has native bf16 instructions: on a 2-core AVX512-BF16 EPYC the shipped model's
-    forward ran 1.34x faster and the whole embed pipeline 1.38x (benchmarks/precision_speed.py,
-    embed_speed.py), at a cosine of 0.99997 or more to the fp32 vector of the same image and
+    forward ran 1.73-1.76x faster and the whole embed pipeline 1.30-1.35x (benchmarks/embed_speed.py
+    --precision fp32 bf16), at a cosine of 0.99997 or more to the fp32 vector of the same image and
     held-out kNN 0.7399 vs 0.7409. Elsewhere it is fp32: on an AVX2 CPU without bf16 instructions,
     bf16 autocast made ViT-Tiny/16 inference 7x slower (29.5 vs 4.2 img/s, batch 32). CPU
     training stays fp32 under ``auto`` (``training=True``): bf16 training on CPU is not measured.

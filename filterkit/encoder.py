@@ -105,6 +105,7 @@ class Encoder:
         self.path = None if path is None else Path(path)  # the model directory it was loaded from
         self.meta = dict(meta or {})
         self.device = pick_device(device)
+        self.precision = precision  # as asked ('auto' is resolved per machine: Ray workers resolve it again)
         self.amp_dtype = autocast_dtype(self.device, precision)
         self.backbone = backbone.to(self.device).eval()
         self._model_id = model_id

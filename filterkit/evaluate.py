@@ -145,16 +145,17 @@ def evaluate(encoder: Encoder, train_dir: str | os.PathLike, test_dir: str | os.
     report = EvalReport(encoder_knn_top1(encoder, train, test, name="model", **kw), len(train.paths),
                         len(test.paths), train.classes, k, temperature)
     if baselines:
-        report.baselines = baseline_knn_top1(encoder.config, train, test, str(encoder.device), **kw)
+        report.baselines = baseline_knn_top1(encoder.config, train, test, str(encoder.device),
+                                             precision=encoder.precision, **kw)
     return report
 
 
 def baseline_knn_top1(config: ModelConfig, train: LabelledImages, test: LabelledImages, device: str,
-                      raw_pixels: bool = True, **kw) -> dict[str, float]:
+                      raw_pixels: bool = True, precision: str = "auto", **kw) -> dict[str, float]:
     """Weighted kNN of ``config``'s architecture at random initialisation (seed 0) and, unless
     ``raw_pixels`` is false, of raw 32x32 pixels: the baselines every quality figure prints."""
     torch.manual_seed(0)
-    random_init = Encoder(build_backbone(config), config, device=device)
+    random_init = Encoder(build_backbone(config), config, device=device, precision=precision)
     found = {"random_init": encoder_knn_top1(random_init, train, test, name="random init", **kw)}
     if raw_pixels:
         found["raw_pixels"] = knn_top1(

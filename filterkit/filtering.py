@@ -48,7 +48,7 @@ SMOOTH_K, SMOOTH_ALPHA = 10, 0.5
 BOOTSTRAP_RESAMPLES = 100  # of the exemplars' held-out scores, for the review band
 POOL_EM_ITERATIONS = 500  # EM runs to convergence (tolerance 1e-5 on the prevalence) or this many steps
 POOL_FIT_MAX = 5000  # pool scores the bootstrap refits the mixture on (a random subset beyond)
-# The pool's precision is stated with its bootstrap interval at this level; its point estimate only
+# The pool's precision is stated with its interval at this level; its point estimate only
 # when the interval is within +- PRECISION_STATED_WITHIN (the goal for stated precision), else it is withheld.
 PRECISION_LEVEL, PRECISION_STATED_WITHIN = 0.90, 0.10
 POOL_MIN_SEPARATION = 2.0  # d' of the mixture's two components below which it is not trusted (PoolModel.consistent)
@@ -66,7 +66,7 @@ class Scores:
 class Threshold:
     value: float
     source: str  # "fixed" or "auto"
-    est_recall: float | None = None  # of the keep-like exemplars, leave-one-out
+    est_recall: float | None = None  # of new keep-like images, from the exemplars' held-out scores
     est_precision: float | None = None  # on the incoming pool; from auto_threshold alone: at equal prevalence
     target_recall: float | None = None
     # The share of the incoming pool estimated to be keep-like (pool_threshold without reject-like
@@ -549,7 +549,7 @@ def rule_recall(t: float, pos_keep: np.ndarray, pos_reject: np.ndarray | None) -
     threshold is chosen on them (F1): 0.847 stated against a true 0.764 on held-out Imagenette,
     now 0.780; benchmarks/README.md."""
     pk = np.asarray(pos_keep, np.float64)
-    if len(pk) < 2:
+    if len(pk) < 3 or not pk.std(ddof=1) > 0:  # e.g. 2 exemplars: both held-out scores are one cosine
         return float(_kept(pk, pos_reject, t).mean())
     beats = 1.0
     if pos_reject is not None:
@@ -590,7 +590,9 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
     do not stand for the pool (e.g. reject-like exemplars kept more often than the incoming
     images), and the clipped estimate would be a confident 0 or 1. Measured
     (benchmarks/README.md): 16 to 300 reject-like exemplars of 9 kinds leave the interval 0.26
-    wide or more at a prevalence of 10 %, so precision is then withheld."""
+    wide or more at a prevalence of 10 %, so precision is then withheld. tpr and fpr are kept shares
+    at a threshold chosen on these exemplars (best F1), so both lean optimistic (tpr high, fpr low);
+    ``rule_recall`` states the recall without that bias, this count does not yet."""
     t = calibrated.value
     kept = [_kept(np.asarray(k), None if r is None else np.asarray(r), t) for k, r in (pool, positives, negatives)]
     share, tpr, fpr = (float(k.mean()) for k in kept)
@@ -605,7 +607,10 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
     prevalence_interval = tuple(float(v) for v in np.quantile(np.clip(np.nan_to_num(pis, nan=0.0), 0, 1),
                                                               [tail, 1 - tail]))
     sizes = f"{len(kept[1])} keep-like and {len(kept[2])} reject-like exemplars"
-    if not 0 <= pi <= 1:  # also False for NaN (tpr <= fpr)
+    consistent = bool(0 <= pi <= 1)  # False for NaN too (tpr <= fpr)
+    if share == 0:
+        note = "precision not stated: the threshold keeps none of the incoming images"
+    elif not consistent:
         note = (f"precision not stated: the exemplars do not describe the incoming images (the rule keeps "
                 f"{share:.0%} of them, {tpr:.0%} of the keep-like and {fpr:.0%} of the reject-like exemplars; "
                 f"the incoming share should lie between the two): "
@@ -613,15 +618,18 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
                    else "the keep-like exemplars score lower than the incoming images" if share >= tpr
                    else "the keep-like exemplars are kept no more often than the reject-like ones"))
     elif hi - lo > 2 * PRECISION_STATED_WITHIN or (1 - fits.mean()) > tail:
+        why = ("" if hi - lo > 2 * PRECISION_STATED_WITHIN else
+               f"; in {1 - fits.mean():.0%} of the posterior draws the exemplars' rates do not bracket the incoming share")
         note = (f"precision not stated: {sizes} do not pin the share of keep-like images among the "
-                f"{len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the precision {lo:.2f}-{hi:.2f})")
+                f"{len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the precision {lo:.2f}-{hi:.2f}{why})")
     else:
         note = None
     stated = note is None
+    intervals = share > 0 and consistent  # else the clipped quantiles would look confident
     return replace(calibrated, est_precision=float(np.clip(precision, 0, 1)) if stated else None,
                    est_prevalence=float(np.clip(pi, 0, 1)) if stated else None,
-                   precision_interval=(float(lo), float(hi)), prevalence_interval=prevalence_interval,
-                   precision_note=note)
+                   precision_interval=(float(lo), float(hi)) if intervals else None,
+                   prevalence_interval=prevalence_interval if intervals else None, precision_note=note)
 
 
 def threshold_spread(calibrate, groups: list[tuple], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:

@@ -25,7 +25,8 @@ from .errors import FilterkitError
 class _EmbedActor:
     """One encoder per Ray actor: decodes and embeds a batch of paths."""
 
-    def __init__(self, config: dict, weights: bytes, draft_size: int | None, threads: int = 1) -> None:
+    def __init__(self, config: dict, weights: bytes, draft_size: int | None, threads: int = 1,
+                 precision: str = "auto") -> None:
         import torch
         from safetensors.torch import load as load_safetensors
 
@@ -35,7 +36,7 @@ class _EmbedActor:
         cfg = ModelConfig.from_dict(config)
         backbone = build_backbone(cfg)
         backbone.load_state_dict(load_safetensors(weights), strict=True)
-        self.encoder = Encoder(backbone, cfg, device="cpu")
+        self.encoder = Encoder(backbone, cfg, device="cpu", precision=precision)
         self.draft_size = draft_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,7 +79,8 @@ def ray_runner(address: str = "local", actors: int | None = None):
                                  override_num_blocks=max(1, min(len(paths) // max(batch_size, 1), 4 * pool)))
         ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy", concurrency=pool,
                             num_cpus=1, fn_constructor_kwargs={"config": encoder.config.to_dict(),
-                                                               "weights": weights, "draft_size": draft_size})
+                                                               "weights": weights, "draft_size": draft_size,
+                                                               "precision": encoder.precision})
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok = [i for i, e in enumerate(out["error"]) if not e]
             positions = [int(out["position"][i]) for i in ok]

@@ -84,8 +84,11 @@ _EXTENTS = np.concatenate([_area_weights(float(x), f * WORK) for f in SCALES
 
 
 def _small(image: Image.Image) -> Image.Image:
-    """``image`` in RGB, area-averaged to WORK x WORK: what both thumbnails are cut from."""
-    return image.convert("RGB").resize((WORK, WORK), Image.Resampling.BOX)
+    """``image`` in RGB (``images.to_rgb``: transparency on white, 16-bit and float rescaled, as
+    every loaded image), area-averaged to WORK x WORK: what both thumbnails are cut from."""
+    from .images import to_rgb
+
+    return to_rgb(image).resize((WORK, WORK), Image.Resampling.BOX)
 
 
 def work_image(image: Image.Image) -> np.ndarray:
@@ -98,12 +101,14 @@ def _colour_of(small: Image.Image) -> np.ndarray:
     flat = cells.mean(axis=(1, 3)).reshape(-1)
     flat = flat - flat.mean()
     norm = np.linalg.norm(flat)
-    return (flat / norm if norm > 1e-3 else np.zeros_like(flat)).astype(np.float32)
+    # Below 1 (0-255 scale) the image is flat but for noise, which unit norm would blow up.
+    return (flat / norm if norm > 1.0 else np.zeros_like(flat)).astype(np.float32)
 
 
 def colour_thumbnail(image: Image.Image) -> np.ndarray:
     """float32 [COLOUR * COLOUR * 3]: ``image`` area-averaged to COLOUR x COLOUR in RGB, minus its
-    mean, unit norm (zeros if flat): what the rotation candidates search. Unlike the detail
+    mean over all channels, unit norm (zeros if flat grey; a flat colour keeps its tint, so flat
+    images of one hue are each other's candidates, which verification then rejects): what the rotation candidates search. Unlike the detail
     frames it keeps the coarse layout and colour, which a 70-95 % crop moves least."""
     return _colour_of(_small(image))
 

@@ -545,3 +545,22 @@ def test_reject_like_exemplars_unlike_the_incoming_images_give_no_confident_prec
     assert got.est_precision is None and got.est_prevalence is None
     assert "the exemplars do not describe the incoming images" in got.precision_note
     assert "give reject-like exemplars like the incoming images to be rejected" in got.precision_note
+    assert got.precision_interval is None and got.prevalence_interval is None  # no confident-looking [0, 0]
+
+
+def test_two_keep_like_exemplars_state_a_finite_recall_with_reject_like_ones():
+    """2 exemplars have one held-out score each, the same cosine: no spread to fit a normal to."""
+    from filterkit.filtering import rule_recall
+
+    rng = np.random.default_rng(0)
+    keep = rng.normal(size=(2, 8)) + 3.0
+    reject = rng.normal(size=(1, 8)) - 3.0
+    incoming = np.concatenate([keep + 0.1 * rng.normal(size=keep.shape), rng.normal(size=(6, 8))])
+    paths = [Path(f"{i}.jpg") for i in range(len(incoming))]
+    result = filter_vectors(paths, incoming, [Path("k0.jpg"), Path("k1.jpg")], keep, [Path("r.jpg")], reject,
+                            normalize="none")
+    t = result.threshold
+    assert t.est_recall is not None and np.isfinite(t.est_recall)
+    assert t.est_precision is None and "precision not stated" in t.precision_note
+    json.dumps(result.to_dict(), allow_nan=False)  # valid JSON: no NaN anywhere
+    assert rule_recall(0.5, np.array([0.8, 0.8]), np.array([0.1, 0.1])) == 1.0

@@ -235,7 +235,7 @@ def dedup(
     against: Annotated[Optional[Path], typer.Option("--against", help="A reference folder: list the images of FOLDER that duplicate one of its images (train/test leakage, re-uploads, a blocklist); pairs inside one folder are not reported, and --action acts on FOLDER only.")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder, or with --against on both: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires. Default: 0.90 to list groups, 0.99 with --action move.")] = None,
-    rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (8 more nearest-neighbour searches of every thumbnail; the slowest step past 10,000 images).")] = True,
+    rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (8 more nearest-neighbour searches of every image's 6x6 colour thumbnail; reads every image).")] = True,
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision) | copy (with --against only).")] = "report",
     out: Annotated[Optional[Path], typer.Option("--out", help="Destination folder for --action move or copy.")] = None,
     dry_run: DryRunOpt = False,

@@ -70,7 +70,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, help="Decode processes.", show_default="cores - 1; 0 = decode in-process")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="Forward precision: auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32) | fp32 | bf16 | fp16.")]
+    "--precision", help="Forward precision: auto (bf16 on CUDA where supported, else fp16; on CPU bf16 where it has bf16 instructions, else fp32) | fp32 | bf16 | fp16. Images already in the cache keep the vectors they were cached with.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what --action would do; change nothing.")]

@@ -15,6 +15,7 @@ from .common import (
     CacheOpt,
     JsonOpt,
     ModelOpt,
+    PrecisionOpt,
     QuietOpt,
     WorkersOpt,
     cache_app,
@@ -117,11 +118,12 @@ def model_calibrate(
     target_precision: Annotated[float, typer.Option("--target-precision", min=0.5, max=1.0)] = 0.99,
     max_images: Annotated[int, typer.Option("--max-images", min=10)] = 300,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Measure the dedup threshold on synthetic near-duplicates and store it in config.json."""
     from ..dedup import calibrate_model_dir
 
-    result = calibrate_model_dir(model_dir, images, target_precision, max_images, seed)
+    result = calibrate_model_dir(model_dir, images, target_precision, max_images, seed, precision=precision)
     typer.echo(f"dedup threshold {result.threshold:.4f}: precision {result.precision:.3f}, recall "
                f"{result.recall:.3f} on {result.images} images + one synthetic near-duplicate each; "
                f"written to {model_dir / 'config.json'}")
@@ -136,13 +138,14 @@ def model_reference(
     cache: CacheOpt = None,
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Store the model's mean embedding over generic photos (what `outliers` centres on)."""
     from ..cache import EmbeddingCache
     from ..encoder import Encoder
     from ..reference import fit_reference, write_reference
 
-    encoder = Encoder.load(model_dir, device="cpu")
+    encoder = Encoder.load(model_dir, device="cpu", precision=precision)
     if not os.access(model_dir, os.W_OK):  # before minutes of embedding
         raise FilterkitError(f"cannot write into {model_dir}: permission denied")
     with EmbeddingCache(cache) as store:
