@@ -43,6 +43,23 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def binomial_floor(recall: float, n: int, m: int | None = None) -> float:
+    """E|K/n - r|, K ~ Binomial(n, r), r the true recall: the recall error an estimator that knew
+    each class's expected recall exactly would still make against ``n`` incoming positives (the
+    true recall is itself a sample of n). With ``m``: E|J/m - K/n|, J ~ Binomial(m, r), the error
+    of an unbiased estimate that sees m exemplars kept or not (their kept share). The realised
+    recall stands in for r."""
+    from scipy.stats import binom
+
+    k = np.arange(n + 1)
+    pk = binom.pmf(k, n, recall)
+    if m is None:
+        return float((pk * np.abs(k / n - recall)).sum())
+    j = np.arange(m + 1)
+    pj = binom.pmf(j, m, recall)
+    return float((pj[:, None] * pk[None, :] * np.abs(j[:, None] / m - k[None, :] / n)).sum())
+
+
 def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scorings):
     """Rows per (setting, normalisation, scoring): one value per exemplar draw, each the mean over classes."""
     n_classes = len(draws[0])
@@ -86,7 +103,8 @@ def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scori
                     (auroc(margin, truth), precision, recall, est_r, est_p, abs(est_r - recall),
                      abs(est_p - precision), review.mean(), wrong[review].mean() if review.any() else np.nan,
                      wrong[~review].mean(), (sure_keep & truth).sum() / max(sure_keep.sum(), 1),
-                     (sure_keep & truth).sum() / truth.sum(), t.review_band, covered))
+                     (sure_keep & truth).sum() / truth.sum(), t.review_band, covered,
+                     binomial_floor(recall, int(truth.sum())), binomial_floor(recall, int(truth.sum()), len(ex))))
                 est_pi = np.nan if t.est_prevalence is None else t.est_prevalence
                 if c == 0:
                     classes[(setting, norm, scoring)].append([])
@@ -106,7 +124,7 @@ def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scori
                       f"{s[2]:.3f}, true {m[3]:.3f} ± {s[3]:.3f}; prevalence stated {m[4]:.3f} ± {s[4]:.3f}, "
                       f"true {m[5]:.3f}")
     for (setting, norm, scoring), got in table.items():
-        a = np.array(got)  # [draws, 14]
+        a = np.array(got)  # [draws, 16]
         mean, spread = a.mean(axis=0), a.std(axis=0)
         # Paired over the same draws: the difference to the setting's first scoring.
         reference = next(sc for (s, n, sc) in table if (s, n) == (setting, norm))
@@ -116,7 +134,9 @@ def evaluate(name, vectors, labels, draws, incoming, args, normalizations, scori
         covered = f", the recall target's threshold on the incoming set within it for {mean[13]:.0%} of the classes" \
             if np.isfinite(mean[13]) else ""
         est_p = f", est. precision {mean[4]:.3f}" if np.isfinite(mean[4]) else ""
-        errors = f"; |stated - true| recall {mean[5]:.3f}" + (f", precision {mean[6]:.3f}" if np.isfinite(mean[6]) else "")
+        errors = (f"; |stated - true| recall {mean[5]:.3f} (floors: {mean[14]:.3f} knowing each class's recall, "
+                  f"{mean[15]:.3f} from the exemplars' kept share)"
+                  + (f", precision {mean[6]:.3f}" if np.isfinite(mean[6]) else ""))
         print(f"  {name:>12} | {setting:14s} | {norm:6s} | {scoring:15s}: AUROC {mean[0]:.3f} ± {spread[0]:.3f}{paired}; "
               f"auto threshold: precision {mean[1]:.3f} ± {spread[1]:.3f}, recall {mean[2]:.3f} ± {spread[2]:.3f} "
               f"(est. recall {mean[3]:.3f}{est_p}{errors}); review band ±{mean[12]:.3f}: {mean[7]:.1%} of the "
