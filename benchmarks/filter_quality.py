@@ -1,7 +1,7 @@
 """Keep-like filtering quality on Imagenette (224 px) or CIFAR-10 (32 px, --set cifar10), with the baselines measured in the same run.
 
     python benchmarks/filter_quality.py [--data DIR] [--model models/x] [--exemplars 16 --incoming-per-class 50] \
-        [--normalize none center whiten] [--scoring topm prototypes linear topm+knn linear+knn]
+        [--normalize none center whiten] [--scoring topm-centroid topm prototypes linear topm+knn linear+knn]
 
 Each class folder, sorted by file name, gives an exemplar pool (its first 20 %) and incoming
 images (its last ``--incoming-per-class``). For each class: 16 exemplars from its pool, the
@@ -27,7 +27,7 @@ from _data import add_data_argument, cifar10, data_root, imagenette_train  # ben
 from filterkit import Encoder
 from filterkit.augment import eval_transform
 from filterkit.evaluate import RAW_PIXEL_SIZE, features, labelled_images, raw_pixel_embed
-from filterkit.filtering import DEFAULT_PROTOTYPES, filter_vectors
+from filterkit.filtering import DEFAULT_PROTOTYPES, DEFAULT_SCORING, filter_vectors
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -237,7 +237,7 @@ def main() -> None:
                              "refits the pool mixture 100 times per class with --target-precision")
     parser.add_argument("--normalize", nargs="+", default=["none", "center", "whiten"],
                         help="normalisations to compare side by side")
-    parser.add_argument("--scoring", nargs="+", default=["topm"],
+    parser.add_argument("--scoring", nargs="+", default=[DEFAULT_SCORING],
                         help="scorings to compare side by side (filtering.SCORINGS, each optionally +knn); "
                              "linear only with negatives")
     parser.add_argument("--prototypes", type=int, default=DEFAULT_PROTOTYPES, help="K of --scoring prototypes")

@@ -150,7 +150,10 @@ def test_scores_are_cosines_after_the_normaliser_fitted_on_exemplars_and_incomin
         result = filter_vectors(paths, incoming, ex_paths, exemplars, threshold=0.0, normalize=kind)
         norm = Normalizer.fit(np.concatenate([incoming, exemplars]), kind)
         sims = norm(incoming) @ norm(exemplars).T
-        expected = np.sort(sims, axis=1)[:, -3:].mean(axis=1)  # mean of the top 3
+        centre = norm(exemplars).mean(axis=0)
+        # the default scoring: 0.75 x the mean of the top 3 + 0.25 x the cosine to the exemplars' mean direction
+        expected = (0.75 * np.sort(sims, axis=1)[:, -3:].mean(axis=1)
+                    + 0.25 * norm(incoming) @ (centre / np.linalg.norm(centre)))
         assert np.allclose([d.score for d in result.decisions], expected, atol=1e-5)
         assert result.summary()["normalize"]["kind"] == expected_kind
         assert result.summary()["normalize"]["fitted_on"] == 76
@@ -341,7 +344,7 @@ def test_an_image_more_like_the_reject_like_exemplars_is_rejected_even_in_the_ba
 
 
 def test_the_auto_review_band_is_the_bootstrap_spread_of_the_threshold():
-    from filterkit.filtering import leave_one_out_scores, threshold_spread
+    from filterkit.filtering import leave_one_out_centroid_scores, threshold_spread
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=400)
@@ -353,7 +356,7 @@ def test_the_auto_review_band_is_the_bootstrap_spread_of_the_threshold():
     exemplars, incoming = unit(*rng.normal(size=(6, 8)) + 1), unit(*rng.normal(size=(5, 8)))
     paths, ex_paths = [Path(f"{i}") for i in range(5)], [Path(f"e{i}") for i in range(6)]
     result = filter_vectors(paths, incoming, ex_paths, exemplars, normalize="none")
-    held_out = leave_one_out_scores(exemplars)
+    held_out = leave_one_out_centroid_scores(exemplars)  # the default scoring's
     expected = threshold_spread(lambda a: auto_threshold(a).value, [(held_out,)])
     assert result.threshold.review_band == pytest.approx(expected) and expected > 0
     assert result.threshold.review_source == "bootstrap" and "review within" in result.threshold.describe()
@@ -403,7 +406,7 @@ def test_knn_smoothing_moves_each_score_towards_its_neighbours_mean_by_the_formu
     incoming, exemplars = unit(*rng.normal(size=(30, 6))), unit(*rng.normal(size=(5, 6)))
     paths = [Path(f"{i}") for i in range(30)]
     plain = filter_vectors(paths, incoming, [Path(f"e{i}") for i in range(5)], exemplars, threshold=0.0,
-                           normalize="none")
+                           normalize="none", scoring="topm")
     knn = filter_vectors(paths, incoming, [Path(f"e{i}") for i in range(5)], exemplars, threshold=0.0,
                          normalize="none", scoring="topm+knn")
     raw = np.array([d.score for d in plain.decisions], dtype=np.float32)
@@ -564,3 +567,35 @@ def test_two_keep_like_exemplars_state_a_finite_recall_with_reject_like_ones():
     assert t.est_precision is None and "precision not stated" in t.precision_note
     json.dumps(result.to_dict(), allow_nan=False)  # valid JSON: no NaN anywhere
     assert rule_recall(0.5, np.array([0.8, 0.8]), np.array([0.1, 0.1])) == 1.0
+
+
+def test_topm_centroid_scores_blend_the_top_m_and_the_exemplars_mean_direction_by_the_formula():
+    from filterkit.filtering import (
+        CENTROID_WEIGHT,
+        centroid_scores,
+        exemplar_scores,
+        leave_one_out_centroid_scores,
+        leave_one_out_scores,
+    )
+
+    rng = np.random.default_rng(1)
+    exemplars, queries = unit(*rng.normal(size=(7, 5)) + 1), unit(*rng.normal(size=(4, 5)))
+    w = CENTROID_WEIGHT
+    centre = exemplars.mean(axis=0) / np.linalg.norm(exemplars.mean(axis=0))
+    got = centroid_scores(queries, exemplars)
+    np.testing.assert_allclose(got.values, (1 - w) * exemplar_scores(queries, exemplars).values + w * queries @ centre,
+                               atol=1e-6)
+    assert (got.nearest == exemplar_scores(queries, exemplars).nearest).all()  # explained by the nearest exemplar
+    # Held out: each exemplar against the others' top-m and the others' mean, never its own.
+    others = np.stack([np.delete(exemplars, i, axis=0).mean(axis=0) for i in range(7)])
+    others /= np.linalg.norm(others, axis=1, keepdims=True)
+    np.testing.assert_allclose(leave_one_out_centroid_scores(exemplars),
+                               (1 - w) * leave_one_out_scores(exemplars) + w * (exemplars * others).sum(axis=1), atol=1e-6)
+    # Against an image matching a few stray exemplars, one along what most exemplars share gains.
+    shared = unit(*np.r_[[[1, 0, 0]] * 6] + rng.normal(scale=0.3, size=(6, 3)))
+    stray = unit([0, 1, 0])
+    both = np.concatenate([shared, stray, stray, stray])  # three copies: top-3 of a stray look-alike is 1.0
+    q = unit([1, 0, 0], [0, 1, 0])
+    top = exemplar_scores(q, both).values
+    blended = centroid_scores(q, both).values
+    assert top[1] > top[0] and blended[0] - blended[1] > top[0] - top[1]
