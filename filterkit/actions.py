@@ -1,7 +1,8 @@
 """File actions that never lose a file: copy, link or move images into ``--out/<category>/``.
 
 - Relative paths below the input folder are kept; a name that is taken gets a ``-1``, ``-2``...
-  suffix, never an overwrite.
+  suffix, never an overwrite, unless it holds the same file already (an earlier copy with the same
+  bytes, a link to the same file): then nothing is done, so a rerun does not double ``--out``.
 - Nothing is written outside ``--out``: destinations are checked after resolving symlinks.
 - ``move`` renames within a file system (atomic); across file systems it copies to a temporary
   name, renames that into place, then removes the source. A journal
@@ -34,9 +35,26 @@ class PlannedAction:
     action: str  # copy | link | move
     source: Path
     destination: Path
+    already: bool = False  # the destination holds this file already (an earlier copy or link): nothing to do
 
     def to_dict(self) -> dict:
-        return {"action": self.action, "source": str(self.source), "destination": str(self.destination)}
+        return {"action": self.action, "source": str(self.source), "destination": str(self.destination),
+                "already_there": self.already}
+
+
+def _already_there(source: Path, destination: Path, action: str) -> bool:
+    """Did an earlier run copy (same bytes) or link (same target) ``source`` to ``destination``?
+    A move is never skipped: its source would stay behind."""
+    try:
+        if action == "link":
+            return destination.is_symlink() and destination.resolve() == source.resolve()
+        if action == "copy":
+            return (destination.is_file() and not destination.is_symlink()
+                    and destination.stat().st_size == source.stat().st_size
+                    and sha256_file(destination) == sha256_file(source))
+    except OSError:
+        pass
+    return False
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -77,7 +95,12 @@ def plan_actions(items: list[tuple[Path, str]], root: Path, out: Path, action: s
             rel = Path(source.name)
         if rel.is_absolute() or ".." in rel.parts:
             rel = Path(source.name)  # a source outside root keeps only its name
-        destination = _free_name(out / category / rel, taken)
+        natural = out / category / rel
+        if natural not in taken and _already_there(Path(source), natural, action):
+            taken.add(natural)
+            plan.append(PlannedAction(action, Path(source), natural, already=True))
+            continue
+        destination = _free_name(natural, taken)
         taken.add(destination)
         plan.append(PlannedAction(action, Path(source), destination))
     return plan
@@ -164,8 +187,8 @@ def apply_actions(plan: list[PlannedAction], out: Path) -> list[PlannedAction]:
     journal = out / JOURNAL
     done = []
     for item in plan:
-        if not item.source.exists():
-            continue  # moved by an earlier, interrupted run and finished above
+        if item.already or not item.source.exists():
+            continue  # copied by an earlier run; or moved by an earlier, interrupted one and finished above
         _safe_destination(item.destination, out)
         if item.destination.exists() or item.destination.is_symlink():
             raise FilterkitError(f"{item.destination} appeared while working; nothing was overwritten")
@@ -184,12 +207,20 @@ def apply_actions(plan: list[PlannedAction], out: Path) -> list[PlannedAction]:
     return done
 
 
-def check_action(action: str, out: Path | None, allowed: tuple[str, ...] = ACTIONS) -> None:
-    """Refuse an unknown action, or one that writes without a destination."""
+def check_action(action: str, out: Path | None, allowed: tuple[str, ...] = ACTIONS, dry_run: bool = False) -> None:
+    """Refuse an unknown action, one that writes without a destination, and --out or --dry-run
+    without an action that uses them (they would be ignored)."""
     if action not in allowed:
         raise FilterkitError(f"--action must be one of {', '.join(allowed)}, got {action!r}")
     if action != "report" and out is None:
         raise FilterkitError(f"--action {action} needs --out DIR")
+    writers = "|".join(a for a in allowed if a != "report")
+    if action == "report" and out is not None:
+        raise FilterkitError(f"--out is where --action {writers} puts files; with --action report (the default) "
+                             "nothing is written there: add --action, or drop --out")
+    if action == "report" and dry_run:
+        raise FilterkitError(f"--dry-run shows what --action {writers} would do; with --action report (the default) "
+                             "nothing is done anyway: add --action")
 
 
 def run_actions(items: list[tuple[Path, str]], root: Path, out: Path | None, action: str,

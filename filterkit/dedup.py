@@ -98,9 +98,11 @@ class CollectionCalibration:
     estimator: str = "tails"  # pair_precision: "tails" or, on fewer than TAIL_MIN_IMAGES images, "anchor"
 
     def to_dict(self) -> dict:
-        return {"threshold": json_threshold(self.threshold), "precision": round(self.precision, 4),
-                "precision_bound": round(self.precision_bound, 4),
-                "recall": round(self.recall, 4), "target_precision": self.target_precision,
+        estimated = self.images >= MIN_CALIBRATION_IMAGES  # else too coarse to state (clause): null, as in the summary
+        return {"threshold": json_threshold(self.threshold),
+                "precision": round(self.precision, 4) if estimated else None,
+                "precision_bound": round(self.precision_bound, 4) if estimated else None,
+                "recall": round(self.recall, 4) if estimated else None, "target_precision": self.target_precision,
                 "images": self.images, "links": self.links, "expected_false_links": round(self.false_links, 3),
                 "estimator": self.estimator,
                 "pixel_floor": round(self.pixel_floor, 6),

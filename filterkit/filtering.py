@@ -37,6 +37,7 @@ DEFAULT_TARGET_RECALL = 0.95
 # Below these, the pool mixture (pool_threshold) is not fitted: the exemplars' spread and the
 # pool's share of keep-like images cannot be estimated, and only the recall is stated.
 POOL_MIN_EXEMPLARS, POOL_MIN = 8, 50
+RECALL_MIN_EXEMPLARS = 3  # below, the recall is not stated: 2 held-out scores are one cosine twice
 # Centring measured best (benchmarks/README.md, filter_quality.py on Imagenette, shipped model):
 # keep-like AUROC 0.762 +- 0.004 over 3 exemplar draws vs 0.677 raw and 0.736 whitened; "auto"
 # centres collections of 64 vectors and more (normalize.AUTO_CENTER_MIN).
@@ -89,24 +90,25 @@ class Threshold:
     precision_interval: tuple[float, float] | None = None
     prevalence_interval: tuple[float, float] | None = None
     precision_note: str | None = None
+    recall_note: str | None = None  # why est_recall is withheld (too few keep-like exemplars)
 
     def describe(self) -> str:
         """'0.812 auto (calibrated on the exemplars: est. recall 0.95, ...)'."""
         text = f"{self.value:.3f} {self.source}"
+        recall = f"est. recall {self.est_recall:.2f}" if self.est_recall is not None else self.recall_note
         if self.est_prevalence is not None:
             text += (f" (calibrated on the exemplars and the incoming pool: est. {self.est_prevalence:.0%} of it "
-                     f"keep-like; est. recall {self.est_recall:.2f}, est. precision {self.est_precision:.2f}")
+                     f"keep-like; {recall}, est. precision {self.est_precision:.2f}")
             if self.precision_interval is not None:
                 lo, hi = self.precision_interval
                 text += f" ({lo:.2f}-{hi:.2f}, {PRECISION_LEVEL:.0%} interval)"
         elif self.precision_note is not None:
-            text += (f" (calibrated on the exemplars and the incoming pool: est. recall {self.est_recall:.2f}; "
-                     f"{self.precision_note}")
-        elif self.est_recall is not None:
-            text += f" (calibrated on the exemplars: est. recall {self.est_recall:.2f}"
+            text += f" (calibrated on the exemplars and the incoming pool: {recall}; {self.precision_note}"
+        elif recall is not None:
+            text += f" (calibrated on the exemplars: {recall}"
             if self.est_precision is not None:
                 text += f", est. precision {self.est_precision:.2f} at equal prevalence"
-        if self.est_recall is not None:
+        if recall is not None:
             text += (", of the threshold alone: review images at or above it counted as kept)" if self.review_band > 0
                      else ")")
         if self.review_band > 0:
@@ -164,7 +166,8 @@ class FilterResult:
     def summary(self) -> dict:
         t = self.threshold
         return {**self.counts(), "threshold": round(t.value, 6), "threshold_source": t.source,
-                "est_recall": t.est_recall, "est_precision": t.est_precision, "est_prevalence": t.est_prevalence,
+                "est_recall": t.est_recall, "recall_note": t.recall_note,
+                "est_precision": t.est_precision, "est_prevalence": t.est_prevalence,
                 "precision_interval": _rounded(t.precision_interval),
                 "prevalence_interval": _rounded(t.prevalence_interval),
                 "precision_interval_level": PRECISION_LEVEL if t.precision_interval else None,
@@ -734,6 +737,7 @@ class ImageFilter:
         self.follow_symlinks = follow_symlinks
         self._keep: tuple[list[Path], np.ndarray] | None = None
         self._reject: tuple[list[Path], np.ndarray] | None = None
+        self._folders: dict[str, Path] = {}  # keep-like / reject-like: no incoming image may be an exemplar
         self._skipped: list = []
 
     def _embed(self, folder: str | os.PathLike):
@@ -751,18 +755,23 @@ class ImageFilter:
     def keep_like(self, folder: str | os.PathLike) -> ImageFilter:
         result = self._embed_exemplars(folder, "keep-like")
         self._keep = (result.paths, result.vectors)
+        self._folders["keep-like"] = Path(folder)
         self._skipped += result.skipped
         return self
 
     def reject_like(self, folder: str | os.PathLike) -> ImageFilter:
         result = self._embed_exemplars(folder, "reject-like")
         self._reject = (result.paths, result.vectors)
+        self._folders["reject-like"] = Path(folder)
         self._skipped += result.skipped
         return self
 
     def run(self, incoming: str | os.PathLike) -> FilterResult:
         if self._keep is None:
             raise FilterkitError("call keep_like(folder) before run()")
+        from .fsutil import check_disjoint
+
+        check_disjoint(("incoming", incoming), *self._folders.items())
         found = self._embed(incoming)
         return filter_vectors(found.paths, found.vectors, *self._keep, *(self._reject or (None, None)),
                               threshold=self.threshold, prototypes=self.prototypes, m=self.m,
@@ -913,7 +922,13 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
         if has_neg and pool is not None and len(pool):
             calibrated = negatives_pool_threshold(calibrated, (pool, reject_s), (pos_keep, pos_reject),
                                                   (neg_keep, neg_reject))
+        if value is None:  # not the pool mixture's threshold, which states its own recall
             calibrated = replace(calibrated, est_recall=rule_recall(calibrated.value, pos_keep, pos_reject))
+        if len(pos_keep) < RECALL_MIN_EXEMPLARS:
+            # Their held-out scores made the threshold: each one passes it by construction.
+            calibrated = replace(calibrated, est_recall=None, recall_note=(
+                f"recall not stated: {len(pos_keep)} keep-like exemplars are too few to tell how many "
+                f"new keep-like images would pass (give {RECALL_MIN_EXEMPLARS} or more)"))
     if review_band == "auto":  # a fixed threshold has no estimated error: no band
         band = 0.0
         if calibrated.source == "auto":

@@ -52,3 +52,19 @@ def default_cache_path() -> Path:
         return Path(env).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "filterkit" / "embeddings.sqlite"
+
+
+def check_disjoint(*folders: tuple[str, str | os.PathLike | None]) -> None:
+    """Refuse two of the (label, folder) pairs that are one folder, or one inside the other:
+    images of one would be read as images of the other (and moved with them). None is skipped."""
+    from .errors import FilterkitError
+
+    given = [(label, Path(f), Path(f).resolve()) for label, f in folders if f is not None]
+    for i, (label_a, a, ra) in enumerate(given):
+        for label_b, b, rb in given[i + 1:]:
+            if ra == rb:
+                raise FilterkitError(f"{label_a} and {label_b} are the same folder ({a}): give separate folders")
+            if ra in rb.parents or rb in ra.parents:
+                inner, outer = ((label_b, b), (label_a, a)) if ra in rb.parents else ((label_a, a), (label_b, b))
+                raise FilterkitError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}: its images would be "
+                                     f"read as {outer[0]} images too; give folders that do not contain each other")

@@ -126,6 +126,16 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
     atomic_write_text(base.with_suffix(".json"), json.dumps({"format": REPORT_FORMAT, **document}, indent=2) + "\n")
 
 
+def _skipped_section(result) -> str:
+    """The files that could not be read, each with its reason (a result's ``skipped``)."""
+    skipped = getattr(result, "skipped", None) or []
+    if not skipped:
+        return ""
+    cards = [f'<div class="card error"><div class="name">{html.escape(str(s.path))}</div>'
+             f'<div class="reason">{html.escape(s.reason)}</div></div>' for s in skipped]
+    return f"<h2>Could not be read ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
+
+
 def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter",
                         embedding=None, run: dict | None = None, map_png=None) -> list[Path]:
     """Write ``X.html``, ``X.csv`` and ``X.json`` for a FilterResult; returns their paths.
@@ -187,7 +197,7 @@ def write_dedup_report(result, html_path: str | os.PathLike, title: str = "filte
             if isinstance(result, list) else result.summary_line())
     summary = html.escape(f"{line}. The first image of each group is kept.")
     maps = map_section(*embedding, group_label(result), png=map_png) if embedding is not None else ""
-    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks)))
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks) + _skipped_section(result)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
@@ -211,7 +221,7 @@ def write_cross_report(result, html_path: str | os.PathLike, new=None, reference
         maps = map_section([*reference[0], *new[0]], np.concatenate([reference[1], new[1]]),
                            cross_label(result, reference[0]), png=map_png)
     body = f"<h2>Duplicates of reference images ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
-    atomic_write_text(html_path, _page(title, summary, maps + body))
+    atomic_write_text(html_path, _page(title, summary, maps + body + _skipped_section(result)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
@@ -231,7 +241,7 @@ def write_outliers_report(result, html_path: str | os.PathLike, embedding=None,
     summary = html.escape(f"{result.summary_line()}. Each card: the image, then its nearest other image.")
     maps = map_section(*embedding, outlier_label(result), png=map_png) if embedding is not None else ""
     body = f"<h2>Least like the rest ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
-    atomic_write_text(html_path, _page(title, summary, maps + body))
+    atomic_write_text(html_path, _page(title, summary, maps + body + _skipped_section(result)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 
@@ -263,7 +273,7 @@ def write_cluster_report(result, html_path: str | os.PathLike, vectors=None,
     maps = map_section(result.paths, vectors, cluster_label(result), png=map_png) if vectors is not None else ""
     summary = html.escape(f"{len(result.paths)} images in {len(blocks)} clusters (spherical k-means); each "
                           "cluster's images nearest its prototype first.")
-    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks)))
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(blocks) + _skipped_section(result)))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from filterkit import FilterkitError
-from filterkit.actions import JOURNAL, apply_actions, finish_interrupted_moves, plan_actions
+from filterkit.actions import JOURNAL, apply_actions, finish_interrupted_moves, plan_actions, run_actions
 from filterkit.cli import main
 from test_filtering import _photo_folders
 
@@ -118,3 +118,32 @@ def test_filter_cli_dry_run_then_copy(tmp_path, capsys, small_model_dir):
     code = main(["filter", str(incoming), "--keep-like", str(tmp_path / "exemplars"),
                  "--model", str(small_model_dir), "--action", "move", "-q"])
     assert code == 1 and "needs --out" in capsys.readouterr().err
+
+
+def test_a_rerun_of_a_copy_or_link_into_the_same_out_does_not_double_it(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (root / name).write_bytes(name.encode() * 10)
+    items = [(root / "a.jpg", "kept"), (root / "b.jpg", "rejected")]
+    for action in ("copy", "link"):
+        out = tmp_path / f"out-{action}"
+        run_actions(items, root, out, action)
+        plan, done = run_actions(items, root, out, action)
+        assert [p.already for p in plan] == [True, True] and done == []
+        assert sorted(p.name for p in out.rglob("*.jpg")) == ["a.jpg", "b.jpg"]  # no a-1.jpg
+        # A different file under a taken name still gets a free name, never an overwrite.
+        (root / "a.jpg").write_bytes(b"changed")
+        plan, done = run_actions(items, root, out, action)
+        if action == "copy":
+            assert plan[0].destination.name == "a-1.jpg" and not plan[0].already and len(done) == 1
+            assert (out / "kept" / "a.jpg").read_bytes() == b"a.jpg" * 10
+        else:  # a link to the same file is the same file, whatever its bytes now
+            assert plan[0].already
+        (root / "a.jpg").write_bytes(b"a.jpg" * 10)
+    # A move is never skipped: its source stays behind otherwise.
+    out = tmp_path / "out-move"
+    (out / "kept").mkdir(parents=True)
+    (out / "kept" / "a.jpg").write_bytes((root / "a.jpg").read_bytes())
+    plan, done = run_actions(items[:1], root, out, "move")
+    assert not plan[0].already and plan[0].destination.name == "a-1.jpg" and not (root / "a.jpg").exists()

@@ -98,6 +98,17 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
         (["filter", "{tmp}/empty", "--keep-like", "{tmp}/empty", "--threshold", "nan"], "finite number"),
         (["search", "{tmp}/missing.jpg", "--index", "{tmp}/empty", "--normalize", "center"],
          "--normalize applies to --in"),
+        # exemplars inside INCOMING would be scored as incoming, and --action move would move them away
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/empty/exemplars"], "is inside INCOMING"),
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--reject-like", "{tmp}/k"], "are the same folder"),
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--map", "{tmp}/empty/map.png"],
+         "is inside the input folder"),
+        # options that would be ignored
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--out", "{tmp}/o"], "add --action, or drop --out"),
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--dry-run"], "--dry-run shows what --action"),
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--reject-like", "{tmp}/r", "--target-recall", "0.5"],
+         "--target-recall sets the threshold without --reject-like"),
+        (["dedup", "{tmp}/empty", "--threshold", "1.5"], "outside [-1, 1]"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, args, message):
@@ -154,6 +165,13 @@ def test_ctrl_c_in_any_command_is_one_line_and_status_130(tmp_path, capsys, monk
     args = ["embed", tmp_path / "in", "--cache", tmp_path / "c.sqlite"] if command == "embed" else ["model", "info"]
     code, out, err = run_cli(capsys, *args)
     assert code == 130 and err.strip() == "interrupted" and "Traceback" not in out + err
+
+
+def test_version(capsys):
+    from filterkit import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"filterkit {__version__}"
 
 
 def test_help_does_not_import_torch():

@@ -280,8 +280,11 @@ def test_precision_is_stated_without_negatives_only_when_the_pool_can_be_fitted(
     few = filter_vectors(paths[:POOL_MIN - 1], incoming[:POOL_MIN - 1], ex_paths, exemplars).threshold
     too_few_exemplars = filter_vectors(paths, incoming, ex_paths[:2], exemplars[:2]).threshold
     for t in (few, too_few_exemplars):
-        assert t.est_prevalence is None and t.est_precision is None and t.est_recall is not None
+        assert t.est_prevalence is None and t.est_precision is None
         assert t.precision_interval is None
+    assert few.est_recall is not None
+    # Two exemplars: the threshold is their one cosine, which both pass by construction: no recall stated.
+    assert too_few_exemplars.est_recall is None and "recall not stated: 2 keep-like" in too_few_exemplars.describe()
 
 
 def test_the_cli_and_the_library_default_to_the_same_normaliser():
@@ -551,8 +554,9 @@ def test_reject_like_exemplars_unlike_the_incoming_images_give_no_confident_prec
     assert got.precision_interval is None and got.prevalence_interval is None  # no confident-looking [0, 0]
 
 
-def test_two_keep_like_exemplars_state_a_finite_recall_with_reject_like_ones():
-    """2 exemplars have one held-out score each, the same cosine: no spread to fit a normal to."""
+def test_two_keep_like_exemplars_state_no_recall_with_reject_like_ones():
+    """2 exemplars have one held-out score each, the same cosine: no spread to fit a normal to, and
+    both pass the threshold they made."""
     from filterkit.filtering import rule_recall
 
     rng = np.random.default_rng(0)
@@ -563,7 +567,8 @@ def test_two_keep_like_exemplars_state_a_finite_recall_with_reject_like_ones():
     result = filter_vectors(paths, incoming, [Path("k0.jpg"), Path("k1.jpg")], keep, [Path("r.jpg")], reject,
                             normalize="none")
     t = result.threshold
-    assert t.est_recall is not None and np.isfinite(t.est_recall)
+    assert t.est_recall is None and "recall not stated" in t.recall_note and "recall not stated" in t.describe()
+    assert result.summary()["recall_note"] == t.recall_note
     assert t.est_precision is None and "precision not stated" in t.precision_note
     json.dumps(result.to_dict(), allow_nan=False)  # valid JSON: no NaN anywhere
     assert rule_recall(0.5, np.array([0.8, 0.8]), np.array([0.1, 0.1])) == 1.0

@@ -104,7 +104,12 @@ def test_a_report_or_map_replaces_only_filterkit_s_own_earlier_files(tmp_path, c
     Image.open(tmp_path / "incoming" / "coffee.jpg").save(photo)
     before = photo.read_bytes()
     assert main(base + ["--map", str(photo)]) == 1
-    assert "is not a filterkit map" in capsys.readouterr().err and photo.read_bytes() == before
+    assert "is inside the input folder" in capsys.readouterr().err and photo.read_bytes() == before
+    # ... and outside the inputs too, where it is no map of filterkit's
+    elsewhere = tmp_path / "photo.png"
+    elsewhere.write_bytes(before)
+    assert main(base + ["--map", str(elsewhere)]) == 1
+    assert "is not a filterkit map" in capsys.readouterr().err and elsewhere.read_bytes() == before
 
 
 @pytest.mark.parametrize("legacy", [{"images": [], "summary": {}}, {"clusters": [], "images": []},

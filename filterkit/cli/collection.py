@@ -133,7 +133,7 @@ def filter_command(
     reject_like: Annotated[Optional[Path], typer.Option("--reject-like", help="Folder of exemplars to reject images like.")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on the exemplars) or a cosine similarity.")] = "auto",
     prototypes: Annotated[Optional[int], typer.Option("--prototypes", min=1, help="Score against K k-means prototypes of the exemplars.")] = None,
-    target_recall: Annotated[float, typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for without --reject-like.")] = 0.95,
+    target_recall: Annotated[Optional[float], typer.Option("--target-recall", min=0.01, max=1.0, help="Recall that --threshold auto aims for (without --reject-like only).", show_default="0.95")] = None,
     review_band: Annotated[str, typer.Option("--review-band", help="Decide 'review' when the score is within this much of the threshold; auto: the automatic threshold's bootstrap spread over resamples of the exemplars (none with a fixed --threshold); 0: no review.")] = "auto",
     normalize: Annotated[str, typer.Option("--normalize", help="Similarity: none (raw cosine) | center | whiten, fitted on the exemplars and incoming images together; auto centres 64 images and more. A fixed --threshold is a cosine in that space.")] = "auto",
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | copy | link | move, into --out/kept, --out/review and --out/rejected.")] = "report",
@@ -156,11 +156,17 @@ def filter_command(
     band_value = review_band_arg(review_band)
     from ..actions import check_action, run_actions
     from ..cache import EmbeddingCache
-    from ..filtering import ImageFilter
+    from ..filtering import DEFAULT_TARGET_RECALL, ImageFilter
+    from ..fsutil import check_disjoint
     from ..modeldir import default_model_path
 
-    check_action(action, out)
-    check_outputs(report, map_png)
+    check_action(action, out, dry_run=dry_run)
+    check_outputs(report, map_png, incoming, keep_like, reject_like)
+    check_disjoint(("INCOMING", incoming), ("--keep-like", keep_like), ("--reject-like", reject_like))
+    if target_recall is not None and reject_like is not None:
+        raise FilterkitError("--target-recall sets the threshold without --reject-like; with reject-like exemplars "
+                             "--threshold auto takes the best F1 on the two exemplar sets: drop one of the two")
+    target_recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
     encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         image_filter = ImageFilter(encoder, store, threshold_value, prototypes, target_recall=target_recall,
@@ -204,7 +210,7 @@ def filter_command(
     if len(shown) > 50:
         typer.echo(f"... {len(shown) - 50} more rows (use --json for all)")
     typer.echo(result.summary_line())
-    print_actions(plan, done, dry_run)
+    print_actions(plan, done, dry_run, out)
     print_report(report)
     print_map(map_png)
 
@@ -258,8 +264,11 @@ def dedup(
     from ..cache import EmbeddingCache
     from ..dedup import check_move, find_duplicates
 
-    check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"))
-    check_outputs(report, map_png)
+    check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"), dry_run)
+    check_outputs(report, map_png, folder, against)
+    if threshold_value != "auto" and abs(threshold_value) > 1:
+        raise FilterkitError(f"--threshold {threshold} is outside [-1, 1], the range of a pair score (the mean of "
+                             "cosine and thumbnail correlation): give one inside it, or 'auto'")
     if target_precision is None:
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 
@@ -296,7 +305,7 @@ def dedup(
     if len(result.groups) > 50:
         typer.echo(f"... {len(result.groups) - 50} more groups (use --json for all)")
     typer.echo(result.summary_line())
-    print_actions(plan, done, dry_run)
+    print_actions(plan, done, dry_run, out)
     print_report(report)
     print_map(map_png)
 
@@ -335,7 +344,7 @@ def _dedup_against(folder, against, encoder, threshold, target_precision, rotati
     if len(result.duplicates) > 50:
         typer.echo(f"... {len(result.duplicates) - 50} more (use --json for all)")
     typer.echo(result.summary_line())
-    print_actions(plan, done, dry_run)
+    print_actions(plan, done, dry_run, out)
     print_report(report)
     print_map(map_png)
 
@@ -368,8 +377,8 @@ def cluster(
     from ..cache import EmbeddingCache
     from ..cluster import cluster_folder
 
-    check_action(action, out)
-    check_outputs(report, map_png)
+    check_action(action, out, dry_run=dry_run)
+    check_outputs(report, map_png, folder)
     if action != "report" and keep_fraction is None:
         raise FilterkitError("--action needs --keep-fraction (which images are selected)")
     if keep is not None and keep_fraction is None:
@@ -402,7 +411,7 @@ def cluster(
     if result.selected is not None:
         typer.echo(f"selected {int(result.selected.sum())} of {len(result.paths)} "
                    f"({keep}est by prototype distance)")
-    print_actions(plan, done, dry_run)
+    print_actions(plan, done, dry_run, out)
     print_report(report)
     print_map(map_png)
 
@@ -434,8 +443,8 @@ def outliers(
     from ..cache import EmbeddingCache
     from ..outliers import find_outliers
 
-    check_action(action, out)
-    check_outputs(report, map_png)
+    check_action(action, out, dry_run=dry_run)
+    check_outputs(report, map_png, folder)
     encoder = load_encoder(model, device, precision)
     with EmbeddingCache(cache) as store:
         result = find_outliers(folder, encoder, top, k, normalize, store, batch_size, workers, not quiet,
@@ -468,6 +477,6 @@ def outliers(
     if normalize == "auto" and "reference" not in result.normalize:
         typer.echo("(the model has no reference mean, so raw cosine; `filterkit model reference MODEL --images DIR` "
                    "adds one from generic photos of several kinds, which measured better: README.md, outliers)")
-    print_actions(plan, done, dry_run)
+    print_actions(plan, done, dry_run, out)
     print_report(report)
     print_map(map_png)

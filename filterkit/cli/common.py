@@ -52,6 +52,22 @@ app = _App(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"filterkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print filterkit's version and exit.")] = False) -> None:
+    """Turn an unlabelled image collection into a trustworthy image filter."""
+
+
 model_app = _App(help="Create and inspect model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 index_app = _App(help="Build indexes for collections too large for memory.", no_args_is_help=True)
@@ -91,7 +107,12 @@ def load_encoder(model: Optional[Path], device: str = "auto", precision: str = "
 
 
 def print_skips(skipped, quiet: bool) -> None:
-    if quiet or not skipped:
+    """The files that could not be read, on stderr; --quiet shortens the list to a count (it is
+    in --json and the reports in full), never hides it."""
+    if not skipped:
+        return
+    if quiet:
+        echo_err(f"skipped {len(skipped)} file(s) that could not be read (--json or --report lists them)")
         return
     echo_err(f"skipped {len(skipped)} file(s):")
     for s in skipped[:20]:
@@ -100,8 +121,15 @@ def print_skips(skipped, quiet: bool) -> None:
         echo_err(f"  ... and {len(skipped) - 20} more (use --json for all)")
 
 
-def check_outputs(report: Optional[Path], map_png: Optional[Path]) -> None:
-    """Before any work: --report and --map may only replace filterkit's own earlier outputs."""
+def check_outputs(report: Optional[Path], map_png: Optional[Path], *inputs: Optional[Path]) -> None:
+    """Before any work: --report and --map may only replace filterkit's own earlier outputs, and
+    may not be written into an input folder (the next run would read them as images)."""
+    for option, path in (("--report", report), ("--map", map_png)):
+        for folder in inputs:
+            if path is not None and folder is not None and Path(folder).is_dir() \
+                    and Path(folder).resolve() in Path(path).resolve().parents:
+                raise FilterkitError(f"{option} {path} is inside the input folder {folder}: the next run would read "
+                                     "it as an image; write it outside")
     if report is not None:
         from ..report import check_report_path
 
@@ -117,17 +145,21 @@ def print_report(report: Optional[Path]) -> None:
         typer.echo(f"report: {report} (+ {report.with_suffix('.csv').name}, {report.with_suffix('.json').name})")
 
 
-def print_actions(plan, done, dry_run: bool) -> None:
+def print_actions(plan, done, dry_run: bool, out: Optional[Path] = None) -> None:
     if not plan:
         return
+    todo = [p for p in plan if not p.already]
+    already = len(plan) - len(todo)
+    there = f"; {already} already there from an earlier run (same bytes or link), left as they are" if already else ""
     if dry_run:
-        typer.echo(f"dry run: would {plan[0].action} {len(plan)} file(s):")
-        for p in plan[:50]:
+        typer.echo(f"dry run: would {plan[0].action} {len(todo)} file(s){there}:")
+        for p in todo[:50]:
             typer.echo(f"  {p.source} -> {p.destination}")
-        if len(plan) > 50:
-            typer.echo(f"  ... and {len(plan) - 50} more (use --json for all)")
+        if len(todo) > 50:
+            typer.echo(f"  ... and {len(todo) - 50} more (use --json for all)")
     else:
-        typer.echo(f"{plan[0].action}: {len(done)} of {len(plan)} file(s) done")
+        into = f" into {out}" if out is not None else ""
+        typer.echo(f"{plan[0].action}: {len(done)} of {len(todo)} file(s) done{into}{there}")
 
 
 def threshold_arg(value: str) -> float | str:

@@ -261,5 +261,8 @@ def _merge_resume_options(given: TrainOptions, saved: dict[str, Any], images: in
             conflicts.append(f"{f.name} (checkpoint {saved_value!r}, now {value!r})")
         merged[f.name] = value
     if conflicts:
-        raise FilterkitError("--resume with options that differ from the checkpoint: " + ", ".join(conflicts))
+        raise FilterkitError("--resume with options that differ from the checkpoint: " + ", ".join(conflicts)
+                             + "; --resume continues the same schedule (give the options it started with, or none). "
+                             "To train further with another schedule, start a new run from this one: "
+                             "filterkit pretrain FOLDER --init-from RUN --out NEW_RUN")
     return TrainOptions(**merged)
