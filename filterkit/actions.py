@@ -42,10 +42,14 @@ class PlannedAction:
                 "already_there": self.already}
 
 
-def _already_there(source: Path, destination: Path, action: str) -> bool:
+def _already_there(source: Path, destination: Path, action: str, out: Path) -> bool:
     """Did an earlier run copy (same bytes) or link (same target) ``source`` to ``destination``?
-    A move is never skipped: its source would stay behind."""
+    A move is never skipped: its source would stay behind. Neither is the source itself, nor a
+    destination whose folder resolves outside ``out``."""
     try:
+        if not _inside(destination.parent, out) or (destination.exists() and destination.samefile(source)
+                                                    and not destination.is_symlink()):
+            return False
         if action == "link":
             return destination.is_symlink() and destination.resolve() == source.resolve()
         if action == "copy":
@@ -75,6 +79,18 @@ def _free_name(candidate: Path, taken: set[Path]) -> Path:
     raise FilterkitError(f"no free name for {candidate}")
 
 
+def _earlier_copy(source: Path, natural: Path, taken: set[Path], action: str, out: Path) -> Path | None:
+    """The name an earlier run gave ``source`` under ``natural`` (itself, or the ``-1``, ``-2``...
+    names ``_free_name`` hands out, up to the first free one), if one holds it already."""
+    candidate, n = natural, 0
+    while candidate.exists() or candidate.is_symlink():
+        if candidate not in taken and _already_there(source, candidate, action, out):
+            return candidate
+        n += 1
+        candidate = natural.with_name(f"{natural.stem}-{n}{natural.suffix}")
+    return None
+
+
 def plan_actions(items: list[tuple[Path, str]], root: Path, out: Path, action: str) -> list[PlannedAction]:
     """Where each (source, category) goes: ``out/category/<path relative to root>``."""
     if action not in ACTIONS or action == "report":
@@ -84,6 +100,8 @@ def plan_actions(items: list[tuple[Path, str]], root: Path, out: Path, action: s
         raise FilterkitError(f"--out {out} exists and is not a folder")
     if _inside(out, root):
         raise FilterkitError(f"--out {out} is inside the input folder {root}; choose a folder outside it")
+    if _inside(root, out):  # e.g. a second pass over --out/review: its files would be their own destinations
+        raise FilterkitError(f"the input folder {root} is inside --out {out}; choose a folder outside it")
     taken: set[Path] = set()
     plan = []
     for source, category in items:
@@ -96,9 +114,10 @@ def plan_actions(items: list[tuple[Path, str]], root: Path, out: Path, action: s
         if rel.is_absolute() or ".." in rel.parts:
             rel = Path(source.name)  # a source outside root keeps only its name
         natural = out / category / rel
-        if natural not in taken and _already_there(Path(source), natural, action):
-            taken.add(natural)
-            plan.append(PlannedAction(action, Path(source), natural, already=True))
+        earlier = _earlier_copy(Path(source), natural, taken, action, out)
+        if earlier is not None:
+            taken.add(earlier)
+            plan.append(PlannedAction(action, Path(source), earlier, already=True))
             continue
         destination = _free_name(natural, taken)
         taken.add(destination)

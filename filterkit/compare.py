@@ -78,7 +78,8 @@ def uniformity(z: torch.Tensor | np.ndarray, t: float = UNIFORMITY_T) -> float:
 
 def exemplar_auroc(folder_vectors: np.ndarray, exemplar_vectors: np.ndarray) -> float:
     """AUROC of the exemplars' leave-one-out keep-like scores against the folder images'
-    scores (top-m mean cosine, after the filter's default normaliser fitted on both)."""
+    scores (top-m mean cosine, after the filter's default normaliser fitted on both; the filter's
+    default blends in the exemplars' mean direction, but the recorded method tables used top-m)."""
     from sklearn.metrics import roc_auc_score
 
     from .filtering import DEFAULT_NORMALIZE, exemplar_scores, leave_one_out_scores

@@ -254,7 +254,8 @@ def _check_threshold(threshold: float) -> float:
 def _check_pair_score(threshold: float) -> float:
     # (cosine + pixel score - background) / 2 with each term in [-1, 1]
     if not -1.5 <= threshold <= 1.5:
-        raise FilterkitError(f"a pair-score threshold lies in [-1.5, 1.5], got {threshold}")
+        raise FilterkitError(f"a pair-score threshold lies in [-1.5, 1.5] ((cosine + thumbnail correlation - the "
+                             f"pair's background) / 2), got {threshold}")
     return float(threshold)
 
 

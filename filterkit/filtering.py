@@ -640,6 +640,8 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
                                                               [tail, 1 - tail]))
     sizes = f"{len(kept[1])} keep-like and {len(kept[2])} reject-like exemplars"
     consistent = bool(0 <= pi <= 1)  # False for NaN too (tpr <= fpr)
+    edge = bool(kept[2].sum() == 0 or kept[1].all())
+    narrow = hi - lo <= 2 * PRECISION_STATED_WITHIN
     if share == 0:
         note = "precision not stated: the threshold keeps none of the incoming images"
     elif not consistent:
@@ -654,10 +656,19 @@ def negatives_pool_threshold(calibrated: Threshold, pool: tuple[np.ndarray, np.n
                f"; in {1 - fits.mean():.0%} of the posterior draws the exemplars' rates do not bracket the incoming share")
         note = (f"precision not stated: {sizes} do not pin the share of keep-like images among the "
                 f"{len(kept[0])} incoming ({PRECISION_LEVEL:.0%} interval of the precision {lo:.2f}-{hi:.2f}{why})")
+    elif edge:
+        # Best F1 on these very exemplars puts the threshold just past the last reject-like one (or the
+        # first keep-like one): a rate of 0 (or 1) is where it was put, not how often other images pass.
+        # Stated so, the precision came out 1.00 against a true 0.25 (benchmarks/README.md).
+        edge = (f"none of the {len(kept[2])} reject-like exemplars" if kept[2].sum() == 0
+                else f"all {len(kept[1])} keep-like exemplars")
+        note = (f"precision not stated: the threshold keeps {edge}, and it was chosen on them (best F1), so that "
+                f"rate says where the threshold was put, not how often other images pass it")
     else:
         note = None
     stated = note is None
-    intervals = share > 0 and consistent  # else the clipped quantiles would look confident
+    # else the clipped quantiles would look confident; at an edge rate they are confident and wrong
+    intervals = share > 0 and consistent and not (edge and narrow)
     return replace(calibrated, est_precision=float(np.clip(precision, 0, 1)) if stated else None,
                    est_prevalence=float(np.clip(pi, 0, 1)) if stated else None,
                    precision_interval=(float(lo), float(hi)) if intervals else None,
@@ -773,6 +784,14 @@ class ImageFilter:
 
         check_disjoint(("incoming", incoming), *self._folders.items())
         found = self._embed(incoming)
+        # Through a followed symlink an exemplar folder can still lie inside the incoming one.
+        roots = {label: Path(f).resolve() for label, f in self._folders.items()}
+        for path in found.paths:
+            real = Path(path).resolve()
+            for label, root in roots.items():
+                if real == root or root in real.parents:
+                    raise FilterkitError(f"incoming image {path} is a {label} exemplar ({real}), reached through a "
+                                         "symbolic link: give folders that do not contain each other")
         return filter_vectors(found.paths, found.vectors, *self._keep, *(self._reject or (None, None)),
                               threshold=self.threshold, prototypes=self.prototypes, m=self.m,
                               target_recall=self.target_recall, skipped=found.skipped,
@@ -925,10 +944,14 @@ def filter_vectors(paths: list[Path], vectors: np.ndarray, keep_paths: list[Path
         if value is None:  # not the pool mixture's threshold, which states its own recall
             calibrated = replace(calibrated, est_recall=rule_recall(calibrated.value, pos_keep, pos_reject))
         if len(pos_keep) < RECALL_MIN_EXEMPLARS:
-            # Their held-out scores made the threshold: each one passes it by construction.
-            calibrated = replace(calibrated, est_recall=None, recall_note=(
-                f"recall not stated: {len(pos_keep)} keep-like exemplars are too few to tell how many "
-                f"new keep-like images would pass (give {RECALL_MIN_EXEMPLARS} or more)"))
+            # Their held-out scores made the threshold: each one passes it by construction. A precision
+            # would rest on the same rate (tpr), so it goes too.
+            few = (f"{len(pos_keep)} keep-like exemplars are too few to tell how many new keep-like images "
+                   f"would pass (give {RECALL_MIN_EXEMPLARS} or more)")
+            calibrated = replace(calibrated, est_recall=None, recall_note=f"recall not stated: {few}")
+            if calibrated.est_precision is not None:
+                calibrated = replace(calibrated, est_precision=None, est_prevalence=None, precision_interval=None,
+                                     prevalence_interval=None, precision_note=f"precision not stated: {few}")
     if review_band == "auto":  # a fixed threshold has no estimated error: no band
         band = 0.0
         if calibrated.source == "auto":

@@ -66,5 +66,5 @@ def check_disjoint(*folders: tuple[str, str | os.PathLike | None]) -> None:
                 raise FilterkitError(f"{label_a} and {label_b} are the same folder ({a}): give separate folders")
             if ra in rb.parents or rb in ra.parents:
                 inner, outer = ((label_b, b), (label_a, a)) if ra in rb.parents else ((label_a, a), (label_b, b))
-                raise FilterkitError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}: its images would be "
-                                     f"read as {outer[0]} images too; give folders that do not contain each other")
+                raise FilterkitError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}: give folders that do "
+                                     "not contain each other")

@@ -126,14 +126,14 @@ def _write_table(base: Path, rows: list[dict], document: dict) -> None:
     atomic_write_text(base.with_suffix(".json"), json.dumps({"format": REPORT_FORMAT, **document}, indent=2) + "\n")
 
 
-def _skipped_section(result) -> str:
+def _skipped_section(result, attribute: str = "skipped", title: str = "Could not be read") -> str:
     """The files that could not be read, each with its reason (a result's ``skipped``)."""
-    skipped = getattr(result, "skipped", None) or []
+    skipped = getattr(result, attribute, None) or []
     if not skipped:
         return ""
     cards = [f'<div class="card error"><div class="name">{html.escape(str(s.path))}</div>'
              f'<div class="reason">{html.escape(s.reason)}</div></div>' for s in skipped]
-    return f"<h2>Could not be read ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
+    return f"<h2>{title} ({len(cards)})</h2><div class=\"grid\">{''.join(cards)}</div>"
 
 
 def write_filter_report(result, html_path: str | os.PathLike, title: str = "filterkit filter",
@@ -164,7 +164,8 @@ def write_filter_report(result, html_path: str | os.PathLike, title: str = "filt
     summary = html.escape(f"{result.summary_line()}; {result.exemplars} keep-like and {result.negatives} "
                           "reject-like exemplars. Each card: the image, then its nearest keep-like exemplar.")
     maps = map_section(*embedding, decision_label(result), png=map_png) if embedding is not None else ""
-    atomic_write_text(html_path, _page(title, summary, maps + "".join(sections)))
+    skipped = _skipped_section(result, "skipped_exemplars", "Exemplars that could not be read")
+    atomic_write_text(html_path, _page(title, summary, maps + "".join(sections) + skipped))
     return [html_path, html_path.with_suffix(".csv"), html_path.with_suffix(".json")]
 
 

@@ -243,6 +243,8 @@ class FilterSession(_Session):
             result = filter_vectors([it.path for it in todo], self.vectors[[it.row for it in todo]],
                                     *sets["keep"], *rejects, threshold=run.get("threshold", "auto"),
                                     prototypes=run.get("prototypes"), target_recall=run.get("target_recall", 0.95),
+                                    # the report's own scoring: reports from before it was recorded used top-m
+                                    scoring=run.get("scoring", "topm"),
                                     normalize=run.get("normalize", "auto"), review_band=run.get("review_band", "auto"))
             for it, d in zip(todo, result.decisions):
                 it.decision, it.score, it.reason = d.decision, d.score, d.reason

@@ -147,3 +147,51 @@ def test_a_rerun_of_a_copy_or_link_into_the_same_out_does_not_double_it(tmp_path
     (out / "kept" / "a.jpg").write_bytes((root / "a.jpg").read_bytes())
     plan, done = run_actions(items[:1], root, out, "move")
     assert not plan[0].already and plan[0].destination.name == "a-1.jpg" and not (root / "a.jpg").exists()
+
+
+def test_a_rerun_finds_files_an_earlier_run_copied_under_a_suffixed_name(tmp_path):
+    # Two batches with one file name: the second batch's copy is kept/IMG-1.jpg.
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "IMG.jpg").write_bytes(b"first batch")
+    (b / "IMG.jpg").write_bytes(b"second batch")
+    out = tmp_path / "out"
+    run_actions([(a / "IMG.jpg", "kept")], a, out, "copy")
+    for _ in range(3):
+        plan, _ = run_actions([(b / "IMG.jpg", "kept")], b, out, "copy")
+    assert plan[0].already and plan[0].destination.name == "IMG-1.jpg"
+    assert sorted(p.name for p in (out / "kept").iterdir()) == ["IMG-1.jpg", "IMG.jpg"]
+
+
+def test_the_input_folder_may_not_lie_inside_out(tmp_path):
+    # A second pass over --out/review: each review image would be its own destination.
+    review = tmp_path / "out" / "review"
+    review.mkdir(parents=True)
+    (review / "x.jpg").write_bytes(b"x")
+    with pytest.raises(FilterkitError, match="is inside --out"):
+        run_actions([(review / "x.jpg", "review")], review, tmp_path / "out", "copy")
+    assert [p.name for p in review.iterdir()] == ["x.jpg"]
+
+
+def test_an_exemplar_folder_reached_through_a_followed_symlink_is_refused_before_any_move(tmp_path, capsys,
+                                                                                          small_model_dir):
+    _photo_folders(tmp_path)
+    os.symlink(tmp_path / "exemplars", tmp_path / "incoming" / "linked")
+    before = sorted(p.name for p in (tmp_path / "exemplars").iterdir())
+    code = main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"), "--follow-symlinks",
+                 "--action", "move", "--out", str(tmp_path / "out"), "--model", str(small_model_dir), "-q",
+                 "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "reached through a symbolic link" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "exemplars").iterdir()) == before and not (tmp_path / "out").exists()
+
+
+def test_the_filter_report_records_its_scoring_for_the_review_page(tmp_path, capsys, small_model_dir):
+    _photo_folders(tmp_path)
+    report = tmp_path / "r.html"
+    assert main(["filter", str(tmp_path / "incoming"), "--keep-like", str(tmp_path / "exemplars"), "--report",
+                 str(report), "--model", str(small_model_dir), "-q", "--workers", "0"]) == 0
+    doc = json.loads(report.with_suffix(".json").read_text())
+    assert doc["run"]["scoring"] == doc["summary"]["scoring"] == "topm-centroid"
+    assert "Could not be read (1)" in report.read_text()  # broken.jpg, with its reason

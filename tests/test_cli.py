@@ -108,7 +108,7 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
         (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--dry-run"], "--dry-run shows what --action"),
         (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--reject-like", "{tmp}/r", "--target-recall", "0.5"],
          "--target-recall sets the threshold without --reject-like"),
-        (["dedup", "{tmp}/empty", "--threshold", "1.5"], "outside [-1, 1]"),
+        (["dedup", "{tmp}/empty", "--threshold", "1.6"], "lies in [-1.5, 1.5]"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, args, message):

@@ -604,3 +604,23 @@ def test_topm_centroid_scores_blend_the_top_m_and_the_exemplars_mean_direction_b
     top = exemplar_scores(q, both).values
     blended = centroid_scores(q, both).values
     assert top[1] > top[0] and blended[0] - blended[1] > top[0] - top[1]
+
+
+def test_a_threshold_past_every_reject_like_exemplar_states_no_pool_precision():
+    """Best F1 on the exemplars can put the threshold just past the last reject-like one: fpr 0 is then
+    the threshold's choice, and precision 1.00 was stated against a true 0.25 (held-out Imagenette)."""
+    from filterkit.filtering import Threshold, negatives_pool_threshold
+
+    rng = np.random.default_rng(0)
+    t = 0.5
+    pool = (rng.uniform(0, 1, 1000), None)
+    positives = (np.r_[np.full(160, 0.8), np.full(40, 0.2)], None)  # 80 % kept
+    negatives = (np.full(200, 0.45), None)  # none kept: the threshold sits just above them
+    stated = negatives_pool_threshold(Threshold(t, "auto"), pool, positives, negatives)
+    assert stated.est_precision is None and "keeps none of the 200 reject-like exemplars" in stated.precision_note
+    assert stated.precision_interval is None and stated.prevalence_interval is None  # confident and wrong: not shown
+    # One reject-like exemplar past it and the same rates are a measurement: stated, from the adjusted count.
+    negatives = (np.r_[np.full(199, 0.45), 0.6], None)
+    measured = negatives_pool_threshold(Threshold(t, "auto"), pool, positives, negatives)
+    share, tpr, fpr = 0.5, 0.8, 1 / 200
+    assert measured.est_precision == pytest.approx((share - fpr) / (tpr - fpr) * tpr / share, abs=0.03)

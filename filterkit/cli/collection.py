@@ -162,7 +162,8 @@ def filter_command(
 
     check_action(action, out, dry_run=dry_run)
     check_outputs(report, map_png, incoming, keep_like, reject_like)
-    check_disjoint(("INCOMING", incoming), ("--keep-like", keep_like), ("--reject-like", reject_like))
+    check_disjoint(("INCOMING", incoming), ("--keep-like", keep_like), ("--reject-like", reject_like),
+                   ("--out", out))
     if target_recall is not None and reject_like is not None:
         raise FilterkitError("--target-recall sets the threshold without --reject-like; with reject-like exemplars "
                              "--threshold auto takes the best F1 on the two exemplar sets: drop one of the two")
@@ -181,7 +182,8 @@ def filter_command(
                "model": _absolute(model) if model is not None else str(default_model_path()),
                "model_id": encoder.model_id, "cache": _absolute(store.path), "cwd": str(Path.cwd()),
                "threshold": threshold_value, "prototypes": prototypes, "target_recall": target_recall,
-               "review_band": band_value, "normalize": normalize, "follow_symlinks": follow_symlinks}
+               "review_band": band_value, "normalize": normalize, "follow_symlinks": follow_symlinks,
+               "scoring": result.scoring}
     if report is not None or map_png is not None:  # before any move, while every image is where its path says
         from ..report import decision_label, write_filter_report, write_map
 
@@ -239,7 +241,7 @@ def print_map(map_png) -> None:
 def dedup(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     against: Annotated[Optional[Path], typer.Option("--against", help="A reference folder: list the images of FOLDER that duplicate one of its images (train/test leakage, re-uploads, a blocklist); pairs inside one folder are not reported, and --action acts on FOLDER only.")] = None,
-    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder, or with --against on both: synthetic copies of its own images against their nearest other images) or a pair score in [-1, 1] (the mean of cosine and thumbnail correlation), whose precision is estimated the same way.")] = "auto",
+    threshold: Annotated[str, typer.Option("--threshold", help="'auto' (calibrated on this folder, or with --against on both: synthetic copies of its own images against their nearest other images) or a pair score in [-1.5, 1.5] ((cosine + thumbnail correlation - the pair's background) / 2), whose precision is estimated the same way.")] = "auto",
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", min=0.01, max=1.0, help="Estimated pair precision that --threshold auto aims for and --action move requires. Default: 0.90 to list groups, 0.99 with --action move.")] = None,
     rotations: Annotated[bool, typer.Option("--rotations/--no-rotations", help="Also look for flipped and 90-degree-rotated copies among all images' thumbnails (8 more nearest-neighbour searches of every image's 6x6 colour thumbnail; reads every image).")] = True,
     action: Annotated[str, typer.Option("--action", help="report (touch nothing) | move duplicates into --out/duplicates (refused below --target-precision) | copy (with --against only).")] = "report",
@@ -266,9 +268,10 @@ def dedup(
 
     check_action(action, out, ("report", "copy", "move") if against is not None else ("report", "move"), dry_run)
     check_outputs(report, map_png, folder, against)
-    if threshold_value != "auto" and abs(threshold_value) > 1:
-        raise FilterkitError(f"--threshold {threshold} is outside [-1, 1], the range of a pair score (the mean of "
-                             "cosine and thumbnail correlation): give one inside it, or 'auto'")
+    if threshold_value != "auto":
+        from ..dedup import _check_pair_score
+
+        _check_pair_score(threshold_value)
     if target_precision is None:
         from ..dedup import LIST_TARGET_PRECISION, MOVE_TARGET_PRECISION
 

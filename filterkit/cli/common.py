@@ -128,8 +128,8 @@ def check_outputs(report: Optional[Path], map_png: Optional[Path], *inputs: Opti
         for folder in inputs:
             if path is not None and folder is not None and Path(folder).is_dir() \
                     and Path(folder).resolve() in Path(path).resolve().parents:
-                raise FilterkitError(f"{option} {path} is inside the input folder {folder}: the next run would read "
-                                     "it as an image; write it outside")
+                raise FilterkitError(f"{option} {path} is inside the input folder {folder}: filterkit does not write "
+                                     "into its inputs (a map would be read as an image next time); write it outside")
     if report is not None:
         from ..report import check_report_path
 
@@ -152,7 +152,7 @@ def print_actions(plan, done, dry_run: bool, out: Optional[Path] = None) -> None
     already = len(plan) - len(todo)
     there = f"; {already} already there from an earlier run (same bytes or link), left as they are" if already else ""
     if dry_run:
-        typer.echo(f"dry run: would {plan[0].action} {len(todo)} file(s){there}:")
+        typer.echo(f"dry run: would {plan[0].action} {len(todo)} file(s){there}" + (":" if todo else ""))
         for p in todo[:50]:
             typer.echo(f"  {p.source} -> {p.destination}")
         if len(todo) > 50:
