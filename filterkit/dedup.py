@@ -814,7 +814,10 @@ def threshold_for_precision(similarities: np.ndarray, is_duplicate: np.ndarray,
     run_end = np.append(sims[1:] != sims[:-1], True)
     ok = np.flatnonzero(run_end & (precision >= target_precision))
     if len(ok) == 0 or positive.sum() == 0:
-        raise FilterkitError("no threshold reaches the target precision on these images")
+        raise FilterkitError(f"no threshold reaches the target precision {target_precision:g} on these images "
+                             f"({int(positive.sum())} near-duplicate pairs among {len(sims)} scored): the closest "
+                             "distinct images score like the copies; give more images, and varied ones (a few "
+                             "hundred calibrate the shipped model), or a lower --target-precision")
     last = ok[-1]
     return float(sims[last]), float(precision[last]), float(true_pos[last] / positive.sum())
 

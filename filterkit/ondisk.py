@@ -41,13 +41,17 @@ FORMAT = "filterkit-ivf/1"
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr():
+def _stdout_to_stderr(quiet: bool = False):
     """FAISS's on-disk lists print progress notes from C++ onto stdout (fd 1), which would
-    corrupt `--json` output: send fd 1 to stderr meanwhile."""
+    corrupt `--json` output: send fd 1 to stderr meanwhile, or with ``quiet`` to nowhere."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
-        os.dup2(2, 1)
+        if quiet:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 1)
+        else:
+            os.dup2(2, 1)
         yield
     finally:
         os.dup2(saved, 1)
@@ -116,6 +120,8 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
     say(f"training {nlist} lists on {len(sample)} of {n} vectors ({norm.describe()})")
     trained = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     trained.cp.seed = seed
+    # FAISS warns below 39 training points per list; a collection under that gets one list, which needs none
+    trained.cp.min_points_per_centroid = min(trained.cp.min_points_per_centroid, max(1, len(sample) // nlist))
     trained.train(norm(sample))
     del sample
 
@@ -144,7 +150,7 @@ def build_index_dir(caches: Sequence[str | os.PathLike], model_id: str, out: str
         from faiss.contrib.ondisk import merge_ondisk
 
         index = faiss.read_index(empty)
-        with _stdout_to_stderr():  # index.faiss records this path; load_index_dir looks beside it instead
+        with _stdout_to_stderr(quiet=on_progress is None):  # index.faiss records this path; load_index_dir looks beside it instead
             merge_ondisk(index, shard_files, str((out / "lists.ivfdata").resolve()))
         index.nprobe, recall = _tune_nprobe(index, normalised, id_of, target_recall, seed)
         norm.save(out)  # before index.faiss: an index file always has its normaliser beside it
