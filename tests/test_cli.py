@@ -109,6 +109,8 @@ def test_search_prints_a_table(capsys, photos_dir, small_model_dir):
         (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--reject-like", "{tmp}/r", "--target-recall", "0.5"],
          "--target-recall sets the threshold without --reject-like"),
         (["dedup", "{tmp}/empty", "--threshold", "1.6"], "lies in [-1.5, 1.5]"),
+        (["filter", "{tmp}/empty", "--keep-like", "{tmp}/k", "--threshold", "0.8", "--target-recall", "0.9"],
+         "a fixed --threshold is used as given"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, small_model_dir, args, message):

@@ -164,6 +164,9 @@ def filter_command(
     check_outputs(report, map_png, incoming, keep_like, reject_like)
     check_disjoint(("INCOMING", incoming), ("--keep-like", keep_like), ("--reject-like", reject_like),
                    ("--out", out))
+    if target_recall is not None and threshold_value != "auto":
+        raise FilterkitError("--target-recall is what --threshold auto aims for; a fixed --threshold is used as "
+                             "given: drop one of the two")
     if target_recall is not None and reject_like is not None:
         raise FilterkitError("--target-recall sets the threshold without --reject-like; with reject-like exemplars "
                              "--threshold auto takes the best F1 on the two exemplar sets: drop one of the two")

@@ -134,7 +134,9 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    typer.echo(f"weighted kNN (k={k}, T={temperature}) on {report.n_test} test images, "
+    used = min(k, report.n_train)  # evaluate takes at most every train image
+    typer.echo(f"weighted kNN (k={used}{'' if used == k else f', as only {report.n_train} train images'}, "
+               f"T={temperature}) on {report.n_test} test images, "
                f"{report.n_train} train, {len(report.classes)} classes:")
     typer.echo(f"  {'model':>12}: {report.knn_top1:.4f}")
     for name, value in report.baselines.items():
